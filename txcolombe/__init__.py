@@ -1,0 +1,32 @@
+"""txcolombe: send email from Twisted, directly (:func:`sendmail`) or through a
+submission server (:func:`submit`); a port of colombe's ``sendmail-lwt``.
+"""
+
+from txcolombe.address import Mailbox
+from txcolombe.api import sendmail, submit
+from txcolombe.auth import Authentication, Mechanism
+from txcolombe.errors import *  # noqa: F403 - the error classes are public API
+from txcolombe.errors import __all__ as _error_names
+from txcolombe.extensions import Extensions
+from txcolombe.machine import TLSMode
+from txcolombe.protocol import Timeouts
+from txcolombe.receipt import Receipt, TLSInfo
+from txcolombe.reply import Reply
+from txcolombe.session import Session, connect
+
+__all__ = [
+    "Authentication",
+    "Extensions",
+    "Mailbox",
+    "Mechanism",
+    "Receipt",
+    "Reply",
+    "Session",
+    "TLSInfo",
+    "TLSMode",
+    "Timeouts",
+    "connect",
+    "sendmail",
+    "submit",
+    *_error_names,
+]

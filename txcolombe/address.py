@@ -1,0 +1,139 @@
+"""Mailboxes, domains and paths as RFC 5321 §4.1.2 defines them.
+
+Everything a caller gives as an address is parsed here, before any byte is
+sent: CR, LF, NUL or anything outside the grammar is an
+:class:`~txcolombe.errors.InvalidAddress`. Non-ASCII domains become A-labels
+(IDNA 2008) so they need no SMTPUTF8; a non-ASCII local part marks the
+mailbox as needing SMTPUTF8.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+import idna
+
+from txcolombe.errors import InvalidAddress
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
+_DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+_QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"')
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_FORBIDDEN = re.compile(r"[\r\n\x00]")
+
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+
+def _check_controls(value: str, what: str) -> None:
+    if _FORBIDDEN.search(value):
+        raise InvalidAddress(f"{what} {value!r} contains CR, LF or NUL")
+
+
+def parse_domain(value: str) -> str:
+    """Return ``value`` as a wire-ready domain: A-labels, or an address literal.
+
+    Accepts ``example.org``, ``bücher.example``, ``[192.0.2.1]`` and
+    ``[IPv6:2001:db8::1]``; a trailing dot is dropped.
+    """
+    _check_controls(value, "domain")
+    if value.startswith("["):
+        return _address_literal(value)
+    name = value[:-1] if value.endswith(".") else value
+    if not name.isascii():
+        try:
+            name = idna.encode(name, uts46=True).decode("ascii")
+        except idna.IDNAError as exc:
+            raise InvalidAddress(f"invalid internationalised domain {value!r}: {exc}") from None
+    labels = name.split(".")
+    if len(name) > MAX_DOMAIN or not all(_LABEL.fullmatch(label) for label in labels):
+        raise InvalidAddress(f"invalid domain {value!r}")
+    return name
+
+
+def _address_literal(value: str) -> str:
+    if not value.endswith("]"):
+        raise InvalidAddress(f"invalid address literal {value!r}")
+    inner = value[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
+        return f"[{ipaddress.IPv4Address(inner)}]"
+    except ValueError:
+        raise InvalidAddress(f"invalid address literal {value!r}") from None
+
+
+def address_literal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The address literal for an IP address, as used in EHLO."""
+    if ip.version == 6:
+        return f"[IPv6:{ip.compressed}]"
+    return f"[{ip}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Mailbox:
+    """A mailbox ``local@domain`` (or the special recipient ``Postmaster``).
+
+    :ivar local: the local part as it goes on the wire (quoted if it must be).
+    :ivar domain: the domain in A-label or address-literal form, or None for
+        ``Postmaster``.
+    """
+
+    local: str
+    domain: str | None
+
+    @classmethod
+    def parse(cls, value: str) -> Mailbox:
+        """Parse ``local@domain``, ``<local@domain>`` or ``Postmaster``.
+
+        :raises InvalidAddress: anything else.
+        """
+        _check_controls(value, "address")
+        text = value.strip()
+        if text.startswith("<") and text.endswith(">"):
+            text = text[1:-1]
+        if text.lower() == "postmaster":
+            return cls("Postmaster", None)
+        at = text.rfind("@")
+        if at <= 0:
+            raise InvalidAddress(f"address {value!r} has no local part and domain")
+        local, domain = text[:at], text[at + 1 :]
+        if not (_DOT_STRING.fullmatch(local) or _QUOTED.fullmatch(local)):
+            raise InvalidAddress(f"invalid local part in address {value!r}")
+        mailbox = cls(local, parse_domain(domain))
+        if len(str(mailbox).encode("utf-8")) + 2 > MAX_PATH:
+            raise InvalidAddress(f"address {value!r} is longer than {MAX_PATH} octets")
+        return mailbox
+
+    @property
+    def needs_smtputf8(self) -> bool:
+        """True when the local part is not ASCII (RFC 6531)."""
+        return not self.local.isascii()
+
+    def __str__(self) -> str:
+        return self.local if self.domain is None else f"{self.local}@{self.domain}"
+
+
+def parse_sender(value: str | Mailbox | None) -> Mailbox | None:
+    """A reverse-path: a mailbox, or None for the null path ``<>``."""
+    if value is None or isinstance(value, Mailbox):
+        return value
+    if value.strip() in ("", "<>"):
+        _check_controls(value, "address")
+        return None
+    mailbox = Mailbox.parse(value)
+    if mailbox.domain is None:
+        raise InvalidAddress("Postmaster without a domain is only valid as a recipient")
+    return mailbox
+
+
+def parse_recipient(value: str | Mailbox) -> Mailbox:
+    """A forward-path: a mailbox or ``Postmaster``."""
+    return value if isinstance(value, Mailbox) else Mailbox.parse(value)
+
+
+def path(mailbox: Mailbox | None) -> str:
+    """The angle-bracketed path for MAIL FROM / RCPT TO."""
+    return "<>" if mailbox is None else f"<{mailbox}>"

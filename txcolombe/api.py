@@ -1,0 +1,122 @@
+"""The two functions most users need: :func:`sendmail` and :func:`submit`.
+
+Each is a thin layer over :func:`txcolombe.session.connect`: connect, send
+one message, QUIT. Keep a :class:`~txcolombe.session.Session` instead to
+send several messages over one connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+
+from txcolombe.address import Mailbox
+from txcolombe.auth import Authentication
+from txcolombe.body import Body
+from txcolombe.connect import Destination
+from txcolombe.machine import TLSMode
+from txcolombe.protocol import DEFAULT_TIMEOUTS, Timeouts
+from txcolombe.receipt import Receipt
+from txcolombe.session import Session, connect
+
+SMTP_PORT = 25
+SUBMISSIONS_PORT = 465
+SUBMISSION_PORT = 587
+
+
+def sendmail(
+    destination: Destination,
+    sender: str | Mailbox | None,
+    recipients: Iterable[str | Mailbox],
+    body: Body,
+    *,
+    port: int = SMTP_PORT,
+    domain: str | None = None,
+    tls: IOpenSSLClientConnectionCreator | None = None,
+    trust_root: IOpenSSLTrustRoot | None = None,
+    authentication: Authentication | None = None,
+    starttls: bool = True,
+    all_or_nothing: bool = False,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    reactor: Any = None,
+    endpoint: IStreamClientEndpoint | None = None,
+) -> Deferred[Receipt]:
+    """Deliver a message straight to ``destination`` (port 25 by default).
+
+    STARTTLS is used whenever the server offers it, with the certificate
+    verified against ``destination`` (on ``trust_root`` if given), unless
+    ``tls`` gives other options. ``authentication`` is optional and never
+    sent in clear: without STARTTLS it fails with
+    :class:`~txcolombe.errors.STARTTLSUnavailable`. ``starttls=False`` keeps
+    the session in plaintext (and so forbids authentication).
+
+    :returns: a Deferred that fires with a :class:`Receipt`, or fails with
+        an :class:`~txcolombe.errors.SMTPError`. Cancelling it aborts the
+        connection.
+    """
+    mode = TLSMode.OPPORTUNISTIC if starttls else TLSMode.NONE
+    return _send_one(
+        destination, sender, recipients, body, all_or_nothing,
+        port=port, tls_mode=mode, domain=domain, tls=tls, trust_root=trust_root,
+        authentication=authentication, timeouts=timeouts, reactor=reactor,
+        endpoint=endpoint,
+    )  # fmt: skip
+
+
+def submit(
+    destination: Destination,
+    sender: str | Mailbox | None,
+    recipients: Iterable[str | Mailbox],
+    body: Body,
+    *,
+    port: int = SUBMISSIONS_PORT,
+    starttls: bool | None = None,
+    domain: str | None = None,
+    tls: IOpenSSLClientConnectionCreator | None = None,
+    trust_root: IOpenSSLTrustRoot | None = None,
+    authentication: Authentication | None = None,
+    all_or_nothing: bool = False,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    reactor: Any = None,
+    endpoint: IStreamClientEndpoint | None = None,
+) -> Deferred[Receipt]:
+    """Hand a message to a submission server (an authority) for delivery.
+
+    Port 465 (the default) speaks TLS from the first byte; port 587 uses
+    STARTTLS, which is then required. Any other port uses implicit TLS
+    unless ``starttls=True``. ``authentication`` is sent only under TLS.
+
+    :returns: a Deferred that fires with a :class:`Receipt`, or fails with
+        an :class:`~txcolombe.errors.SMTPError`.
+    """
+    if starttls is None:
+        starttls = port == SUBMISSION_PORT
+    mode = TLSMode.REQUIRED if starttls else TLSMode.IMPLICIT
+    return _send_one(
+        destination, sender, recipients, body, all_or_nothing,
+        port=port, tls_mode=mode, domain=domain, tls=tls, trust_root=trust_root,
+        authentication=authentication, timeouts=timeouts, reactor=reactor,
+        endpoint=endpoint,
+    )  # fmt: skip
+
+
+def _send_one(
+    destination: Destination,
+    sender: str | Mailbox | None,
+    recipients: Iterable[str | Mailbox],
+    body: Body,
+    all_or_nothing: bool,
+    **options: Any,
+) -> Deferred[Receipt]:
+    async def run() -> Receipt:
+        session: Session = await connect(destination, **options)
+        try:
+            return await session.send(sender, recipients, body, all_or_nothing=all_or_nothing)
+        finally:
+            await session.quit()
+
+    return Deferred.fromCoroutine(run())

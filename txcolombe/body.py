@@ -1,0 +1,231 @@
+"""Every kind of body a caller may give, as one ``IBodyProducer``.
+
+Bytes, binary files, iterables and async iterables of bytes, pull streams
+(the seed's ``unit -> (string * int * int) option Lwt.t``: here a callable
+returning the next chunk, or a ``Deferred``/awaitable of it, ``None`` at the
+end), ``email.message.Message`` objects and ready ``IBodyProducer``\\ s all
+become producers that write one bounded chunk at a time and honour
+``pauseProducing``, so a body of any size is sent in constant memory at the
+pace the server reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.message
+import email.policy
+import inspect
+import os
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from typing import IO, Any, Union
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IConsumer
+from twisted.internet.task import Cooperator, TaskDone, TaskStopped, cooperate
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from txcolombe.errors import UsageError
+
+#: Bytes handed to the transport at a time.
+CHUNK = 256 * 1024
+
+Chunk = bytes | bytearray | memoryview | tuple[bytes, int, int]
+PullStream = Callable[[], Chunk | Awaitable[Chunk | None] | None]
+# Union, not "|": a zope Interface does not support "|" at run time.
+Body = Union[  # noqa: UP007
+    bytes,
+    bytearray,
+    memoryview,
+    IO[bytes],
+    IBodyProducer,
+    email.message.Message,
+    Iterable[bytes],
+    AsyncIterable[bytes],
+    PullStream,
+]
+
+
+def _as_bytes(chunk: object) -> bytes:
+    if isinstance(chunk, bytes):
+        return chunk
+    if isinstance(chunk, bytearray | memoryview):
+        return bytes(chunk)
+    if (
+        isinstance(chunk, tuple)
+        and len(chunk) == 3
+        and isinstance(chunk[0], bytes | bytearray | str)
+    ):
+        # The seed's (buffer, offset, length).
+        buffer, offset, length = chunk
+        data = buffer.encode("latin-1") if isinstance(buffer, str) else bytes(buffer)
+        return data[offset : offset + length]
+    raise TypeError(f"a body chunk must be bytes, not {type(chunk).__name__}")
+
+
+@implementer(IBodyProducer)
+class IterableProducer:
+    """Writes the chunks of a synchronous iterator, one per cooperative step."""
+
+    def __init__(
+        self,
+        chunks: Iterator[bytes],
+        length: int | object = UNKNOWN_LENGTH,
+        cooperator: Cooperator | None = None,
+    ) -> None:
+        self.length = length
+        self._chunks = chunks
+        self._cooperate = cooperator.cooperate if cooperator is not None else cooperate
+        self._task: Any = None
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._task = self._cooperate(self._write(consumer))
+        done: Deferred[None] = self._task.whenDone()
+        done.addCallback(lambda _: None)
+        return done
+
+    def _write(self, consumer: IConsumer) -> Iterator[None]:
+        for chunk in self._chunks:
+            data = _as_bytes(chunk)
+            for start in range(0, len(data), CHUNK):
+                consumer.write(data[start : start + CHUNK] if len(data) > CHUNK else data)
+                yield None
+
+    def pauseProducing(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(TaskDone, TaskStopped):
+                self._task.pause()
+
+    def resumeProducing(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(TaskDone, TaskStopped):
+                self._task.resume()
+
+    def stopProducing(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(TaskDone, TaskStopped):
+                self._task.stop()
+
+
+@implementer(IBodyProducer)
+class PullProducer:
+    """Writes what an asynchronous source yields, waiting while paused."""
+
+    def __init__(
+        self, next_chunk: Callable[[], Awaitable[object]], length: int | object = UNKNOWN_LENGTH
+    ) -> None:
+        self.length = length
+        self._next = next_chunk
+        self._resume: Deferred[None] | None = None
+        self._paused = False
+        self._stopped = False
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        return ensureDeferred(self._run(consumer))
+
+    async def _run(self, consumer: IConsumer) -> None:
+        while not self._stopped:
+            chunk = await self._next()
+            if chunk is None or self._stopped:
+                return
+            consumer.write(_as_bytes(chunk))
+            while self._paused and not self._stopped:
+                self._resume = Deferred()
+                await self._resume
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        waiting, self._resume = self._resume, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self.resumeProducing()
+
+
+def _read_chunks(file: IO[bytes]) -> Iterator[bytes]:
+    while chunk := file.read(CHUNK):
+        if isinstance(chunk, str):
+            raise TypeError("the body file is open in text mode; open it in binary mode")
+        yield chunk
+
+
+def _file_length(file: IO[bytes]) -> int | object:
+    try:
+        return os.fstat(file.fileno()).st_size - file.tell()
+    except (OSError, AttributeError, ValueError):
+        return UNKNOWN_LENGTH
+
+
+def _slices(data: bytes) -> Iterator[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(view), CHUNK):
+        yield bytes(view[start : start + CHUNK])
+
+
+def _pull(stream: PullStream) -> Callable[[], Awaitable[object]]:
+    async def next_chunk() -> object:
+        result: Any = stream()
+        if isinstance(result, Deferred) or inspect.isawaitable(result):
+            result = await result
+        return result
+
+    return next_chunk
+
+
+def _anext(iterable: AsyncIterable[bytes]) -> Callable[[], Awaitable[object]]:
+    iterator = aiter(iterable)
+
+    async def next_chunk() -> object:
+        try:
+            return await anext(iterator)
+        except StopAsyncIteration:
+            return None
+
+    return next_chunk
+
+
+def message_bytes(message: email.message.Message) -> bytes:
+    """Serialise a message with CRLF line endings (UTF-8 headers if it has any)."""
+    policy = email.policy.SMTP
+    try:
+        return message.as_bytes(policy=policy)
+    except UnicodeEncodeError:
+        return message.as_bytes(policy=email.policy.SMTPUTF8)
+
+
+def body_producer(body: Body, *, cooperator: Cooperator | None = None) -> IBodyProducer:
+    """Adapt any supported body to an ``IBodyProducer``.
+
+    :raises UsageError: ``body`` is of no supported kind (e.g. ``str``).
+    """
+    if IBodyProducer.providedBy(body):
+        return body
+    if isinstance(body, bytes | bytearray | memoryview):
+        data = bytes(body)
+        return IterableProducer(_slices(data), len(data), cooperator)
+    if isinstance(body, email.message.Message):
+        data = message_bytes(body)
+        return IterableProducer(_slices(data), len(data), cooperator)
+    if isinstance(body, str):
+        raise UsageError("the body must be bytes, not str: encode it first")
+    if hasattr(body, "read"):
+        file: IO[bytes] = body  # type: ignore[assignment]
+        return IterableProducer(_read_chunks(file), _file_length(file), cooperator)
+    if isinstance(body, AsyncIterable):
+        return PullProducer(_anext(body))
+    if isinstance(body, Iterable):
+        return IterableProducer(iter(body), UNKNOWN_LENGTH, cooperator)
+    if callable(body):
+        return PullProducer(_pull(body))
+    raise UsageError(f"unsupported body type {type(body).__name__}")
+
+
+def known_length(producer: IBodyProducer) -> int | None:
+    """The producer's length in octets, or None if unknown."""
+    length: object = producer.length
+    return length if isinstance(length, int) else None

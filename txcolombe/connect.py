@@ -1,0 +1,133 @@
+"""Reaching a server: destinations, endpoints and the TLS policy.
+
+A destination is a host name (resolved by ``HostnameEndpoint``, which races
+IPv6 and IPv4: happy eyeballs) or an IP address. Implicit TLS wraps the
+endpoint with ``wrapClientTLS``; STARTTLS reuses the same TLS options later.
+Unless the caller gives its own connection creator, the server's certificate
+is verified against the destination's name with ``optionsForClientTLS``
+(service_identity), on the platform's trust store or on ``trust_root``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import (
+    ConnectionRefusedError,
+    DNSLookupError,
+)
+from twisted.internet.error import (
+    TimeoutError as ConnectTimeoutError,
+)
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IReactorTCP,
+    IStreamClientEndpoint,
+)
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.python.failure import Failure
+
+from txcolombe.address import parse_domain
+from txcolombe.errors import (
+    ConnectionFailed,
+    ConnectionRefused,
+    ConnectTimeout,
+    InvalidAddress,
+    NameResolutionFailed,
+    SMTPError,
+    Step,
+)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Destination = str | IPAddress
+
+
+@dataclass(frozen=True)
+class Host:
+    """A parsed destination: ``name`` for connecting and for certificate checks."""
+
+    name: str
+    ip: IPAddress | None
+
+    @classmethod
+    def parse(cls, destination: Destination) -> Host:
+        """Accept ``mx.example.org``, ``192.0.2.1``, ``2001:db8::1``, ``[::1]``
+        or an ``ipaddress`` object.
+
+        :raises InvalidAddress: anything else.
+        """
+        if isinstance(destination, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            return cls(str(destination), destination)
+        if not isinstance(destination, str):
+            raise InvalidAddress(f"invalid destination {destination!r}")
+        text = destination.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+            if text[:5].lower() == "ipv6:":
+                text = text[5:]
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            return cls(parse_domain(text), None)
+        return cls(str(ip), ip)
+
+
+def tls_options(
+    host: Host,
+    *,
+    tls: IOpenSSLClientConnectionCreator | None = None,
+    trust_root: IOpenSSLTrustRoot | None = None,
+) -> IOpenSSLClientConnectionCreator:
+    """The TLS client options for ``host``: ``tls`` as is, or verified ones."""
+    if tls is not None:
+        return tls
+    return optionsForClientTLS(host.name, trustRoot=trust_root)
+
+
+def endpoint_for(
+    reactor: IReactorTCP,
+    host: Host,
+    port: int,
+    *,
+    implicit_tls: IOpenSSLClientConnectionCreator | None = None,
+    timeout: float = 30.0,
+) -> IStreamClientEndpoint:
+    """A TCP endpoint (happy eyeballs), TLS-wrapped when ``implicit_tls`` is given."""
+    if not 0 < port < 65536:
+        raise InvalidAddress(f"invalid port {port}")
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host.name, port, timeout=timeout)
+    if implicit_tls is not None:
+        endpoint = wrapClientTLS(implicit_tls, endpoint)
+    return endpoint
+
+
+def connect_error(failure: Failure, host: Host, port: int) -> SMTPError:
+    """Name a failed connection attempt."""
+    where = f"{host.name} port {port}"
+    if isinstance(failure.value, DNSLookupError):
+        cls: type[ConnectionFailed] = NameResolutionFailed
+        text = f"cannot resolve {host.name}"
+    elif isinstance(failure.value, ConnectionRefusedError):
+        cls, text = ConnectionRefused, f"{where} refused the connection"
+    elif isinstance(failure.value, ConnectTimeoutError):
+        cls, text = ConnectTimeout, f"no connection to {where} in time"
+    else:
+        cls, text = ConnectionFailed, f"cannot connect to {where}: {failure.getErrorMessage()}"
+    error = cls(text, step=Step.CONNECT)
+    error.__cause__ = failure.value
+    return error
+
+
+def default_domain() -> str | None:
+    """This host's FQDN for EHLO, or None if it is no valid domain name."""
+    name = socket.getfqdn()
+    if "." not in name:
+        return None
+    try:
+        return parse_domain(name)
+    except InvalidAddress:
+        return None

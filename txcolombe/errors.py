@@ -1,0 +1,422 @@
+"""Every failure txcolombe reports, as one exception hierarchy.
+
+Callers catch at the level they need: :class:`SMTPError` for everything, a
+family (:class:`AuthenticationError`, :class:`TemporaryFailure`, ...) or one
+exact case (:class:`AuthenticationFailed`). Each error carries the server's
+reply when there is one (code, enhanced status, text), the :class:`Step` that
+failed, and whether retrying later may succeed (:attr:`SMTPError.temporary`).
+
+"Whose fault" is part of the type: :class:`UsageError` is the caller's,
+:class:`ProtocolError` the server's, :class:`ConnectionFailed` the network's.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from txcolombe.reply import Reply
+
+
+__all__ = [
+    "AuthenticationError",
+    "AuthenticationFailed",
+    "AuthenticationRejected",
+    "AuthenticationRequired",
+    "AuthenticationUnavailable",
+    "CommandRejected",
+    "ConnectTimeout",
+    "ConnectionFailed",
+    "ConnectionLost",
+    "ConnectionRefused",
+    "EightBitUnsupported",
+    "EncryptionRequired",
+    "InsufficientStorage",
+    "InvalidAddress",
+    "InvalidBody",
+    "InvalidChallenge",
+    "MailboxBusy",
+    "MailboxNameInvalid",
+    "MailboxUnavailable",
+    "MalformedReply",
+    "MessageTooLarge",
+    "NameResolutionFailed",
+    "ParametersNotAccommodated",
+    "ParametersNotRecognized",
+    "PermanentFailure",
+    "ProcessingError",
+    "ProtocolError",
+    "RecipientsRefused",
+    "ReplyError",
+    "ReplyTooLong",
+    "ResponseTimeout",
+    "SMTPError",
+    "STARTTLSRefused",
+    "STARTTLSUnavailable",
+    "ServiceUnavailable",
+    "Step",
+    "StorageExceeded",
+    "TLSError",
+    "TLSFailure",
+    "TemporaryFailure",
+    "TransactionFailed",
+    "UTF8Unsupported",
+    "UnexpectedResponse",
+    "UnsupportedMechanism",
+    "UsageError",
+    "UserNotLocal",
+    "WeakMechanism",
+    "error_for_reply",
+]
+
+
+class Step(enum.Enum):
+    """The point of the SMTP conversation where something happened."""
+
+    CONNECT = "connect"
+    GREETING = "greeting"
+    EHLO = "EHLO"
+    HELO = "HELO"
+    STARTTLS = "STARTTLS"
+    TLS = "TLS handshake"
+    AUTH = "AUTH"
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+    BODY = "message body"
+    DATA_END = "end of data"
+    RSET = "RSET"
+    NOOP = "NOOP"
+    QUIT = "QUIT"
+
+
+class SMTPError(Exception):
+    """Base class of every error raised or returned by txcolombe.
+
+    :ivar reply: the server's reply that caused it, if any.
+    :ivar step: the step of the conversation that failed, if known.
+    :ivar temporary: True when the same operation may succeed later (4xx
+        replies, network trouble); False when it will not (5xx, bad input).
+    """
+
+    temporary: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reply: Reply | None = None,
+        step: Step | None = None,
+        temporary: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reply = reply
+        self.step = step
+        if temporary is not None:
+            self.temporary = temporary
+
+    @property
+    def code(self) -> int | None:
+        """The reply code (e.g. 550), or None when no reply caused this."""
+        return self.reply.code if self.reply is not None else None
+
+    @property
+    def enhanced_status(self) -> tuple[int, int, int] | None:
+        """The RFC 3463 enhanced status code (e.g. ``(5, 1, 1)``), if any."""
+        return self.reply.enhanced_status if self.reply is not None else None
+
+    @property
+    def text(self) -> str | None:
+        """The server's text, without code and enhanced status."""
+        return self.reply.text if self.reply is not None else None
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.step is not None:
+            parts.append(f"(at {self.step.value})")
+        if self.reply is not None:
+            parts.append(f"server said: {self.reply}")
+        return " ".join(parts)
+
+
+# -- the caller's fault -------------------------------------------------------
+
+
+class UsageError(SMTPError, ValueError):
+    """The caller asked for something invalid; nothing was sent for it."""
+
+
+class InvalidAddress(UsageError):
+    """A mailbox, domain or path is malformed or holds CR, LF or NUL."""
+
+
+class InvalidBody(UsageError):
+    """The message body cannot be sent as it is (e.g. a line over 998 octets).
+
+    The transaction is abandoned without the final dot, so the server
+    stores nothing half-formed.
+    """
+
+
+class EightBitUnsupported(UsageError):
+    """8-bit data for a server that does not advertise 8BITMIME."""
+
+
+class UTF8Unsupported(UsageError):
+    """A non-ASCII local part for a server that does not offer SMTPUTF8."""
+
+
+class MessageTooLarge(UsageError):
+    """The message is larger than the SIZE the server advertised."""
+
+
+# -- connecting --------------------------------------------------------------
+
+
+class ConnectionFailed(SMTPError):
+    """The connection could not be made or was lost."""
+
+    temporary = True
+
+
+class NameResolutionFailed(ConnectionFailed):
+    """The destination's name could not be resolved."""
+
+
+class ConnectionRefused(ConnectionFailed):
+    """The destination refused the TCP connection."""
+
+
+class ConnectTimeout(ConnectionFailed):
+    """No TCP connection within the connect timeout."""
+
+
+class ConnectionLost(ConnectionFailed):
+    """The connection closed before the conversation ended.
+
+    :ivar maybe_delivered: True when the loss came after the final dot and
+        before its reply: the server may have accepted the message.
+    """
+
+    maybe_delivered: bool = False
+
+
+class ResponseTimeout(ConnectionFailed):
+    """The server did not answer within the timeout for this step."""
+
+
+# -- the server's fault -------------------------------------------------------
+
+
+class ProtocolError(SMTPError):
+    """The server broke the protocol."""
+
+    temporary = True
+
+
+class MalformedReply(ProtocolError):
+    """A reply that is not SMTP: bad code, mixed codes, garbage."""
+
+
+class ReplyTooLong(MalformedReply):
+    """A reply line or a multi-line reply beyond the parser's bounds."""
+
+
+class UnexpectedResponse(ProtocolError):
+    """A well-formed reply that makes no sense at this point."""
+
+
+# -- TLS ----------------------------------------------------------------------
+
+
+class TLSError(SMTPError):
+    """TLS could not be established or failed."""
+
+    temporary = True
+
+
+class TLSFailure(TLSError):
+    """The TLS handshake failed, the certificate did not verify, or the TLS
+    session broke (alert, unexpected close)."""
+
+
+class STARTTLSUnavailable(TLSError):
+    """TLS is required but the server does not offer STARTTLS."""
+
+
+class STARTTLSRefused(TLSError):
+    """The server answered STARTTLS with an error (e.g. 454)."""
+
+
+# -- authentication -----------------------------------------------------------
+
+
+class AuthenticationError(SMTPError):
+    """Authentication could not be done or was refused."""
+
+
+class AuthenticationUnavailable(AuthenticationError):
+    """The server offers no AUTH, or not the requested mechanism."""
+
+
+class InvalidChallenge(AuthenticationError):
+    """The server's challenge is not valid base64 or not what the mechanism expects."""
+
+    temporary = True
+
+
+class UnsupportedMechanism(AuthenticationError):
+    """504: the server does not support this mechanism."""
+
+
+class AuthenticationRejected(AuthenticationError):
+    """501: the server rejected the authentication exchange as malformed."""
+
+
+class WeakMechanism(AuthenticationError):
+    """534: the mechanism is too weak for the server's policy."""
+
+
+class EncryptionRequired(AuthenticationError):
+    """538: the server requires encryption for this mechanism."""
+
+
+class AuthenticationFailed(AuthenticationError):
+    """535: the credentials were refused."""
+
+
+class AuthenticationRequired(AuthenticationError):
+    """530: the server requires authentication for this command."""
+
+
+# -- replies to the transaction --------------------------------------------------
+
+
+class ReplyError(SMTPError):
+    """The server answered a command with an error reply."""
+
+
+class TemporaryFailure(ReplyError):
+    """A 4xx reply: the same transaction may succeed later."""
+
+    temporary = True
+
+
+class ServiceUnavailable(TemporaryFailure):
+    """421: the server is closing the connection."""
+
+
+class MailboxBusy(TemporaryFailure):
+    """450: mailbox unavailable (busy or temporarily blocked)."""
+
+
+class ProcessingError(TemporaryFailure):
+    """451: local error in processing."""
+
+
+class InsufficientStorage(TemporaryFailure):
+    """452: action not taken, insufficient system storage (or too many recipients)."""
+
+
+class ParametersNotAccommodated(TemporaryFailure):
+    """455: the server cannot accommodate the parameters."""
+
+
+class PermanentFailure(ReplyError):
+    """A 5xx reply: the same transaction will fail again."""
+
+
+class MailboxUnavailable(PermanentFailure):
+    """550: mailbox unavailable (not found, no access, policy)."""
+
+
+class UserNotLocal(PermanentFailure):
+    """551: user not local."""
+
+
+class StorageExceeded(PermanentFailure):
+    """552: exceeded storage allocation (often: message too big)."""
+
+
+class MailboxNameInvalid(PermanentFailure):
+    """553: mailbox name not allowed."""
+
+
+class TransactionFailed(PermanentFailure):
+    """554: transaction failed (or, as greeting, no SMTP service here)."""
+
+
+class ParametersNotRecognized(PermanentFailure):
+    """555: MAIL FROM/RCPT TO parameters not recognised or not implemented."""
+
+
+class CommandRejected(PermanentFailure):
+    """500-504 to a command other than AUTH: syntax error or not implemented."""
+
+
+class RecipientsRefused(ReplyError):
+    """No recipient was accepted (or, in all-or-nothing mode, not all were).
+
+    :ivar refused: each refused recipient with the server's reply.
+    """
+
+    def __init__(
+        self, message: str, refused: Mapping[str, Reply], *, step: Step = Step.RCPT
+    ) -> None:
+        self.refused = dict(refused)
+        temporary = bool(self.refused) and all(r.code // 100 == 4 for r in self.refused.values())
+        listing = "; ".join(f"<{rcpt}>: {reply}" for rcpt, reply in self.refused.items())
+        super().__init__(f"{message}: {listing}", step=step, temporary=temporary)
+
+
+_AUTH_ERRORS: dict[int, type[AuthenticationError]] = {
+    501: AuthenticationRejected,
+    504: UnsupportedMechanism,
+    530: AuthenticationRequired,
+    534: WeakMechanism,
+    535: AuthenticationFailed,
+    538: EncryptionRequired,
+}
+
+_REPLY_ERRORS: dict[int, type[ReplyError]] = {
+    421: ServiceUnavailable,
+    450: MailboxBusy,
+    451: ProcessingError,
+    452: InsufficientStorage,
+    455: ParametersNotAccommodated,
+    500: CommandRejected,
+    501: CommandRejected,
+    502: CommandRejected,
+    503: CommandRejected,
+    504: CommandRejected,
+    550: MailboxUnavailable,
+    551: UserNotLocal,
+    552: StorageExceeded,
+    553: MailboxNameInvalid,
+    554: TransactionFailed,
+    555: ParametersNotRecognized,
+}
+
+
+def error_for_reply(reply: Reply, step: Step, message: str | None = None) -> SMTPError:
+    """The exception that a negative ``reply`` to ``step`` stands for."""
+    text = message or f"{step.value} refused"
+    if reply.code == 421:
+        return ServiceUnavailable("service not available", reply=reply, step=step)
+    if step is Step.AUTH and reply.code in _AUTH_ERRORS:
+        return _AUTH_ERRORS[reply.code](text, reply=reply, step=step)
+    if reply.code == 530:
+        return AuthenticationRequired("authentication required", reply=reply, step=step)
+    if step is Step.STARTTLS:
+        return STARTTLSRefused("STARTTLS refused", reply=reply, step=step)
+    cls = _REPLY_ERRORS.get(reply.code)
+    if cls is not None:
+        return cls(text, reply=reply, step=step)
+    if reply.code // 100 == 4:
+        return TemporaryFailure(text, reply=reply, step=step)
+    if reply.code // 100 == 5:
+        return PermanentFailure(text, reply=reply, step=step)
+    return UnexpectedResponse(f"unexpected reply to {step.value}", reply=reply, step=step)

@@ -1,0 +1,647 @@
+"""The SMTP client as a sans-I/O state machine: bytes in, events and bytes out.
+
+Theory of operation
+-------------------
+:class:`ClientMachine` holds every rule of the client's side of the
+conversation and no I/O. Its driver (the Twisted protocol, or a test)
+does four things and nothing else:
+
+1. feed what the server sent to :meth:`~ClientMachine.receive_data`, and tell
+   :meth:`~ClientMachine.connection_lost` / :meth:`~ClientMachine.timed_out`;
+2. write :meth:`~ClientMachine.data_to_send` to the server;
+3. act on each :meth:`~ClientMachine.next_event`: :class:`StartTLS` (start
+   TLS, then call :meth:`~ClientMachine.tls_started`), :class:`BodyWanted`
+   (stream the body through :meth:`~ClientMachine.send_body` and
+   :meth:`~ClientMachine.end_body`), :class:`Ready`,
+   :class:`TransactionDone`, :class:`TransactionFailed`,
+   :class:`SessionFailed`, :class:`Closed` (close the transport);
+4. start a timer for :attr:`~ClientMachine.waiting_for` and call
+   :meth:`~ClientMachine.timed_out` when it fires.
+
+Every command sent is queued with the step it belongs to, and each reply
+answers the oldest queued command, so lock-step and pipelined (RFC 2920)
+conversations are handled by the same code. The session goes
+greeting → EHLO → [STARTTLS → EHLO] → [AUTH] → ready; each transaction goes
+MAIL → RCPT… → DATA → body → end of data → ready, or RSET → ready after a
+failure. A fatal error sends QUIT when the conversation still allows it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from txcolombe.address import Mailbox, path
+from txcolombe.auth import Authentication, SASLClient, decode_challenge, encode_response
+from txcolombe.dotstuffing import DataEncoder
+from txcolombe.errors import (
+    AuthenticationUnavailable,
+    ConnectionLost,
+    MessageTooLarge,
+    RecipientsRefused,
+    ResponseTimeout,
+    SMTPError,
+    STARTTLSUnavailable,
+    Step,
+    UnexpectedResponse,
+    UsageError,
+    UTF8Unsupported,
+    error_for_reply,
+)
+from txcolombe.extensions import Extensions
+from txcolombe.reply import Reply, ReplyParser
+
+
+class TLSMode(enum.Enum):
+    """How the session gets TLS."""
+
+    NONE = "none"
+    """Never STARTTLS (authentication is then impossible)."""
+    OPPORTUNISTIC = "opportunistic"
+    """STARTTLS when the server offers it; plaintext otherwise."""
+    REQUIRED = "starttls"
+    """STARTTLS, which the server must offer."""
+    IMPLICIT = "implicit"
+    """The transport is TLS from the first byte (port 465)."""
+
+
+class State(enum.Enum):
+    GREETING = "greeting"
+    SETUP = "setup"
+    TLS_WAIT = "waiting for TLS"
+    READY = "ready"
+    TRANSACTION = "transaction"
+    BODY = "body"
+    DATA_END = "end of data"
+    RESETTING = "resetting"
+    QUITTING = "quitting"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One message's envelope; ``size`` is the body size when known."""
+
+    sender: Mailbox | None
+    recipients: tuple[Mailbox, ...]
+    size: int | None = None
+    all_or_nothing: bool = False
+
+
+# -- events -------------------------------------------------------------------
+
+
+class Event:
+    """Base class of what :meth:`ClientMachine.next_event` returns."""
+
+
+@dataclass(frozen=True)
+class Ready(Event):
+    """The session is set up: transactions may start."""
+
+    extensions: Extensions
+    tls: bool
+
+
+@dataclass(frozen=True)
+class StartTLS(Event):
+    """The server said 220 to STARTTLS: start TLS, then call ``tls_started``."""
+
+
+@dataclass(frozen=True)
+class BodyWanted(Event):
+    """The server said 354: send the body."""
+
+
+@dataclass(frozen=True)
+class TransactionDone(Event):
+    """The message was accepted."""
+
+    accepted: dict[str, Reply]
+    refused: dict[str, Reply]
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class TransactionFailed(Event):
+    """The message was not accepted; the session can run another transaction."""
+
+    error: SMTPError
+
+
+@dataclass(frozen=True)
+class SessionFailed(Event):
+    """The session cannot go on; a :class:`Closed` follows."""
+
+    error: SMTPError
+
+
+@dataclass(frozen=True)
+class Closed(Event):
+    """The conversation is over: close the transport.
+
+    ``clean`` is False when the transport must be aborted rather than closed
+    gracefully (e.g. in the middle of a body).
+    """
+
+    clean: bool = True
+
+
+# -- the machine -------------------------------------------------------------------
+
+
+@dataclass
+class _Transaction:
+    envelope: Envelope
+    pipelined: bool
+    accepted: dict[str, Reply] = field(default_factory=dict)
+    refused: dict[str, Reply] = field(default_factory=dict)
+    error: SMTPError | None = None
+    next_rcpt: int = 0
+    empty_data: bool = False
+
+
+Trace = Callable[[str, str], None]
+
+
+class ClientMachine:
+    """The client side of one SMTP session.
+
+    :param domain: the EHLO name, already validated (see
+        :func:`txcolombe.address.parse_domain`).
+    :param tls: how to get TLS; with :attr:`TLSMode.IMPLICIT` the driver's
+        transport is TLS already.
+    :param authentication: credentials; AUTH is only ever sent under TLS.
+    :param trace: called with ``(">" or "<", line)`` for each command and
+        reply, credentials replaced by ``****``; for debug logs.
+    """
+
+    def __init__(
+        self,
+        domain: str,
+        *,
+        tls: TLSMode = TLSMode.OPPORTUNISTIC,
+        authentication: Authentication | None = None,
+        trace: Trace | None = None,
+    ) -> None:
+        self.domain = domain
+        self.tls_mode = tls
+        self.authentication = authentication
+        self.tls_active = tls is TLSMode.IMPLICIT
+        self.extensions = Extensions()
+        self.state = State.GREETING
+        self._trace = trace
+        self._parser = ReplyParser()
+        self._pending: deque[tuple[Step, str | None]] = deque([(Step.GREETING, None)])
+        self._outbox: list[bytes] = []
+        self._events: deque[Event] = deque()
+        self._sasl: SASLClient | None = None
+        self._txn: _Transaction | None = None
+        self._encoder: DataEncoder | None = None
+        self._helo_tried = False
+
+    # -- driver interface ----------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the server now (possibly empty)."""
+        out = b"".join(self._outbox)
+        self._outbox.clear()
+        return out
+
+    def next_event(self) -> Event | None:
+        """The next event for the driver, or None."""
+        return self._events.popleft() if self._events else None
+
+    @property
+    def waiting_for(self) -> Step | None:
+        """The step whose timeout should run now, or None when idle."""
+        if self.state is State.BODY:
+            return Step.BODY
+        if self.state in (State.CLOSED, State.TLS_WAIT):
+            return None
+        return self._pending[0][0] if self._pending else None
+
+    @property
+    def pipelining(self) -> bool:
+        """True when the server advertised PIPELINING."""
+        return "PIPELINING" in self.extensions
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes received from the server."""
+        if self.state in (State.CLOSED, State.TLS_WAIT):
+            return
+        self._parser.feed(data)
+        while self.state not in (State.CLOSED, State.TLS_WAIT):
+            try:
+                reply = self._parser.next_reply()
+            except SMTPError as error:
+                error.step = self.waiting_for
+                self._fatal(error, quit=False)
+                return
+            if reply is None:
+                return
+            if self._trace is not None:
+                self._trace("<", str(reply))
+            self._handle(reply)
+        if self.state is State.TLS_WAIT:
+            # RFC 3207 §6: nothing sent before the TLS handshake can be trusted.
+            self._parser.discard()
+
+    def tls_started(self) -> None:
+        """The driver has started TLS after :class:`StartTLS`: greet again."""
+        if self.state is not State.TLS_WAIT:
+            raise UsageError(f"tls_started() in state {self.state.value}")
+        self.tls_active = True
+        self.extensions = Extensions()
+        self.state = State.SETUP
+        self._send(f"EHLO {self.domain}", Step.EHLO)
+
+    def connection_lost(self, error: SMTPError | None = None) -> None:
+        """The transport closed; ``error`` says why when the driver knows."""
+        if self.state is State.CLOSED:
+            return
+        step = self.waiting_for
+        if self.state is State.QUITTING and error is None:
+            self._close(clean=True)
+            return
+        if error is None:
+            error = ConnectionLost("the server closed the connection", step=step)
+            if step is Step.DATA_END and isinstance(error, ConnectionLost):
+                error.maybe_delivered = True
+        if error.step is None:
+            error.step = step
+        self._fail_session(error)
+        self._close(clean=False)
+
+    def timed_out(self) -> None:
+        """The timer for :attr:`waiting_for` expired."""
+        step = self.waiting_for
+        if self.state is State.QUITTING:
+            self._close(clean=False)
+            return
+        what = step.value if step is not None else "the server"
+        self._fatal(ResponseTimeout(f"no reply in time to {what}", step=step), quit=True)
+
+    def quit(self) -> None:
+        """End the session politely: QUIT, then :class:`Closed` on its reply."""
+        if self.state in (State.QUITTING, State.CLOSED):
+            return
+        if self.state in (State.BODY, State.TLS_WAIT, State.GREETING):
+            self._close(clean=False)
+            return
+        self.state = State.QUITTING
+        self._send("QUIT", Step.QUIT)
+
+    # -- transactions ----------------------------------------------------------
+
+    def start_transaction(self, envelope: Envelope) -> None:
+        """Begin a transaction; the session must be :attr:`State.READY`.
+
+        :raises UsageError: the envelope cannot go to this server (SMTPUTF8,
+            SIZE), or the session is not ready. Nothing is sent then.
+        """
+        if self.state is not State.READY:
+            raise UsageError(f"cannot start a transaction in state {self.state.value}")
+        if not envelope.recipients:
+            raise UsageError("a message needs at least one recipient")
+        params = self._mail_parameters(envelope)
+        self.state = State.TRANSACTION
+        txn = _Transaction(envelope, pipelined=self.pipelining)
+        self._txn = txn
+        self._send(f"MAIL FROM:{path(envelope.sender)}{params}", Step.MAIL)
+        if txn.pipelined:
+            while txn.next_rcpt < len(envelope.recipients):
+                self._send_next_rcpt(txn)
+            if not envelope.all_or_nothing:
+                self._send("DATA", Step.DATA)
+
+    def _mail_parameters(self, envelope: Envelope) -> str:
+        params = ""
+        mailboxes = [*envelope.recipients]
+        if envelope.sender is not None:
+            mailboxes.append(envelope.sender)
+        if any(m.needs_smtputf8 for m in mailboxes):
+            if "SMTPUTF8" not in self.extensions:
+                raise UTF8Unsupported(
+                    "a non-ASCII address needs SMTPUTF8, which the server does not offer",
+                    step=Step.MAIL,
+                )
+            params += " SMTPUTF8"
+        if "8BITMIME" in self.extensions:
+            params += " BODY=8BITMIME"
+        if envelope.size is not None and "SIZE" in self.extensions:
+            limit = self.extensions.size
+            if limit is not None and envelope.size > limit:
+                raise MessageTooLarge(
+                    f"the message ({envelope.size} octets) is over the server's"
+                    f" limit of {limit} octets",
+                    step=Step.MAIL,
+                )
+            params += f" SIZE={envelope.size}"
+        return params
+
+    def send_body(self, chunk: bytes) -> None:
+        """Send the next chunk of the body (after :class:`BodyWanted`).
+
+        A chunk that cannot be sent (a line too long, 8-bit data for a
+        7-bit server) fails the session without the final dot, so that the
+        server stores nothing: :class:`SessionFailed` then :class:`Closed`
+        (unclean) follow.
+        """
+        if self.state is not State.BODY or self._encoder is None:
+            raise UsageError(f"send_body() in state {self.state.value}")
+        try:
+            data = self._encoder.encode(chunk)
+        except SMTPError as error:
+            self._fail_session(error)
+            self._close(clean=False)
+            return
+        if data:
+            self._outbox.append(data)
+
+    def end_body(self) -> None:
+        """The body is complete: send the end-of-data marker."""
+        if self.state is not State.BODY or self._encoder is None:
+            raise UsageError(f"end_body() in state {self.state.value}")
+        self._outbox.append(self._encoder.finish())
+        if self._trace is not None:
+            self._trace(">", f"<{self._encoder.octets_out} octets of data>")
+        self._encoder = None
+        self.state = State.DATA_END
+        self._pending.append((Step.DATA_END, None))
+
+    # -- internals ------------------------------------------------------------------
+
+    def _send(
+        self, line: str, step: Step, arg: str | None = None, *, shown: str | None = None
+    ) -> None:
+        if self._trace is not None:
+            self._trace(">", shown if shown is not None else line)
+        self._outbox.append(line.encode("utf-8") + b"\r\n")
+        self._pending.append((step, arg))
+
+    def _send_next_rcpt(self, txn: _Transaction) -> None:
+        rcpt = txn.envelope.recipients[txn.next_rcpt]
+        txn.next_rcpt += 1
+        self._send(f"RCPT TO:{path(rcpt)}", Step.RCPT, str(rcpt))
+
+    def _handle(self, reply: Reply) -> None:
+        if not self._pending:
+            if reply.code == 421:
+                self._fatal(error_for_reply(reply, Step.NOOP), quit=False)
+            else:
+                self._fatal(UnexpectedResponse("a reply to no command", reply=reply), quit=True)
+            return
+        step, arg = self._pending.popleft()
+        if self.state is State.QUITTING:
+            if step is Step.QUIT:
+                self._close(clean=True)
+            return
+        if reply.code == 421:
+            self._fatal(error_for_reply(reply, step), quit=False)
+            return
+        handler = _HANDLERS[step]
+        handler(self, reply, arg)
+
+    # -- session set-up -------------------------------------------------------------
+
+    def _on_greeting(self, reply: Reply, _: str | None) -> None:
+        if reply.code != 220:
+            self._fatal(error_for_reply(reply, Step.GREETING, "the server refused the session"))
+            return
+        self.state = State.SETUP
+        self._send(f"EHLO {self.domain}", Step.EHLO)
+
+    def _on_ehlo(self, reply: Reply, _: str | None) -> None:
+        if reply.code != 250:
+            if reply.code in (500, 502) and not self._needs_tls() and not self._helo_tried:
+                self._helo_tried = True
+                self._send(f"HELO {self.domain}", Step.HELO)
+                return
+            self._fatal(error_for_reply(reply, Step.EHLO))
+            return
+        self.extensions = Extensions.from_reply(reply)
+        self._after_hello()
+
+    def _on_helo(self, reply: Reply, _: str | None) -> None:
+        if reply.code != 250:
+            self._fatal(error_for_reply(reply, Step.HELO))
+            return
+        self.extensions = Extensions(reply.lines[0].split()[0] if reply.lines[0] else "")
+        self._after_hello()
+
+    def _needs_tls(self) -> bool:
+        return self.tls_mode is TLSMode.REQUIRED or self.authentication is not None
+
+    def _after_hello(self) -> None:
+        if (
+            not self.tls_active
+            and self.tls_mode in (TLSMode.OPPORTUNISTIC, TLSMode.REQUIRED)
+            and "STARTTLS" in self.extensions
+        ):
+            self._send("STARTTLS", Step.STARTTLS)
+            return
+        if not self.tls_active and self._needs_tls():
+            why = "authentication" if self.authentication is not None else "this session"
+            self._fatal(
+                STARTTLSUnavailable(
+                    f"{why} requires TLS and the server does not offer STARTTLS",
+                    step=Step.STARTTLS,
+                )
+            )
+            return
+        if self.authentication is not None:
+            self._start_auth(self.authentication)
+            return
+        self._ready()
+
+    def _on_starttls(self, reply: Reply, _: str | None) -> None:
+        if reply.code != 220:
+            self._fatal(error_for_reply(reply, Step.STARTTLS))
+            return
+        self.state = State.TLS_WAIT
+        self._events.append(StartTLS())
+
+    def _start_auth(self, authentication: Authentication) -> None:
+        mechanism = authentication.mechanism.value
+        offered = self.extensions.auth_mechanisms
+        if mechanism not in offered:
+            listing = ", ".join(sorted(offered)) or "no mechanism"
+            self._fatal(
+                AuthenticationUnavailable(
+                    f"the server does not offer AUTH {mechanism} (it offers {listing})",
+                    step=Step.AUTH,
+                )
+            )
+            return
+        self._sasl = sasl = SASLClient(authentication)
+        initial = sasl.initial()
+        if initial is None:
+            self._send(f"AUTH {mechanism}", Step.AUTH)
+        else:
+            self._send(
+                f"AUTH {mechanism} {encode_response(initial)}",
+                Step.AUTH,
+                shown=f"AUTH {mechanism} ****",
+            )
+
+    def _on_auth(self, reply: Reply, _: str | None) -> None:
+        sasl = self._sasl
+        if reply.code == 334 and sasl is not None:
+            try:
+                answer = sasl.respond(decode_challenge(reply.lines[0]))
+            except SMTPError as error:
+                error.reply = reply
+                self._send("*", Step.AUTH)  # RFC 4954 §4: cancel the exchange
+                self._fatal(error)
+                return
+            self._send(encode_response(answer), Step.AUTH, shown="****")
+            return
+        self._sasl = None
+        if reply.code != 235:
+            self._fatal(error_for_reply(reply, Step.AUTH, "authentication refused"))
+            return
+        self._ready()
+
+    def _ready(self) -> None:
+        self.state = State.READY
+        self._events.append(Ready(self.extensions, self.tls_active))
+
+    # -- transaction replies --------------------------------------------------------
+
+    def _on_mail(self, reply: Reply, _: str | None) -> None:
+        txn = self._current()
+        if reply.code // 100 != 2:
+            txn.error = error_for_reply(reply, Step.MAIL, "sender refused")
+            if not txn.pipelined:
+                self._abandon(txn.error)
+            return
+        if not txn.pipelined:
+            self._send_next_rcpt(txn)
+
+    def _on_rcpt(self, reply: Reply, rcpt: str | None) -> None:
+        txn = self._current()
+        if txn.error is not None:
+            return  # MAIL failed; these are the pipelined replies that follow
+        assert rcpt is not None
+        (txn.accepted if reply.code // 100 == 2 else txn.refused)[rcpt] = reply
+        if txn.next_rcpt < len(txn.envelope.recipients):
+            if not txn.pipelined:
+                self._send_next_rcpt(txn)
+            return
+        if len(txn.accepted) + len(txn.refused) < len(txn.envelope.recipients):
+            return
+        error = self._recipients_error(txn)
+        if txn.pipelined and not txn.envelope.all_or_nothing:
+            txn.error = error  # DATA is on its way already; its reply decides
+        elif error is not None:
+            self._abandon(error)
+        else:
+            self._send("DATA", Step.DATA)
+
+    def _recipients_error(self, txn: _Transaction) -> SMTPError | None:
+        if not txn.accepted:
+            return RecipientsRefused("no recipient was accepted", txn.refused)
+        if txn.envelope.all_or_nothing and txn.refused:
+            return RecipientsRefused("not every recipient was accepted", txn.refused)
+        return None
+
+    def _on_data(self, reply: Reply, _: str | None) -> None:
+        txn = self._current()
+        if reply.code == 354 and txn.error is not None:
+            # RFC 2920 §3.1: DATA accepted with nothing to deliver; end it empty.
+            txn.empty_data = True
+            self._outbox.append(b".\r\n")
+            self._pending.append((Step.DATA_END, None))
+            return
+        if txn.error is not None:
+            self._abandon(txn.error)
+            return
+        if reply.code != 354:
+            self._abandon(error_for_reply(reply, Step.DATA, "message refused"))
+            return
+        self.state = State.BODY
+        self._encoder = DataEncoder(allow_8bit="8BITMIME" in self.extensions)
+        self._events.append(BodyWanted())
+
+    def _on_data_end(self, reply: Reply, _: str | None) -> None:
+        txn = self._current()
+        if txn.empty_data and txn.error is not None:
+            self._abandon(txn.error)
+            return
+        self._txn = None
+        self.state = State.READY
+        if reply.code // 100 == 2:
+            self._events.append(TransactionDone(txn.accepted, txn.refused, reply))
+        else:
+            self._events.append(
+                TransactionFailed(error_for_reply(reply, Step.DATA_END, "message refused"))
+            )
+
+    def _abandon(self, error: SMTPError) -> None:
+        """End a failed transaction with RSET; report it once RSET is answered."""
+        txn = self._current()
+        txn.error = error
+        self.state = State.RESETTING
+        self._send("RSET", Step.RSET)
+
+    def _on_rset(self, reply: Reply, _: str | None) -> None:
+        txn = self._txn
+        self._txn = None
+        if txn is not None and txn.error is not None:
+            self._events.append(TransactionFailed(txn.error))
+        if reply.code // 100 != 2:
+            self._fatal(error_for_reply(reply, Step.RSET))
+            return
+        self.state = State.READY
+
+    def _on_unexpected(self, reply: Reply, _: str | None) -> None:
+        self._fatal(UnexpectedResponse("unexpected reply", reply=reply))
+
+    def _current(self) -> _Transaction:
+        if self._txn is None:
+            raise UnexpectedResponse("a transaction reply outside a transaction")
+        return self._txn
+
+    # -- failure ------------------------------------------------------------------
+
+    def _fail_session(self, error: SMTPError) -> None:
+        self._events.append(SessionFailed(error))
+
+    def _fatal(self, error: SMTPError, *, quit: bool = True) -> None:
+        """The session cannot continue: report, then QUIT if the conversation allows."""
+        if self.state in (State.CLOSED, State.QUITTING):
+            return
+        if error.step is None:
+            error.step = self.waiting_for
+        self._fail_session(error)
+        if quit and self.state not in (State.BODY, State.TLS_WAIT):
+            self.state = State.QUITTING
+            self._send("QUIT", Step.QUIT)
+        else:
+            self._close(clean=False)
+
+    def _close(self, *, clean: bool) -> None:
+        self.state = State.CLOSED
+        self._pending.clear()
+        self._txn = None
+        self._encoder = None
+        self._events.append(Closed(clean))
+
+
+_HANDLERS: dict[Step, Callable[[ClientMachine, Reply, str | None], None]] = {
+    Step.GREETING: ClientMachine._on_greeting,
+    Step.EHLO: ClientMachine._on_ehlo,
+    Step.HELO: ClientMachine._on_helo,
+    Step.STARTTLS: ClientMachine._on_starttls,
+    Step.AUTH: ClientMachine._on_auth,
+    Step.MAIL: ClientMachine._on_mail,
+    Step.RCPT: ClientMachine._on_rcpt,
+    Step.DATA: ClientMachine._on_data,
+    Step.DATA_END: ClientMachine._on_data_end,
+    Step.RSET: ClientMachine._on_rset,
+    Step.NOOP: ClientMachine._on_unexpected,
+    Step.QUIT: ClientMachine._on_unexpected,
+}

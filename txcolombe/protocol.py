@@ -1,0 +1,406 @@
+"""The Twisted protocol: a thin driver of :class:`~txcolombe.machine.ClientMachine`.
+
+It moves bytes between the transport and the machine, upgrades the
+transport with ``startTLS`` when the machine asks, streams the body from an
+``IBodyProducer`` with the transport's backpressure, and runs one timer for
+whatever step the machine is waiting on (RFC 5321 §4.5.3.2). Everything
+else, including every decision, is the machine's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IProducer,
+    IReactorTime,
+)
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from txcolombe.address import address_literal
+from txcolombe.errors import (
+    ConnectionLost,
+    InvalidBody,
+    SMTPError,
+    Step,
+    TLSFailure,
+    UsageError,
+)
+from txcolombe.machine import (
+    BodyWanted,
+    ClientMachine,
+    Closed,
+    Envelope,
+    Ready,
+    SessionFailed,
+    StartTLS,
+    State,
+    TLSMode,
+    TransactionDone,
+    TransactionFailed,
+)
+from txcolombe.receipt import Receipt, TLSInfo
+
+log = Logger(namespace="txcolombe")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds to wait at each step; RFC 5321 §4.5.3.2's values by default."""
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    command: float = 300.0
+    """EHLO, STARTTLS, AUTH, RSET."""
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_start: float = 120.0
+    data_block: float = 180.0
+    """Between two writes of the body; restarts while the body flows."""
+    data_end: float = 600.0
+    quit: float = 10.0
+    """After QUIT (or a fatal error): how long to wait for a polite close."""
+
+    def for_step(self, step: Step) -> float:
+        return {
+            Step.GREETING: self.greeting,
+            Step.MAIL: self.mail,
+            Step.RCPT: self.rcpt,
+            Step.DATA: self.data_start,
+            Step.BODY: self.data_block,
+            Step.DATA_END: self.data_end,
+            Step.QUIT: self.quit,
+        }.get(step, self.command)
+
+
+DEFAULT_TIMEOUTS = Timeouts()
+
+
+@implementer(IConsumer)
+class _BodyConsumer:
+    """Where the body producer writes: through the encoder to the transport."""
+
+    def __init__(self, protocol: SMTPClientProtocol) -> None:
+        self._protocol = protocol
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self._protocol._body_chunk(data)
+
+    # The protocol registers the body producer with the transport itself, so
+    # a producer that also registers with its consumer changes nothing.
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+
+_CLEAN_CLOSE = Failure(ConnectionDone())  # type: ignore[no-untyped-call]
+
+
+@implementer(IHandshakeListener)
+class SMTPClientProtocol(Protocol):
+    """One SMTP client connection.
+
+    :ivar ready: fires with this protocol once the session is set up
+        (greeting, EHLO, STARTTLS, AUTH), or fails with an :class:`SMTPError`.
+    :ivar closed: fires when the connection is gone.
+    """
+
+    def __init__(
+        self,
+        machine: ClientMachine,
+        *,
+        reactor: IReactorTime,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        tls: IOpenSSLClientConnectionCreator | None = None,
+    ) -> None:
+        self.machine = machine
+        self.ready: Deferred[SMTPClientProtocol] = Deferred()
+        self.closed: Deferred[None] = Deferred()
+        self.tls_info: TLSInfo | None = None
+        self._reactor = reactor
+        self._timeouts = timeouts
+        self._tls = tls
+        self._timer: IDelayedCall | None = None
+        self._timer_step: Step | None = None
+        self._txn: Deferred[Receipt] | None = None
+        self._body: IBodyProducer | None = None
+        self._consumer: _BodyConsumer | None = None
+        self._failure: SMTPError | None = None
+        self._gone = False
+
+    # -- transport callbacks ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
+        if not self.machine.domain:
+            self.machine.domain = _local_literal(self.transport)
+        self._process()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.machine.receive_data(data)
+        self._process()
+
+    def handshakeCompleted(self) -> None:
+        handle: Any = getattr(self.transport, "getHandle", lambda: None)()
+        if isinstance(handle, SSL.Connection):
+            self.tls_info = TLSInfo(
+                version=handle.get_protocol_version_name(),
+                cipher=handle.get_cipher_name() or "",
+                implicit=self.machine.tls_mode is TLSMode.IMPLICIT,
+            )
+            log.debug(
+                "TLS established: {version} {cipher}",
+                version=self.tls_info.version,
+                cipher=self.tls_info.cipher,
+            )
+
+    def connectionLost(self, reason: Failure = _CLEAN_CLOSE) -> None:
+        self._gone = True
+        self._cancel_timer()
+        self.machine.connection_lost(_error_from(reason, self.machine.waiting_for))
+        self._process()
+        self._stop_body()
+        if self._failure is None:
+            self._failure = ConnectionLost("the connection is closed")
+        if not self.ready.called:
+            self.ready.errback(self._failure)
+        self.closed.callback(None)
+
+    @property
+    def _transport(self) -> Any:
+        """The transport with its full type (TCP or TLS), as Twisted gives it."""
+        return self.transport
+
+    # -- the caller's operations ---------------------------------------------------
+
+    def send(self, envelope: Envelope, body: IBodyProducer) -> Deferred[Receipt]:
+        """Run one transaction; fires with its :class:`Receipt`.
+
+        :raises UsageError: (as a failed Deferred) the session is busy or the
+            envelope does not fit the server.
+        """
+        if self._failure is not None:
+            return _failed(self._failure)
+        if self._txn is not None:
+            return _failed(UsageError("a transaction is already running on this session"))
+        try:
+            self.machine.start_transaction(envelope)
+        except SMTPError as error:
+            return _failed(error)
+        self._body = body
+        self._txn = Deferred(self._cancel)
+        txn = self._txn
+        self._process()
+        return txn
+
+    def quit(self) -> Deferred[None]:
+        """Say QUIT and close; fires when the connection is gone."""
+        if not self._gone:
+            self.machine.quit()
+            self._process()
+        return self.closed
+
+    def abort(self) -> None:
+        """Drop the connection now."""
+        if self.transport is not None and not self._gone:
+            self._transport.abortConnection()
+
+    def _cancel(self, _: Deferred[Receipt]) -> None:
+        self._txn = None
+        self.abort()
+
+    # -- the machine's events ------------------------------------------------------
+
+    def _process(self) -> None:
+        while True:
+            data = self.machine.data_to_send()
+            if data and self.transport is not None and not self._gone:
+                self.transport.write(data)
+            event = self.machine.next_event()
+            if event is None:
+                break
+            self._on_event(event)
+        self._update_timer()
+
+    def _on_event(self, event: object) -> None:
+        if isinstance(event, Ready):
+            self.ready.callback(self)
+        elif isinstance(event, StartTLS):
+            self._start_tls()
+        elif isinstance(event, BodyWanted):
+            self._start_body()
+        elif isinstance(event, TransactionDone):
+            receipt = Receipt(
+                accepted=event.accepted,
+                refused=event.refused,
+                reply=event.reply,
+                tls=self.tls_info,
+                extensions=self.machine.extensions,
+            )
+            self._finish_txn(receipt, None)
+        elif isinstance(event, TransactionFailed):
+            self._finish_txn(None, event.error)
+        elif isinstance(event, SessionFailed):
+            self._failure = event.error
+            self._stop_body()
+            if not self.ready.called:
+                self.ready.errback(event.error)
+            self._finish_txn(None, event.error)
+        elif isinstance(event, Closed):
+            self._cancel_timer()
+            if self.transport is not None and not self._gone:
+                if event.clean:
+                    self.transport.loseConnection()
+                else:
+                    self._transport.abortConnection()
+
+    def _finish_txn(self, receipt: Receipt | None, error: SMTPError | None) -> None:
+        txn, self._txn = self._txn, None
+        self._body = None
+        if txn is None:
+            return
+        if receipt is not None:
+            txn.callback(receipt)
+        else:
+            txn.errback(error)
+
+    def _start_tls(self) -> None:
+        if self._tls is None or self.transport is None:
+            self.machine.connection_lost(
+                TLSFailure("no TLS options to start TLS with", step=Step.TLS)
+            )
+            return
+        self.transport.startTLS(self._tls)  # type: ignore[attr-defined]
+        self.machine.tls_started()
+
+    # -- the body ------------------------------------------------------------
+
+    def _start_body(self) -> None:
+        body = self._body
+        assert body is not None
+        self._consumer = consumer = _BodyConsumer(self)
+        if self.transport is not None:
+            # The transport pauses the producer when the server reads slowly.
+            self._transport.registerProducer(body, True)
+        done: Deferred[None] = body.startProducing(consumer)  # type: ignore[no-untyped-call]
+        done.addCallbacks(self._body_done, self._body_failed)
+
+    def _body_chunk(self, data: bytes) -> None:
+        if self.machine.state is not State.BODY:
+            return
+        self.machine.send_body(data)
+        self._process()
+        if self._timer is not None and self._timer_step is Step.BODY:
+            self._timer.reset(self._timeouts.data_block)
+
+    def _release_body(self) -> bool:
+        """Detach the finished producer; False if it was detached already."""
+        if self._consumer is None or self._consumer.closed:
+            return False
+        self._consumer.closed = True
+        self._consumer = None
+        if self.transport is not None and not self._gone:
+            self._transport.unregisterProducer()
+        return True
+
+    def _body_done(self, _: object) -> None:
+        if not self._release_body():
+            return
+        if self.machine.state is State.BODY:
+            self.machine.end_body()
+            self._process()
+
+    def _body_failed(self, failure: Failure) -> None:
+        if not self._release_body():
+            return
+        if isinstance(failure.value, CancelledError) or self.machine.state is not State.BODY:
+            return
+        error = InvalidBody(f"the body could not be read: {failure.value}", step=Step.BODY)
+        error.__cause__ = failure.value
+        # No final dot: the server must store nothing of a half-read body.
+        self.machine.connection_lost(error)
+        self._process()
+
+    def _stop_body(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        body = self._body
+        if consumer is not None and not consumer.closed:
+            consumer.closed = True
+            if body is not None:
+                try:
+                    body.stopProducing()  # type: ignore[no-untyped-call]
+                except Exception:  # a producer that already finished may complain
+                    log.failure("stopping the body producer")
+
+    # -- timers -------------------------------------------------------------------
+
+    def _update_timer(self) -> None:
+        step = None if self._gone else self.machine.waiting_for
+        if step == self._timer_step and self._timer is not None:
+            return
+        self._cancel_timer()
+        if step is not None:
+            self._timer_step = step
+            self._timer = self._reactor.callLater(self._timeouts.for_step(step), self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._timer_step = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._timer_step = None
+        self.machine.timed_out()
+        self._process()
+
+
+def _local_literal(transport: object) -> str:
+    """An address literal for our end of the connection (EHLO fallback)."""
+    get_host = getattr(transport, "getHost", None)
+    try:
+        return address_literal(ipaddress.ip_address(get_host().host))  # type: ignore[misc]
+    except (AttributeError, TypeError, ValueError):
+        return "localhost"
+
+
+def _failed(error: SMTPError) -> Deferred[Receipt]:
+    d: Deferred[Receipt] = Deferred()
+    d.errback(error)
+    return d
+
+
+def _error_from(reason: Failure, step: Step | None) -> SMTPError | None:
+    """Name the cause of a lost connection; None for a plain close."""
+    if isinstance(reason.value, SSL.Error):
+        return TLSFailure(f"TLS failed: {_ssl_reason(reason.value)}", step=step)
+    if isinstance(reason.value, ConnectionDone):
+        return None
+    return ConnectionLost(f"connection lost: {reason.getErrorMessage()}", step=step)
+
+
+def _ssl_reason(error: BaseException) -> str:
+    args = getattr(error, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        return "; ".join(str(item[-1]) for item in args[0] if isinstance(item, tuple))
+    return str(error) or type(error).__name__

@@ -1,0 +1,239 @@
+"""A reusable SMTP session: connect, greet, upgrade and authenticate once, then
+run transactions one after another (colombe's ``Sendmail_with_starttls.many``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.interfaces import (
+    IAddress,
+    IOpenSSLClientConnectionCreator,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from txcolombe.address import Mailbox, parse_domain, parse_recipient, parse_sender
+from txcolombe.auth import Authentication
+from txcolombe.body import Body, body_producer, known_length
+from txcolombe.connect import (
+    Destination,
+    Host,
+    connect_error,
+    default_domain,
+    endpoint_for,
+    tls_options,
+)
+from txcolombe.errors import SMTPError
+from txcolombe.extensions import Extensions
+from txcolombe.machine import ClientMachine, Envelope, TLSMode
+from txcolombe.protocol import DEFAULT_TIMEOUTS, SMTPClientProtocol, Timeouts, log
+from txcolombe.receipt import Receipt, TLSInfo
+
+
+class Session:
+    """A connected SMTP session, ready for transactions.
+
+    Get one from :func:`connect`. Use it as an async context manager to QUIT
+    at the end: ``async with await connect(...) as session: ...``.
+    """
+
+    def __init__(self, protocol: SMTPClientProtocol, host: Host, port: int) -> None:
+        self._protocol = protocol
+        self.host = host
+        self.port = port
+
+    @property
+    def extensions(self) -> Extensions:
+        """What the server advertised (after STARTTLS, if used)."""
+        return self._protocol.machine.extensions
+
+    @property
+    def tls(self) -> TLSInfo | None:
+        """The TLS session, or None for plaintext."""
+        return self._protocol.tls_info
+
+    @property
+    def closed(self) -> Deferred[None]:
+        """Fires when the connection is gone."""
+        return self._protocol.closed
+
+    def send(
+        self,
+        sender: str | Mailbox | None,
+        recipients: Iterable[str | Mailbox],
+        body: Body,
+        *,
+        all_or_nothing: bool = False,
+    ) -> Deferred[Receipt]:
+        """Send one message; fires with its :class:`Receipt`.
+
+        Delivers to every accepted recipient and lists the refused ones in
+        the receipt; fails with :class:`~txcolombe.errors.RecipientsRefused`
+        when none is accepted (or, with ``all_or_nothing``, when any is
+        refused), sending no DATA. After a failed transaction the session
+        stays usable unless the error says the connection is gone.
+        """
+        try:
+            if isinstance(recipients, str | Mailbox):
+                recipients = [recipients]
+            envelope = Envelope(
+                parse_sender(sender),
+                tuple(parse_recipient(r) for r in recipients),
+                all_or_nothing=all_or_nothing,
+            )
+            producer = body_producer(body)
+        except SMTPError as error:
+            return _fail(error)
+        sized = Envelope(
+            envelope.sender,
+            envelope.recipients,
+            size=known_length(producer),
+            all_or_nothing=all_or_nothing,
+        )
+        return self._protocol.send(sized, producer)
+
+    def quit(self) -> Deferred[None]:
+        """QUIT and close; fires when the connection is gone."""
+        return self._protocol.quit()
+
+    def abort(self) -> None:
+        """Drop the connection at once."""
+        self._protocol.abort()
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.quit()
+
+
+class _ProtocolFactory(Factory):
+    """Hands out the one protocol instance made for this connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: SMTPClientProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return self._protocol
+
+
+def connect(
+    destination: Destination,
+    *,
+    port: int = 25,
+    tls_mode: TLSMode = TLSMode.OPPORTUNISTIC,
+    domain: str | None = None,
+    tls: IOpenSSLClientConnectionCreator | None = None,
+    trust_root: IOpenSSLTrustRoot | None = None,
+    authentication: Authentication | None = None,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    reactor: Any = None,
+    endpoint: IStreamClientEndpoint | None = None,
+) -> Deferred[Session]:
+    """Connect to ``destination`` and set the session up; fires with a :class:`Session`.
+
+    :param tls_mode: STARTTLS when offered (the default), STARTTLS required,
+        implicit TLS, or none.
+    :param domain: the EHLO name; default: this host's FQDN, else the
+        address literal of our end of the connection.
+    :param tls: TLS client options used as they are.
+    :param trust_root: roots to verify the server's certificate against its
+        name (default: the platform's trust store).
+    :param authentication: credentials, sent only under TLS.
+    :param endpoint: connect through this endpoint instead of TCP to
+        ``destination`` (TLS-wrapped for implicit TLS); ``destination`` still
+        names the server for certificate checks.
+    """
+    try:
+        host = Host.parse(destination)
+        ehlo = parse_domain(domain) if domain is not None else default_domain()
+    except SMTPError as error:
+        return _fail(error)
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    creator = None
+    if tls_mode is not TLSMode.NONE:
+        creator = tls_options(host, tls=tls, trust_root=trust_root)
+
+    def trace(direction: str, line: str) -> None:
+        log.debug(
+            "{host}:{port} {direction} {line}",
+            host=host.name,
+            port=port,
+            direction=direction,
+            line=line,
+        )
+
+    machine = ClientMachine(ehlo or "", tls=tls_mode, authentication=authentication, trace=trace)
+    protocol = SMTPClientProtocol(machine, reactor=reactor, timeouts=timeouts, tls=creator)
+    implicit = creator if tls_mode is TLSMode.IMPLICIT else None
+    try:
+        if endpoint is None:
+            endpoint = endpoint_for(
+                reactor, host, port, implicit_tls=implicit, timeout=timeouts.connect
+            )
+        elif implicit is not None:
+            endpoint = wrapClientTLS(implicit, endpoint)
+    except SMTPError as error:
+        return _fail(error)
+    return _connect(endpoint, protocol, host, port)
+
+
+def _connect(
+    endpoint: IStreamClientEndpoint,
+    protocol: SMTPClientProtocol,
+    host: Host,
+    port: int,
+) -> Deferred[Session]:
+    connected = False
+
+    def cancel(_: Deferred[Session]) -> None:
+        if connected:
+            protocol.abort()
+        else:
+            attempt.cancel()
+
+    result: Deferred[Session] = Deferred(cancel)
+
+    def on_connected(_: object) -> None:
+        nonlocal connected
+        connected = True
+        protocol.ready.addCallbacks(on_ready, on_failed)
+
+    def on_ready(_: object) -> None:
+        if not result.called:
+            result.callback(Session(protocol, host, port))
+
+    def on_failed(failure: Failure) -> None:
+        if result.called:
+            return
+        if isinstance(failure.value, SMTPError | CancelledError):
+            result.errback(failure)
+        else:
+            result.errback(connect_error(failure, host, port))
+
+    attempt = endpoint.connect(_ProtocolFactory(protocol))
+    attempt.addCallbacks(on_connected, on_failed)
+    return result
+
+
+def _fail(error: SMTPError) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.errback(error)
+    return d
