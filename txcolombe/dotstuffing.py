@@ -4,7 +4,8 @@
 bytes to send. It keeps just enough state to be right across chunk
 boundaries: whether the next byte starts a line, a CR that may be followed
 by LF at the start of the next chunk, and the length of the current line. Work is done on
-whole chunks with bytes methods and one regex, never per line in Python.
+whole chunks with bytes methods (a regex only for stray CRs), never per line
+in Python.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from txcolombe.errors import EightBitUnsupported, InvalidBody, Step
 MAX_LINE = 998
 
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
-_LAST_BREAK = re.compile(rb"[\r\n][^\r\n]*\Z")
 
 
 class DataEncoder:
@@ -31,7 +31,6 @@ class DataEncoder:
     def __init__(self, *, allow_8bit: bool = True, max_line: int = MAX_LINE) -> None:
         self._allow_8bit = allow_8bit
         self._max_line = max_line
-        self._long_line = re.compile(rb"[^\r\n]{%d}" % (max_line + 1))
         self._at_line_start = True
         self._skip_lf = False
         self._line_length = 0
@@ -53,12 +52,12 @@ class DataEncoder:
                 "the body has 8-bit data and the server does not offer 8BITMIME",
                 step=Step.BODY,
             )
-        self._check_lines(chunk)
         self._skip_lf = chunk.endswith(b"\r")
         if b"\r" not in chunk:
             chunk = chunk.replace(b"\n", b"\r\n")
         elif not chunk.count(b"\r") == chunk.count(b"\n") == chunk.count(b"\r\n"):
             chunk = _LINE_BREAK.sub(b"\r\n", chunk)
+        self._check_lines(chunk)
         chunk = chunk.replace(b"\n.", b"\n..")
         if self._at_line_start and chunk.startswith(b"."):
             chunk = b"." + chunk
@@ -67,20 +66,19 @@ class DataEncoder:
         return chunk
 
     def _check_lines(self, chunk: bytes) -> None:
-        if self._long_line.search(chunk):
-            raise self._too_long()
-        last = _LAST_BREAK.search(chunk)
-        if last is None:
+        """Check line lengths in a chunk already normalised to CRLF."""
+        segments = chunk.split(b"\n")
+        if len(segments) == 1:
             self._line_length += len(chunk)
         else:
-            first = len(chunk)
-            for mark in (b"\r", b"\n"):
-                found = chunk.find(mark)
-                if 0 <= found < first:
-                    first = found
-            if self._line_length + first > self._max_line:
+            # Every segment but the last ends with its CR, hence the "- 1".
+            longest = max(map(len, segments)) - 1
+            if (
+                longest > self._max_line
+                or self._line_length + len(segments[0]) - 1 > self._max_line
+            ):
                 raise self._too_long()
-            self._line_length = len(chunk) - last.start() - 1
+            self._line_length = len(segments[-1])
         if self._line_length > self._max_line:
             raise self._too_long()
 

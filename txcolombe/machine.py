@@ -160,6 +160,7 @@ class _Transaction:
     refused: dict[str, Reply] = field(default_factory=dict)
     error: SMTPError | None = None
     next_rcpt: int = 0
+    rcpt_replies: int = 0
     empty_data: bool = False
 
 
@@ -429,7 +430,8 @@ class ClientMachine:
         if reply.code != 250:
             self._fatal(error_for_reply(reply, Step.HELO))
             return
-        self.extensions = Extensions(reply.lines[0].split()[0] if reply.lines[0] else "")
+        words = reply.lines[0].split()
+        self.extensions = Extensions(words[0] if words else "")
         self._after_hello()
 
     def _needs_tls(self) -> bool:
@@ -523,15 +525,22 @@ class ClientMachine:
 
     def _on_rcpt(self, reply: Reply, rcpt: str | None) -> None:
         txn = self._current()
+        # Counted, not read off accepted/refused: a recipient may be listed twice.
+        txn.rcpt_replies += 1
+        last = txn.rcpt_replies == len(txn.envelope.recipients)
         if txn.error is not None:
-            return  # MAIL failed; these are the pipelined replies that follow
+            # MAIL failed; these are the pipelined replies that follow. Without
+            # a pipelined DATA to answer last (all-or-nothing), end here.
+            if last and txn.envelope.all_or_nothing:
+                self._abandon(txn.error)
+            return
         assert rcpt is not None
         (txn.accepted if reply.code // 100 == 2 else txn.refused)[rcpt] = reply
         if txn.next_rcpt < len(txn.envelope.recipients):
             if not txn.pipelined:
                 self._send_next_rcpt(txn)
             return
-        if len(txn.accepted) + len(txn.refused) < len(txn.envelope.recipients):
+        if not last:
             return
         error = self._recipients_error(txn)
         if txn.pipelined and not txn.envelope.all_or_nothing:

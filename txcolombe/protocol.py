@@ -176,7 +176,10 @@ class SMTPClientProtocol(Protocol):
     def connectionLost(self, reason: Failure = _CLEAN_CLOSE) -> None:
         self._gone = True
         self._cancel_timer()
-        self.machine.connection_lost(_error_from(reason, self.machine.waiting_for))
+        step = self.machine.waiting_for
+        if isinstance(reason.value, SSL.Error) and self.tls_info is None:
+            step = Step.TLS  # the handshake itself failed
+        self.machine.connection_lost(_error_from(reason, step))
         self._process()
         self._stop_body()
         if self._failure is None:

@@ -107,10 +107,15 @@ class ReplyParser:
         self._buffer += data
 
     def discard(self) -> int:
-        """Drop every byte not yet parsed (STARTTLS injection defence); return how many."""
+        """Drop every byte not yet parsed (STARTTLS injection defence); return how many.
+
+        The lines of a multi-line reply not yet complete are dropped too.
+        """
         dropped = len(self._buffer)
         del self._buffer[:]
         self._scan_from = 0
+        self._code = None
+        self._lines = []
         return dropped
 
     @property
@@ -127,17 +132,19 @@ class ReplyParser:
         while True:
             end = self._buffer.find(b"\n", self._scan_from)
             if end < 0:
-                if len(self._buffer) > self._max_line:
+                # A final CR may be the start of the line's CRLF: not counted.
+                partial = len(self._buffer) - (1 if self._buffer.endswith(b"\r") else 0)
+                if partial > self._max_line:
                     raise ReplyTooLong(f"reply line longer than {self._max_line} octets")
                 self._scan_from = len(self._buffer)
                 return None
             raw = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
             self._scan_from = 0
-            if len(raw) > self._max_line:
-                raise ReplyTooLong(f"reply line longer than {self._max_line} octets")
             if raw.endswith(b"\r"):
                 raw = raw[:-1]
+            if len(raw) > self._max_line:
+                raise ReplyTooLong(f"reply line longer than {self._max_line} octets")
             reply = self._line(raw)
             if reply is not None:
                 return reply

@@ -30,7 +30,7 @@ from txcolombe.connect import (
     endpoint_for,
     tls_options,
 )
-from txcolombe.errors import SMTPError
+from txcolombe.errors import SMTPError, UsageError
 from txcolombe.extensions import Extensions
 from txcolombe.machine import ClientMachine, Envelope, TLSMode
 from txcolombe.protocol import DEFAULT_TIMEOUTS, SMTPClientProtocol, Timeouts, log
@@ -158,6 +158,8 @@ def connect(
         ``destination`` (TLS-wrapped for implicit TLS); ``destination`` still
         names the server for certificate checks.
     """
+    if tls_mode is TLSMode.NONE and authentication is not None:
+        return _fail(UsageError("authentication is never sent without TLS"))
     try:
         host = Host.parse(destination)
         ehlo = parse_domain(domain) if domain is not None else default_domain()

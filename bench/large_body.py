@@ -1,0 +1,226 @@
+"""Benchmark: one large body, streamed, plain and over STARTTLS.
+
+    python bench/large_body.py [--mib 1024] [--tls] [--clients txcolombe,socket,smtplib]
+
+Starts ``bench/sink.py`` in its own process, then runs each client in a
+fresh process of its own and prints MiB/s and the sender's peak RSS above
+its idle RSS (after imports, before the body), with txcolombe's ratios to
+the others measured in the same run. The body is generated in 1 MiB chunks
+of 78-octet lines (some starting with a dot), so no client reads a disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LINE = b"The quick brown fox jumps over the lazy dog; 0123456789 ABCDEFGHIJKLMNOPQRS\r\n"
+DOT_LINE = b".leading dot on this line, which DATA must stuff -------------------------\r\n"
+MIB = 1 << 20
+
+
+def chunk_of_lines() -> bytes:
+    lines = (LINE * 12 + DOT_LINE) * (MIB // (len(LINE) * 13) + 1)
+    cut = lines.rfind(b"\r\n", 0, MIB) + 2
+    return lines[:cut]
+
+
+def body_chunks(mib: int) -> Iterator[bytes]:
+    chunk = chunk_of_lines()
+    for _ in range(mib):
+        yield chunk
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- clients, each run in its own process -------------------------------------
+
+
+def _smtp_dialogue(sock: socket.socket, commands: list[bytes]) -> None:
+    for command in commands:
+        sock.sendall(command)
+        data = b""
+        while not data.endswith(b"\r\n") or data.split(b"\r\n")[-2][3:4] == b"-":
+            data += sock.recv(65536)
+
+
+def run_socket(port: int, mib: int, ca: str | None) -> float:
+    import ssl
+
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.recv(1024)
+    start = time.perf_counter()
+    _smtp_dialogue(sock, [b"EHLO bench\r\n"])
+    if ca:
+        _smtp_dialogue(sock, [b"STARTTLS\r\n"])
+        context = ssl.create_default_context(cafile=ca)
+        sock = context.wrap_socket(sock, server_hostname="localhost")
+        _smtp_dialogue(sock, [b"EHLO bench\r\n"])
+    _smtp_dialogue(sock, [b"MAIL FROM:<b@example.com>\r\n", b"RCPT TO:<s@example.org>\r\n", b"DATA\r\n"])
+    stuffed = chunk_of_lines().replace(b"\r\n.", b"\r\n..")
+    for _ in range(mib):
+        sock.sendall(stuffed)
+    _smtp_dialogue(sock, [b".\r\n"])
+    elapsed = time.perf_counter() - start
+    sock.close()
+    return elapsed
+
+
+def run_smtplib(port: int, mib: int, ca: str | None) -> float:
+    import smtplib
+    import ssl
+
+    message = b"".join(body_chunks(mib))  # smtplib takes the whole message
+    start = time.perf_counter()
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        if ca:
+            client.starttls(context=ssl.create_default_context(cafile=ca))
+        client.sendmail("b@example.com", ["s@example.org"], message)
+    return time.perf_counter() - start
+
+
+CLIENTS = {"socket": run_socket, "smtplib": run_smtplib}
+
+
+def client_main(name: str, port: int, mib: int, ca: str | None) -> None:
+    import smtplib  # noqa: F401 - count the client's own imports as idle
+    import ssl  # noqa: F401
+
+    idle = rss_mib()
+    elapsed = 0.0
+    try:
+        elapsed = CLIENTS[name](port, mib, ca)
+    finally:
+        print(json.dumps({"elapsed": elapsed, "idle": idle, "peak": rss_mib()}), flush=True)
+
+
+def txcolombe_wrapper(port: int, mib: int, ca: str | None) -> None:
+    """react() exits the process; report from an atexit hook instead."""
+    import atexit
+
+    from twisted.internet import defer, task
+    from twisted.internet.ssl import Certificate
+
+    import txcolombe
+
+    idle = rss_mib()  # an idle client: everything imported, nothing sent
+    result = {"elapsed": 0.0}
+
+    def report() -> None:
+        print(json.dumps({**result, "idle": idle, "peak": rss_mib()}), flush=True)
+
+    atexit.register(report)
+
+    async def send(reactor: object) -> None:
+        trust = Certificate.loadPEM(Path(ca).read_bytes()) if ca else None
+        start = time.perf_counter()
+        await txcolombe.sendmail(
+            "localhost" if ca else "127.0.0.1",
+            "bench@example.com",
+            ["sink@example.org"],
+            body_chunks(mib),
+            port=port,
+            trust_root=trust,
+            starttls=ca is not None,
+            domain="bench.example.com",
+        )
+        result["elapsed"] = time.perf_counter() - start
+
+    task.react(lambda reactor: defer.ensureDeferred(send(reactor)))
+
+
+# -- the parent -----------------------------------------------------------------
+
+
+def measure(name: str, port: int, mib: int, ca: str | None) -> dict[str, float]:
+    mode = "txclient" if name == "txcolombe" else "client"
+    args = [sys.executable, __file__, mode, name, str(port), str(mib), ca or ""]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=1800, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} failed: {out.stderr[-2000:]}")
+    result: dict[str, float] = json.loads(lines[-1])
+    return result
+
+
+def make_cert(workdir: Path) -> tuple[str, str, str]:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    ca_path, cert_path, key_path = (workdir / n for n in ("ca.pem", "cert.pem", "key.pem"))
+    ca.cert_pem.write_to_path(str(ca_path))
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return str(ca_path), str(cert_path), str(key_path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mib", type=int, default=100)
+    parser.add_argument("--tls", action="store_true")
+    parser.add_argument("--clients", default="txcolombe,socket,smtplib")
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ca = cert = key = None
+        if options.tls:
+            ca, cert, key = make_cert(Path(tmp))
+        port = free_port()
+        sink_args = [sys.executable, str(HERE / "sink.py"), str(port)]
+        if cert and key:
+            sink_args += [cert, key]
+        sink = subprocess.Popen(sink_args, stdout=subprocess.PIPE, text=True)
+        try:
+            assert sink.stdout is not None
+            sink.stdout.readline()
+            kind = "STARTTLS" if options.tls else "plain"
+            print(f"{options.mib} MiB body, {kind}, to bench/sink.py on 127.0.0.1:{port}")
+            results: dict[str, dict[str, float]] = {}
+            for name in options.clients.split(","):
+                print(f"  running {name} ...", flush=True)
+                results[name] = measure(name, port, options.mib, ca)
+        finally:
+            sink.terminate()
+            sink.wait(timeout=10)
+    print(f"{'client':<12}{'seconds':>10}{'MiB/s':>10}{'idle RSS':>11}{'peak RSS':>11}{'+RSS':>8}")
+    for name, r in results.items():
+        rate = options.mib / r["elapsed"] if r["elapsed"] else 0.0
+        print(
+            f"{name:<12}{r['elapsed']:>10.2f}{rate:>10.1f}{r['idle']:>10.1f}M"
+            f"{r['peak']:>10.1f}M{r['peak'] - r['idle']:>7.1f}M"
+        )
+    ours = results.get("txcolombe")
+    if ours and ours["elapsed"]:
+        for name, r in results.items():
+            if name != "txcolombe" and r["elapsed"]:
+                print(f"txcolombe speed / {name}: {r['elapsed'] / ours['elapsed']:.2f}x")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("client", "txclient"):
+        _, mode, name, port_s, mib_s, ca_s = sys.argv
+        if mode == "txclient":
+            txcolombe_wrapper(int(port_s), int(mib_s), ca_s or None)
+        else:
+            client_main(name, int(port_s), int(mib_s), ca_s or None)
+    else:
+        main()

@@ -1,0 +1,64 @@
+"""Shared fixtures: real SMTP servers on loopback for the integration tests.
+
+Every server a fixture starts is stopped by that fixture, whatever the test
+did. Nothing here listens anywhere but 127.0.0.1 / ::1.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from twisted.internet import ssl
+
+from tools.peers.aiosmtpd_peer import AiosmtpdPeer
+
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
+def on_the_wire(body: bytes) -> bytes:
+    """What a server that keeps CRLF stores for ``body``, dot-unstuffed.
+
+    Every line break becomes CRLF and a last line without one gets one: the
+    only changes SMTP transport makes to a message.
+    """
+    data = _LINE_BREAK.sub(b"\r\n", body)
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+def crlf(data: bytes) -> bytes:
+    """``data`` with every line break as CRLF (to compare what a server stored)."""
+    return _LINE_BREAK.sub(b"\r\n", data)
+
+
+#: Bodies that dot-stuffing and line-ending normalisation could get wrong.
+TRICKY_BODIES = {
+    "leading dots": b"Subject: dots\r\n\r\n.hidden\r\n..two\r\n...three\r\nend\r\n",
+    "lines of one dot": b"Subject: dot\r\n\r\n.\r\nmiddle\r\n.\r\n",
+    "bare LF": b"Subject: lf\n\nline one\nline two\n.dot\n.\n",
+    "bare CR and mixed": b"Subject: mixed\r\n\r\na\rb\nc\r\nd\n\r\n",
+    "no final line break": b"Subject: tail\r\n\r\nno newline at the end",
+    "final dot without line break": b"Subject: tail\r\n\r\n.",
+    "empty lines": b"Subject: blank\r\n\r\n\r\n\r\n\r\nafter blanks\r\n",
+    "only a body": b"no headers at all\r\n",
+}
+
+
+@pytest.fixture
+def aiosmtpd_peer(tmp_path: Path) -> Iterator[AiosmtpdPeer]:
+    """Two aiosmtpd servers (STARTTLS and implicit TLS), stopped after the test."""
+    peer = AiosmtpdPeer(tmp_path).start()
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
+@pytest.fixture
+def aiosmtpd_ca(aiosmtpd_peer: AiosmtpdPeer) -> ssl.Certificate:
+    """The peer's self-signed CA, as a trust root for ``trust_root=``."""
+    return ssl.Certificate.loadPEM(aiosmtpd_peer.ca.cert_pem.bytes())
