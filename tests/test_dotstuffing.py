@@ -26,7 +26,7 @@ def server_decode(wire: bytes) -> bytes:
     """What an SMTP server makes of DATA bytes (RFC 5321 §4.5.2), strictly."""
     assert wire.endswith(b"\r\n"), "DATA must end with CRLF"
     lines = wire[:-2].split(b"\r\n")
-    body = []
+    body: list[bytes] = []
     for index, line in enumerate(lines):
         assert b"\r" not in line, f"bare CR in line {line!r}"
         assert b"\n" not in line, f"bare LF in line {line!r}"

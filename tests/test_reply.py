@@ -22,9 +22,7 @@ def parse_all(*chunks: bytes, parser: ReplyParser | None = None) -> list[Reply]:
 
 
 def test_single_line() -> None:
-    assert parse_all(b"220 mx.example ESMTP ready\r\n") == [
-        Reply(220, ("mx.example ESMTP ready",))
-    ]
+    assert parse_all(b"220 mx.example ESMTP ready\r\n") == [Reply(220, ("mx.example ESMTP ready",))]
 
 
 def test_multi_line() -> None:
