@@ -1633,13 +1633,97 @@ def test_quit_answered_with_an_error_still_closes() -> None:
     assert conv.reply(500, "eh?") == (b"", [Closed(clean=True)])
 
 
-def test_quit_mid_transaction_skips_pending_replies() -> None:
+def test_quit_mid_transaction_waits_for_it() -> None:
     conv = session("PIPELINING")
     conv.machine.start_transaction(envelope())
     conv.flush()
-    assert conv.do(conv.machine.quit) == (QUIT, [])
-    assert conv.feed(b"250 ok\r\n250 ok\r\n354 go\r\n") == (b"", [])
+    assert conv.do(conv.machine.quit) == (b"", [])
+    assert not conv.machine.can_start
+    assert conv.feed(b"250 ok\r\n250 ok\r\n354 go\r\n") == (b"", [BodyWanted()])
+    conv.machine.send_body(b"hi\r\n")
+    assert conv.do(conv.machine.end_body) == (b"hi\r\n.\r\n", [])
+    sent, events = conv.reply(250, "queued")
+    assert sent == QUIT
+    assert isinstance(only(events, TransactionDone), TransactionDone)
     assert conv.reply(221, "bye") == (b"", [Closed(clean=True)])
+
+
+def test_next_transaction_pipelined_after_the_final_dot() -> None:
+    conv = session("PIPELINING")
+    conv.machine.start_transaction(envelope("a@example.org"))
+    conv.flush()
+    conv.feed(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    conv.machine.send_body(b"one\r\n")
+    conv.machine.end_body()
+    assert conv.machine.can_start
+    conv.machine.start_transaction(envelope("b@example.org"))
+    sent, events = conv.flush()
+    assert sent == (
+        b"one\r\n.\r\nMAIL FROM:<from@example.org>\r\nRCPT TO:<b@example.org>\r\n" + DATA
+    )
+    assert events == []
+    assert conv.waiting_for is Step.DATA_END
+    sent, events = conv.feed(b"250 first queued\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    assert sent == b""
+    assert [type(e) for e in events] == [TransactionDone, BodyWanted]
+    first = events[0]
+    assert isinstance(first, TransactionDone)
+    assert first.reply.text == "first queued"
+    assert list(first.accepted) == ["a@example.org"]
+    conv.machine.send_body(b"two")
+    assert conv.do(conv.machine.end_body) == (b"two\r\n.\r\n", [])
+    sent, events = conv.reply(250, "second queued")
+    done = only(events, TransactionDone)
+    assert isinstance(done, TransactionDone)
+    assert list(done.accepted) == ["b@example.org"]
+    assert conv.state is State.READY
+
+
+def test_next_transaction_pipelined_after_rset() -> None:
+    conv = session("PIPELINING")
+    conv.machine.start_transaction(envelope("a@example.org"))
+    conv.flush()
+    sent, _ = conv.feed(b"550 no sender\r\n503 no\r\n503 no\r\n")
+    assert sent == RSET
+    assert conv.machine.can_start
+    conv.machine.start_transaction(envelope("b@example.org"))
+    sent, _ = conv.flush()
+    assert sent.startswith(b"MAIL FROM:")
+    sent, events = conv.feed(b"250 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    assert [type(e) for e in events] == [TransactionFailed, BodyWanted]
+    failed = events[0]
+    assert isinstance(failed, TransactionFailed)
+    assert isinstance(failed.error, errors.MailboxUnavailable)
+
+
+def test_no_pipelined_start_without_pipelining() -> None:
+    conv = session()
+    conv.machine.start_transaction(envelope())
+    conv.flush()
+    conv.reply(250, "ok")
+    conv.reply(250, "ok")
+    conv.reply(354, "go")
+    conv.machine.end_body()
+    assert not conv.machine.can_start
+    with pytest.raises(errors.UsageError):
+        conv.machine.start_transaction(envelope())
+
+
+def test_timeout_after_final_dot_may_have_delivered() -> None:
+    conv = session()
+    conv.machine.start_transaction(envelope())
+    conv.flush()
+    conv.reply(250, "ok")
+    conv.reply(250, "ok")
+    conv.reply(354, "go")
+    conv.machine.send_body(b"x")
+    conv.machine.end_body()
+    conv.flush()
+    _, events = conv.do(conv.machine.timed_out)
+    error = session_failure(events, errors.ResponseTimeout)
+    assert error.step is Step.DATA_END
+    assert isinstance(error, errors.ResponseTimeout)
+    assert error.maybe_delivered
 
 
 @pytest.mark.parametrize("step", [Step.GREETING, Step.BODY])

@@ -177,9 +177,15 @@ class MessageTooLarge(UsageError):
 
 
 class ConnectionFailed(SMTPError):
-    """The connection could not be made or was lost."""
+    """The connection could not be made or was lost.
+
+    :ivar maybe_delivered: True when this happened after the final dot and
+        before its reply: the server may have accepted the message, so a
+        retry may deliver it twice.
+    """
 
     temporary = True
+    maybe_delivered: bool = False
 
 
 class NameResolutionFailed(ConnectionFailed):
@@ -195,13 +201,7 @@ class ConnectTimeout(ConnectionFailed):
 
 
 class ConnectionLost(ConnectionFailed):
-    """The connection closed before the conversation ended.
-
-    :ivar maybe_delivered: True when the loss came after the final dot and
-        before its reply: the server may have accepted the message.
-    """
-
-    maybe_delivered: bool = False
+    """The connection closed before the conversation ended."""
 
 
 class ResponseTimeout(ConnectionFailed):
@@ -401,17 +401,18 @@ _REPLY_ERRORS: dict[int, type[ReplyError]] = {
 }
 
 
-def error_for_reply(reply: Reply, step: Step, message: str | None = None) -> SMTPError:
-    """The exception that a negative ``reply`` to ``step`` stands for."""
-    text = message or f"{step.value} refused"
+def error_for_reply(reply: Reply, step: Step | None, message: str | None = None) -> SMTPError:
+    """The exception that a negative ``reply`` to ``step`` stands for
+    (``step`` None: a reply to no command)."""
+    text = message or (f"{step.value} refused" if step is not None else "unexpected reply")
     if reply.code == 421:
         return ServiceUnavailable("service not available", reply=reply, step=step)
+    if step is Step.STARTTLS:
+        return STARTTLSRefused("STARTTLS refused", reply=reply, step=step)
     if step is Step.AUTH and reply.code in _AUTH_ERRORS:
         return _AUTH_ERRORS[reply.code](text, reply=reply, step=step)
     if reply.code == 530:
         return AuthenticationRequired("authentication required", reply=reply, step=step)
-    if step is Step.STARTTLS:
-        return STARTTLSRefused("STARTTLS refused", reply=reply, step=step)
     cls = _REPLY_ERRORS.get(reply.code)
     if cls is not None:
         return cls(text, reply=reply, step=step)
@@ -419,4 +420,4 @@ def error_for_reply(reply: Reply, step: Step, message: str | None = None) -> SMT
         return TemporaryFailure(text, reply=reply, step=step)
     if reply.code // 100 == 5:
         return PermanentFailure(text, reply=reply, step=step)
-    return UnexpectedResponse(f"unexpected reply to {step.value}", reply=reply, step=step)
+    return UnexpectedResponse(text, reply=reply, step=step)

@@ -193,15 +193,15 @@ class ClientMachine:
         self.tls_active = tls is TLSMode.IMPLICIT
         self.extensions = Extensions()
         self.state = State.GREETING
-        self._trace = trace
+        self.trace = trace
         self._parser = ReplyParser()
         self._pending: deque[tuple[Step, str | None]] = deque([(Step.GREETING, None)])
         self._outbox: list[bytes] = []
         self._events: deque[Event] = deque()
         self._sasl: SASLClient | None = None
-        self._txn: _Transaction | None = None
+        self._txns: deque[_Transaction] = deque()
         self._encoder: DataEncoder | None = None
-        self._helo_tried = False
+        self._quit_requested = False
 
     # -- driver interface ----------------------------------------------------
 
@@ -225,6 +225,20 @@ class ClientMachine:
         return self._pending[0][0] if self._pending else None
 
     @property
+    def can_start(self) -> bool:
+        """True when :meth:`start_transaction` may be called now.
+
+        With PIPELINING, the next transaction may start as soon as the
+        previous one's end of data (or RSET) is sent: its MAIL, RCPT and DATA
+        then leave in the same write as the final dot (RFC 2920 §3.1).
+        """
+        if self._quit_requested:
+            return False
+        if self.state is State.READY:
+            return True
+        return self.pipelining and self.state in (State.DATA_END, State.RESETTING)
+
+    @property
     def pipelining(self) -> bool:
         """True when the server advertised PIPELINING."""
         return "PIPELINING" in self.extensions
@@ -243,8 +257,8 @@ class ClientMachine:
                 return
             if reply is None:
                 return
-            if self._trace is not None:
-                self._trace("<", str(reply))
+            if self.trace is not None:
+                self.trace("<", str(reply))
             self._handle(reply)
         if self.state is State.TLS_WAIT:
             # RFC 3207 §6: nothing sent before the TLS handshake can be trusted.
@@ -269,8 +283,7 @@ class ClientMachine:
             return
         if error is None:
             error = ConnectionLost("the server closed the connection", step=step)
-            if step is Step.DATA_END and isinstance(error, ConnectionLost):
-                error.maybe_delivered = True
+            error.maybe_delivered = self._maybe_delivered(step)
         if error.step is None:
             error.step = step
         self._fail_session(error)
@@ -283,14 +296,27 @@ class ClientMachine:
             self._close(clean=False)
             return
         what = step.value if step is not None else "the server"
-        self._fatal(ResponseTimeout(f"no reply in time to {what}", step=step), quit=True)
+        error = ResponseTimeout(f"no reply in time to {what}", step=step)
+        error.maybe_delivered = self._maybe_delivered(step)
+        self._fatal(error, quit=True)
+
+    def _maybe_delivered(self, step: Step | None) -> bool:
+        """After the final dot of a real body, the server may have the message."""
+        return step is Step.DATA_END and bool(self._txns) and not self._txns[0].empty_data
 
     def quit(self) -> None:
-        """End the session politely: QUIT, then :class:`Closed` on its reply."""
+        """End the session politely: QUIT, then :class:`Closed` on its reply.
+
+        Transactions already under way finish first; in the middle of a body,
+        or before the session is set up, the connection is simply dropped.
+        """
         if self.state in (State.QUITTING, State.CLOSED):
             return
         if self.state in (State.BODY, State.TLS_WAIT, State.GREETING):
             self._close(clean=False)
+            return
+        if self._txns:
+            self._quit_requested = True
             return
         self.state = State.QUITTING
         self._send("QUIT", Step.QUIT)
@@ -298,19 +324,22 @@ class ClientMachine:
     # -- transactions ----------------------------------------------------------
 
     def start_transaction(self, envelope: Envelope) -> None:
-        """Begin a transaction; the session must be :attr:`State.READY`.
+        """Begin a transaction; only when :attr:`can_start`.
+
+        Its events (:class:`BodyWanted`, then :class:`TransactionDone` or
+        :class:`TransactionFailed`) come in the order transactions started.
 
         :raises UsageError: the envelope cannot go to this server (SMTPUTF8,
-            SIZE), or the session is not ready. Nothing is sent then.
+            SIZE), or the session cannot start one now. Nothing is sent then.
         """
-        if self.state is not State.READY:
+        if not self.can_start:
             raise UsageError(f"cannot start a transaction in state {self.state.value}")
         if not envelope.recipients:
             raise UsageError("a message needs at least one recipient")
         params = self._mail_parameters(envelope)
         self.state = State.TRANSACTION
         txn = _Transaction(envelope, pipelined=self.pipelining)
-        self._txn = txn
+        self._txns.append(txn)
         self._send(f"MAIL FROM:{path(envelope.sender)}{params}", Step.MAIL)
         if txn.pipelined:
             while txn.next_rcpt < len(envelope.recipients):
@@ -367,8 +396,8 @@ class ClientMachine:
         if self.state is not State.BODY or self._encoder is None:
             raise UsageError(f"end_body() in state {self.state.value}")
         self._outbox.append(self._encoder.finish())
-        if self._trace is not None:
-            self._trace(">", f"<{self._encoder.octets_out} octets of data>")
+        if self.trace is not None:
+            self.trace(">", f"<{self._encoder.octets_out} octets of data>")
         self._encoder = None
         self.state = State.DATA_END
         self._pending.append((Step.DATA_END, None))
@@ -378,8 +407,8 @@ class ClientMachine:
     def _send(
         self, line: str, step: Step, arg: str | None = None, *, shown: str | None = None
     ) -> None:
-        if self._trace is not None:
-            self._trace(">", shown if shown is not None else line)
+        if self.trace is not None:
+            self.trace(">", shown if shown is not None else line)
         self._outbox.append(line.encode("utf-8") + b"\r\n")
         self._pending.append((step, arg))
 
@@ -391,7 +420,7 @@ class ClientMachine:
     def _handle(self, reply: Reply) -> None:
         if not self._pending:
             if reply.code == 421:
-                self._fatal(error_for_reply(reply, Step.NOOP), quit=False)
+                self._fatal(error_for_reply(reply, None), quit=False)
             else:
                 self._fatal(UnexpectedResponse("a reply to no command", reply=reply), quit=True)
             return
@@ -417,8 +446,7 @@ class ClientMachine:
 
     def _on_ehlo(self, reply: Reply, _: str | None) -> None:
         if reply.code != 250:
-            if reply.code in (500, 502) and not self._needs_tls() and not self._helo_tried:
-                self._helo_tried = True
+            if reply.code in (500, 502) and not self._needs_tls():
                 self._send(f"HELO {self.domain}", Step.HELO)
                 return
             self._fatal(error_for_reply(reply, Step.EHLO))
@@ -511,6 +539,17 @@ class ClientMachine:
         self.state = State.READY
         self._events.append(Ready(self.extensions, self.tls_active))
 
+    def _finish(self, event: TransactionDone | TransactionFailed) -> None:
+        """The oldest transaction is over; report it, then QUIT if asked to."""
+        self._txns.popleft()
+        self._events.append(event)
+        if self._txns:
+            return
+        self.state = State.READY
+        if self._quit_requested:
+            self._quit_requested = False
+            self.quit()
+
     # -- transaction replies --------------------------------------------------------
 
     def _on_mail(self, reply: Reply, _: str | None) -> None:
@@ -518,7 +557,7 @@ class ClientMachine:
         if reply.code // 100 != 2:
             txn.error = error_for_reply(reply, Step.MAIL, "sender refused")
             if not txn.pipelined:
-                self._abandon(txn.error)
+                self._abandon(txn, txn.error)
             return
         if not txn.pipelined:
             self._send_next_rcpt(txn)
@@ -532,7 +571,7 @@ class ClientMachine:
             # MAIL failed; these are the pipelined replies that follow. Without
             # a pipelined DATA to answer last (all-or-nothing), end here.
             if last and txn.envelope.all_or_nothing:
-                self._abandon(txn.error)
+                self._abandon(txn, txn.error)
             return
         assert rcpt is not None
         (txn.accepted if reply.code // 100 == 2 else txn.refused)[rcpt] = reply
@@ -546,7 +585,7 @@ class ClientMachine:
         if txn.pipelined and not txn.envelope.all_or_nothing:
             txn.error = error  # DATA is on its way already; its reply decides
         elif error is not None:
-            self._abandon(error)
+            self._abandon(txn, error)
         else:
             self._send("DATA", Step.DATA)
 
@@ -566,10 +605,10 @@ class ClientMachine:
             self._pending.append((Step.DATA_END, None))
             return
         if txn.error is not None:
-            self._abandon(txn.error)
+            self._abandon(txn, txn.error)
             return
         if reply.code != 354:
-            self._abandon(error_for_reply(reply, Step.DATA, "message refused"))
+            self._abandon(txn, error_for_reply(reply, Step.DATA, "message refused"))
             return
         self.state = State.BODY
         self._encoder = DataEncoder(allow_8bit="8BITMIME" in self.extensions)
@@ -578,41 +617,36 @@ class ClientMachine:
     def _on_data_end(self, reply: Reply, _: str | None) -> None:
         txn = self._current()
         if txn.empty_data and txn.error is not None:
-            self._abandon(txn.error)
-            return
-        self._txn = None
-        self.state = State.READY
-        if reply.code // 100 == 2:
-            self._events.append(TransactionDone(txn.accepted, txn.refused, reply))
+            self._abandon(txn, txn.error)
+        elif reply.code // 100 == 2:
+            self._finish(TransactionDone(txn.accepted, txn.refused, reply))
         else:
-            self._events.append(
+            self._finish(
                 TransactionFailed(error_for_reply(reply, Step.DATA_END, "message refused"))
             )
 
-    def _abandon(self, error: SMTPError) -> None:
+    def _abandon(self, txn: _Transaction, error: SMTPError) -> None:
         """End a failed transaction with RSET; report it once RSET is answered."""
-        txn = self._current()
         txn.error = error
         self.state = State.RESETTING
         self._send("RSET", Step.RSET)
 
     def _on_rset(self, reply: Reply, _: str | None) -> None:
-        txn = self._txn
-        self._txn = None
-        if txn is not None and txn.error is not None:
-            self._events.append(TransactionFailed(txn.error))
+        txn = self._current()
         if reply.code // 100 != 2:
+            self._txns.popleft()
+            self._events.append(TransactionFailed(txn.error or error_for_reply(reply, Step.RSET)))
             self._fatal(error_for_reply(reply, Step.RSET))
             return
-        self.state = State.READY
+        self._finish(TransactionFailed(txn.error or error_for_reply(reply, Step.RSET)))
 
     def _on_unexpected(self, reply: Reply, _: str | None) -> None:
         self._fatal(UnexpectedResponse("unexpected reply", reply=reply))
 
     def _current(self) -> _Transaction:
-        if self._txn is None:
+        if not self._txns:
             raise UnexpectedResponse("a transaction reply outside a transaction")
-        return self._txn
+        return self._txns[0]
 
     # -- failure ------------------------------------------------------------------
 
@@ -635,7 +669,7 @@ class ClientMachine:
     def _close(self, *, clean: bool) -> None:
         self.state = State.CLOSED
         self._pending.clear()
-        self._txn = None
+        self._txns.clear()
         self._encoder = None
         self._events.append(Closed(clean))
 

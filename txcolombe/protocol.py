@@ -10,6 +10,7 @@ else, including every decision, is the machine's.
 from __future__ import annotations
 
 import ipaddress
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,6 @@ from txcolombe.errors import (
     SMTPError,
     Step,
     TLSFailure,
-    UsageError,
 )
 from txcolombe.machine import (
     BodyWanted,
@@ -75,15 +75,19 @@ class Timeouts:
     """After QUIT (or a fatal error): how long to wait for a polite close."""
 
     def for_step(self, step: Step) -> float:
-        return {
-            Step.GREETING: self.greeting,
-            Step.MAIL: self.mail,
-            Step.RCPT: self.rcpt,
-            Step.DATA: self.data_start,
-            Step.BODY: self.data_block,
-            Step.DATA_END: self.data_end,
-            Step.QUIT: self.quit,
-        }.get(step, self.command)
+        """The timeout for waiting at ``step``."""
+        return getattr(self, _TIMEOUT_FIELDS.get(step, "command"))  # type: ignore[no-any-return]
+
+
+_TIMEOUT_FIELDS = {
+    Step.GREETING: "greeting",
+    Step.MAIL: "mail",
+    Step.RCPT: "rcpt",
+    Step.DATA: "data_start",
+    Step.BODY: "data_block",
+    Step.DATA_END: "data_end",
+    Step.QUIT: "quit",
+}
 
 
 DEFAULT_TIMEOUTS = Timeouts()
@@ -129,8 +133,13 @@ class SMTPClientProtocol(Protocol):
         reactor: IReactorTime,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
         tls: IOpenSSLClientConnectionCreator | None = None,
+        peer: str = "",
     ) -> None:
         self.machine = machine
+        self.peer = peer
+        self._trace: list[str] = []
+        if machine.trace is None:
+            machine.trace = self._trace_line
         self.ready: Deferred[SMTPClientProtocol] = Deferred()
         self.closed: Deferred[None] = Deferred()
         self.tls_info: TLSInfo | None = None
@@ -139,7 +148,8 @@ class SMTPClientProtocol(Protocol):
         self._tls = tls
         self._timer: IDelayedCall | None = None
         self._timer_step: Step | None = None
-        self._txn: Deferred[Receipt] | None = None
+        self._waiting: deque[_Send] = deque()  # not yet started in the machine
+        self._running: deque[_Send] = deque()  # started, oldest first
         self._body: IBodyProducer | None = None
         self._consumer: _BodyConsumer | None = None
         self._failure: SMTPError | None = None
@@ -196,24 +206,21 @@ class SMTPClientProtocol(Protocol):
     # -- the caller's operations ---------------------------------------------------
 
     def send(self, envelope: Envelope, body: IBodyProducer) -> Deferred[Receipt]:
-        """Run one transaction; fires with its :class:`Receipt`.
+        """Queue one transaction; fires with its :class:`Receipt`.
 
-        :raises UsageError: (as a failed Deferred) the session is busy or the
-            envelope does not fit the server.
+        Transactions run in the order they were queued. With PIPELINING the
+        next one's MAIL, RCPT and DATA leave with the previous final dot.
+        Cancelling a transaction that has started aborts the connection.
+
+        :raises UsageError: (as a failed Deferred) the envelope does not fit
+            the server.
         """
         if self._failure is not None:
             return _failed(self._failure)
-        if self._txn is not None:
-            return _failed(UsageError("a transaction is already running on this session"))
-        try:
-            self.machine.start_transaction(envelope)
-        except SMTPError as error:
-            return _failed(error)
-        self._body = body
-        self._txn = Deferred(self._cancel)
-        txn = self._txn
+        item = _Send(envelope, body, Deferred(lambda _: self._cancel(item)))
+        self._waiting.append(item)
         self._process()
-        return txn
+        return item.result
 
     def quit(self) -> Deferred[None]:
         """Say QUIT and close; fires when the connection is gone."""
@@ -227,14 +234,30 @@ class SMTPClientProtocol(Protocol):
         if self.transport is not None and not self._gone:
             self._transport.abortConnection()
 
-    def _cancel(self, _: Deferred[Receipt]) -> None:
-        self._txn = None
-        self.abort()
+    def _cancel(self, item: _Send) -> None:
+        if item in self._waiting:
+            self._waiting.remove(item)
+        else:
+            self.abort()
+
+    def _start_waiting(self) -> None:
+        while self._waiting and self.machine.can_start:
+            item = self._waiting.popleft()
+            try:
+                self.machine.start_transaction(item.envelope)
+            except SMTPError as error:
+                _fire(item.result, None, error)
+                continue
+            self._running.append(item)
 
     # -- the machine's events ------------------------------------------------------
 
+    def _trace_line(self, direction: str, line: str) -> None:
+        self._trace.append(f"{direction} {line}")
+
     def _process(self) -> None:
         while True:
+            self._start_waiting()
             data = self.machine.data_to_send()
             if data and self.transport is not None and not self._gone:
                 self.transport.write(data)
@@ -242,6 +265,10 @@ class SMTPClientProtocol(Protocol):
             if event is None:
                 break
             self._on_event(event)
+        if self._trace:
+            # One log event per exchange, not per line: logging is not free.
+            log.debug("{peer} {conversation}", peer=self.peer, conversation=" | ".join(self._trace))
+            self._trace.clear()
         self._update_timer()
 
     def _on_event(self, event: object) -> None:
@@ -267,7 +294,10 @@ class SMTPClientProtocol(Protocol):
             self._stop_body()
             if not self.ready.called:
                 self.ready.errback(event.error)
-            self._finish_txn(None, event.error)
+            for item in (*self._running, *self._waiting):
+                _fire(item.result, None, event.error)
+            self._running.clear()
+            self._waiting.clear()
         elif isinstance(event, Closed):
             self._cancel_timer()
             if self.transport is not None and not self._gone:
@@ -277,14 +307,8 @@ class SMTPClientProtocol(Protocol):
                     self._transport.abortConnection()
 
     def _finish_txn(self, receipt: Receipt | None, error: SMTPError | None) -> None:
-        txn, self._txn = self._txn, None
-        self._body = None
-        if txn is None:
-            return
-        if receipt is not None:
-            txn.callback(receipt)
-        else:
-            txn.errback(error)
+        if self._running:
+            _fire(self._running.popleft().result, receipt, error)
 
     def _start_tls(self) -> None:
         if self._tls is None or self.transport is None:
@@ -298,8 +322,7 @@ class SMTPClientProtocol(Protocol):
     # -- the body ------------------------------------------------------------
 
     def _start_body(self) -> None:
-        body = self._body
-        assert body is not None
+        self._body = body = self._running[0].body
         self._consumer = consumer = _BodyConsumer(self)
         if self.transport is not None:
             # The transport pauses the producer when the server reads slowly.
@@ -385,6 +408,25 @@ def _local_literal(transport: object) -> str:
         return address_literal(ipaddress.ip_address(get_host().host))  # type: ignore[misc]
     except (AttributeError, TypeError, ValueError):
         return "localhost"
+
+
+@dataclass(eq=False)
+class _Send:
+    """One queued transaction."""
+
+    envelope: Envelope
+    body: IBodyProducer
+    result: Deferred[Receipt]
+
+
+def _fire(result: Deferred[Receipt], receipt: Receipt | None, error: SMTPError | None) -> None:
+    """Fire ``result`` unless it was cancelled already."""
+    if result.called:
+        return
+    if receipt is not None:
+        result.callback(receipt)
+    else:
+        result.errback(error)
 
 
 def _failed(error: SMTPError) -> Deferred[Receipt]:

@@ -33,7 +33,7 @@ from txcolombe.connect import (
 from txcolombe.errors import SMTPError, UsageError
 from txcolombe.extensions import Extensions
 from txcolombe.machine import ClientMachine, Envelope, TLSMode
-from txcolombe.protocol import DEFAULT_TIMEOUTS, SMTPClientProtocol, Timeouts, log
+from txcolombe.protocol import DEFAULT_TIMEOUTS, SMTPClientProtocol, Timeouts
 from txcolombe.receipt import Receipt, TLSInfo
 
 
@@ -173,17 +173,10 @@ def connect(
     if tls_mode is not TLSMode.NONE:
         creator = tls_options(host, tls=tls, trust_root=trust_root)
 
-    def trace(direction: str, line: str) -> None:
-        log.debug(
-            "{host}:{port} {direction} {line}",
-            host=host.name,
-            port=port,
-            direction=direction,
-            line=line,
-        )
-
-    machine = ClientMachine(ehlo or "", tls=tls_mode, authentication=authentication, trace=trace)
-    protocol = SMTPClientProtocol(machine, reactor=reactor, timeouts=timeouts, tls=creator)
+    machine = ClientMachine(ehlo or "", tls=tls_mode, authentication=authentication)
+    protocol = SMTPClientProtocol(
+        machine, reactor=reactor, timeouts=timeouts, tls=creator, peer=f"{host.name}:{port}"
+    )
     implicit = creator if tls_mode is TLSMode.IMPLICIT else None
     try:
         if endpoint is None:
