@@ -7,10 +7,14 @@ did. Nothing here listens anywhere but 127.0.0.1 / ::1.
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trustme
 from twisted.internet import ssl
 
 from tools.peers.aiosmtpd_peer import AiosmtpdPeer
@@ -62,3 +66,53 @@ def aiosmtpd_peer(tmp_path: Path) -> Iterator[AiosmtpdPeer]:
 def aiosmtpd_ca(aiosmtpd_peer: AiosmtpdPeer) -> ssl.Certificate:
     """The peer's self-signed CA, as a trust root for ``trust_root=``."""
     return ssl.Certificate.loadPEM(aiosmtpd_peer.ca.cert_pem.bytes())
+
+
+# -- Postfix ------------------------------------------------------------------
+
+#: The private Postfix's message_size_limit: room for a 20 MiB body, small
+#: enough that going over it stays quick.
+POSTFIX_SIZE_LIMIT = 22_000_000
+
+
+@pytest.fixture(scope="session")
+def postfix_ca() -> trustme.CA:
+    """The CA that signed the private Postfix's certificate."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def postfix_trust_root(postfix_ca: trustme.CA) -> ssl.Certificate:
+    """:func:`postfix_ca` as a trust root for ``trust_root=``."""
+    return ssl.Certificate.loadPEM(postfix_ca.cert_pem.bytes())
+
+
+@pytest.fixture(scope="session")
+def postfix_peer(postfix_ca: trustme.CA) -> Iterator[Any]:
+    """A private Postfix + Dovecot on loopback for the whole session (or a skip).
+
+    Its certificate names localhost and 127.0.0.1; users alice/s3cret; every
+    @example.org recipient lands in one Maildir; the size limit is
+    :data:`POSTFIX_SIZE_LIMIT`.
+    """
+    try:
+        from tools.peers import postfix_peer as peers
+    except ImportError as error:
+        pytest.skip(f"no Postfix peer module: {error}")
+    reason = peers.available()
+    if reason is not None:
+        pytest.skip(reason)
+    # Postfix's own users must reach the work directory; pytest's tmp_path is
+    # private (0700), so use a directory of our own.
+    workdir = Path(tempfile.mkdtemp(prefix="txc-postfix-"))
+    try:
+        workdir.chmod(0o755)
+        leaf = postfix_ca.issue_cert("localhost", "127.0.0.1")
+        cert, key = workdir / "cert.pem", workdir / "key.pem"
+        cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        key.write_bytes(leaf.private_key_pem.bytes())
+        peer = peers.PostfixPeer(workdir / "peer", cert, key, message_size_limit=POSTFIX_SIZE_LIMIT)
+        with peer:
+            yield peer
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -21,6 +21,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl as twisted_ssl
+from twisted.internet.defer import DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import deferLater
 
@@ -29,7 +30,6 @@ from tools.peers.aiosmtpd_peer import AiosmtpdPeer, free_port
 from txcolombe import (
     Authentication,
     AuthenticationFailed,
-    ConnectionLost,
     ConnectionRefused,
     Mechanism,
     NameResolutionFailed,
@@ -81,10 +81,21 @@ class Seen:
 
 @dataclass
 class Recorder:
-    """An aiosmtpd handler (and command log) for :func:`recording_server`."""
+    """An aiosmtpd handler (and command log) for :func:`recording_server`.
+
+    Like the shared peer, it refuses local parts starting with "refuse" (550).
+    """
 
     messages: list[Seen] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address.lower().startswith("refuse"):
+            return "550 5.1.1 No such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
         login = session.auth_data
@@ -184,15 +195,6 @@ def big_body(size: int, newline: bytes = b"\r\n") -> bytes:
         for i in range(count)
     ]
     return b"Subject: big\r\n\r\n" + newline.join(lines) + newline
-
-
-HOSTNAME_MISMATCH_BUG = pytest.mark.xfail(
-    reason="library bug: a certificate name mismatch fails with ConnectionLost, not TLSFailure"
-    " (protocol._error_from only maps OpenSSL.SSL.Error; Twisted aborts a name mismatch with"
-    " service_identity.VerificationError)",
-    raises=ConnectionLost,
-    strict=True,
-)
 
 
 # -- TLS, authentication and the receipt -------------------------------------------
@@ -323,14 +325,10 @@ async def test_untrusted_certificate(aiosmtpd_peer: AiosmtpdPeer) -> None:
     assert aiosmtpd_peer.received == []
 
 
-@pytest.mark.xfail(
-    reason="library bug: a failed TLS handshake is reported at the step the machine waits"
-    " for next (EHLO after STARTTLS, greeting for implicit TLS), not Step.TLS",
-    raises=AssertionError,
-    strict=True,
-)
 @pytest_twisted.ensureDeferred
 async def test_tls_failure_step(aiosmtpd_peer: AiosmtpdPeer) -> None:
+    # A failed handshake is reported at the TLS step, not at the EHLO or
+    # greeting the machine would wait for next.
     steps = []
     for port, send in ((aiosmtpd_peer.starttls_port, sendmail), (aiosmtpd_peer.tls_port, submit)):
         with pytest.raises(TLSFailure) as info:
@@ -341,14 +339,13 @@ async def test_tls_failure_step(aiosmtpd_peer: AiosmtpdPeer) -> None:
     assert steps == [Step.TLS, Step.TLS]
 
 
-@HOSTNAME_MISMATCH_BUG
 @pytest_twisted.ensureDeferred
 async def test_hostname_mismatch_with_tls_options(
     aiosmtpd_peer: AiosmtpdPeer, aiosmtpd_ca: twisted_ssl.Certificate
 ) -> None:
     # The certificate names localhost, 127.0.0.1 and ::1, not mx.example.net.
     options = twisted_ssl.optionsForClientTLS("mx.example.net", trustRoot=aiosmtpd_ca)
-    with pytest.raises(TLSFailure):
+    with pytest.raises(TLSFailure) as info:
         await sendmail(
             "127.0.0.1",
             "a@example.org",
@@ -358,10 +355,10 @@ async def test_hostname_mismatch_with_tls_options(
             tls=options,
             timeouts=QUICK,
         )
+    assert info.value.step is Step.TLS
     assert aiosmtpd_peer.received == []
 
 
-@HOSTNAME_MISMATCH_BUG
 @pytest_twisted.ensureDeferred
 async def test_hostname_mismatch_with_destination_name(
     aiosmtpd_peer: AiosmtpdPeer, aiosmtpd_ca: twisted_ssl.Certificate
@@ -369,7 +366,7 @@ async def test_hostname_mismatch_with_destination_name(
     # Reach 127.0.0.1 but call the server mx.example.net: the library must
     # check the certificate against the name it was given.
     for port, send in ((aiosmtpd_peer.starttls_port, sendmail), (aiosmtpd_peer.tls_port, submit)):
-        with pytest.raises(TLSFailure):
+        with pytest.raises(TLSFailure) as info:
             await send(
                 "mx.example.net",
                 "a@example.org",
@@ -380,6 +377,7 @@ async def test_hostname_mismatch_with_destination_name(
                 endpoint=TCP4ClientEndpoint(reactor, "127.0.0.1", port),
                 timeouts=QUICK,
             )
+        assert info.value.step is Step.TLS
     assert aiosmtpd_peer.received == []
 
 
@@ -796,6 +794,29 @@ async def test_session_three_messages(
     assert len({m.peer for m in recorder.messages}) == 1
     assert all(m.tls and m.login == "alice" for m in recorder.messages)
     assert recorder.commands == ["STARTTLS", "AUTH LOGIN"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_queued_sends(
+    recording_server: StartServer,
+    aiosmtpd_peer: AiosmtpdPeer,
+    aiosmtpd_ca: twisted_ssl.Certificate,
+) -> None:
+    # aiosmtpd offers no PIPELINING: sends queued at once run one after another.
+    recorder, port = recording_server(tls_context=aiosmtpd_peer.server_context)
+    async with await connect(
+        "127.0.0.1", port=port, trust_root=aiosmtpd_ca, timeouts=QUICK
+    ) as session:
+        sent = [
+            session.send("a@example.org", [f"{who}@example.org"], b"Subject: %d\r\n\r\nx\r\n" % i)
+            for i, who in enumerate(["r0", "refuse", "r2"])
+        ]
+        results = await DeferredList(sent, consumeErrors=True)
+    assert [ok for ok, _ in results] == [True, False, True]
+    assert isinstance(results[1][1].value, RecipientsRefused)
+    assert [results[0][1].queue_id, results[2][1].queue_id] == ["REC001", "REC002"]
+    assert [m.recipients for m in recorder.messages] == [["r0@example.org"], ["r2@example.org"]]
+    assert len({m.peer for m in recorder.messages}) == 1
 
 
 @pytest_twisted.ensureDeferred

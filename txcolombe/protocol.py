@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -187,7 +188,7 @@ class SMTPClientProtocol(Protocol):
         self._gone = True
         self._cancel_timer()
         step = self.machine.waiting_for
-        if isinstance(reason.value, SSL.Error) and self.tls_info is None:
+        if isinstance(reason.value, _TLS_ERRORS) and self.tls_info is None:
             step = Step.TLS  # the handshake itself failed
         self.machine.connection_lost(_error_from(reason, step))
         self._process()
@@ -429,6 +430,9 @@ def _fire(result: Deferred[Receipt], receipt: Receipt | None, error: SMTPError |
         result.errback(error)
 
 
+_TLS_ERRORS = (SSL.Error, VerificationError, CertificateError)
+
+
 def _failed(error: SMTPError) -> Deferred[Receipt]:
     d: Deferred[Receipt] = Deferred()
     d.errback(error)
@@ -437,6 +441,8 @@ def _failed(error: SMTPError) -> Deferred[Receipt]:
 
 def _error_from(reason: Failure, step: Step | None) -> SMTPError | None:
     """Name the cause of a lost connection; None for a plain close."""
+    if isinstance(reason.value, VerificationError | CertificateError):
+        return TLSFailure(f"the certificate does not match: {reason.value}", step=step)
     if isinstance(reason.value, SSL.Error):
         return TLSFailure(f"TLS failed: {_ssl_reason(reason.value)}", step=step)
     if isinstance(reason.value, ConnectionDone):
