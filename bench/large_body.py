@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import socket
 import subprocess
@@ -75,7 +74,9 @@ def run_socket(port: int, mib: int, ca: str | None) -> float:
         context = ssl.create_default_context(cafile=ca)
         sock = context.wrap_socket(sock, server_hostname="localhost")
         _smtp_dialogue(sock, [b"EHLO bench\r\n"])
-    _smtp_dialogue(sock, [b"MAIL FROM:<b@example.com>\r\n", b"RCPT TO:<s@example.org>\r\n", b"DATA\r\n"])
+    _smtp_dialogue(
+        sock, [b"MAIL FROM:<b@example.com>\r\n", b"RCPT TO:<s@example.org>\r\n", b"DATA\r\n"]
+    )
     stuffed = chunk_of_lines().replace(b"\r\n.", b"\r\n..")
     for _ in range(mib):
         sock.sendall(stuffed)

@@ -50,7 +50,9 @@ def serve(conn: socket.socket, context: ssl.SSLContext | None) -> None:
             verb = line.strip()[:4].upper()
             if verb in (b"EHLO", b"HELO"):
                 tls = b"250-STARTTLS\r\n" if context is not None and sock is conn else b""
-                replies.append(b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n" + tls + b"250 SIZE\r\n")
+                replies.append(
+                    b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n" + tls + b"250 SIZE\r\n"
+                )
             elif verb == b"STAR" and context is not None:
                 sock.sendall(b"".join(replies) + b"220 2.0.0 Ready to start TLS\r\n")
                 replies = []

@@ -33,11 +33,16 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.conftest import POSTFIX_SIZE_LIMIT, on_the_wire
 from txcolombe import (
+    DSN,
     Authentication,
     AuthenticationFailed,
+    ExtensionUnavailable,
     Mechanism,
     MessageTooLarge,
+    Notify,
+    Recipient,
     RecipientsRefused,
+    Return,
     Step,
     StorageExceeded,
     Timeouts,
@@ -601,17 +606,31 @@ async def test_over_size_limit_known_length(
     assert client_log.mail_parameters() == []
 
 
+@pytest.mark.parametrize(
+    ("chunking", "step"), [(False, Step.DATA_END), (None, Step.BODY)], ids=["DATA", "BDAT"]
+)
 @pytest_twisted.ensureDeferred
 async def test_over_size_limit_streamed(
-    postfix: Any, postfix_trust_root: twisted_ssl.Certificate, client_log: ClientLog
+    postfix: Any,
+    postfix_trust_root: twisted_ssl.Certificate,
+    client_log: ClientLog,
+    chunking: bool | None,
+    step: Step,
 ) -> None:
-    # Unknown length: no SIZE in MAIL, and Postfix refuses at the end of data.
+    # Unknown length: no SIZE in MAIL. With DATA Postfix refuses at the end of
+    # data; with BDAT it refuses the chunk that crosses the limit, and the
+    # client stops reading the body there.
     token, head = new_message(b"")
+    pulled = 0
     line = b"z" * 998 + b"\r\n"
 
+    rounds = 4 * POSTFIX_SIZE_LIMIT // (len(line) * 256) + 2
+
     async def chunks() -> AsyncIterator[bytes]:
+        nonlocal pulled
         yield head
-        for _ in range(POSTFIX_SIZE_LIMIT // (len(line) * 256) + 2):
+        for _ in range(rounds):
+            pulled += 1
             yield line * 256
 
     with pytest.raises(StorageExceeded) as info:
@@ -623,15 +642,106 @@ async def test_over_size_limit_streamed(
             port=postfix.ports.smtp,
             trust_root=postfix_trust_root,
             timeouts=QUICK,
+            chunking=chunking,
         )
     assert info.value.code == 552
     assert info.value.enhanced_status == (5, 3, 4)
-    assert info.value.step is Step.DATA_END
+    assert info.value.step is step
+    if step is Step.BODY:
+        assert pulled < rounds, "the body was read to the end after BDAT was refused"
     [mail] = client_log.mail_parameters()
     assert "BODY=8BITMIME" in mail
     assert not any(p.startswith("SIZE=") for p in mail)
     with pytest.raises(AssertionError):
         await delivered(postfix, token, timeout=0.5)
+
+
+# -- ESMTP extensions: CHUNKING, DSN, REQUIRETLS -------------------------------------
+
+
+@pytest.mark.parametrize("chunking", [None, False], ids=["BDAT", "DATA"])
+@pytest_twisted.ensureDeferred
+async def test_bdat_and_data_deliver_the_same_bytes(
+    postfix: Any,
+    postfix_trust_root: twisted_ssl.Certificate,
+    client_log: ClientLog,
+    chunking: bool | None,
+) -> None:
+    body = b"".join(b".dot %d\r\n.\r\nplain line\r\n" % i for i in range(40000))
+    token, message = new_message(body)
+    receipt = await sendmail(
+        "127.0.0.1",
+        "alice@example.org",
+        ["b@example.org"],
+        message,
+        port=postfix.ports.smtp,
+        trust_root=postfix_trust_root,
+        timeouts=QUICK,
+        chunking=chunking,
+    )
+    assert "CHUNKING" in receipt.extensions
+    [stored] = await delivered(postfix, token)
+    assert split_trace(stored)[1] == as_stored(message)
+    conversation = "\n".join(client_log.lines)
+    if chunking is None:
+        assert "BDAT" in conversation and "> DATA" not in conversation
+        assert conversation.count("BDAT") >= 3, "a 1 MB body should take several chunks"
+    else:
+        assert "BDAT" not in conversation and "> DATA" in conversation
+
+
+@pytest_twisted.ensureDeferred
+async def test_dsn_success_notification(
+    postfix: Any, postfix_trust_root: twisted_ssl.Certificate, client_log: ClientLog
+) -> None:
+    # NOTIFY=SUCCESS for b: Postfix sends alice (a local mailbox) a delivery
+    # status notification carrying our ENVID and ORCPT; NEVER for c: none.
+    envid = f"env+{uuid.uuid4().hex}"
+    _, message = new_message(b"dsn\r\n")
+    receipt = await sendmail(
+        "127.0.0.1",
+        "alice@example.org",
+        [Recipient("b@example.org", notify={Notify.SUCCESS}), "c@example.org"],
+        message,
+        port=postfix.ports.smtp,
+        trust_root=postfix_trust_root,
+        timeouts=QUICK,
+        dsn=DSN(ret=Return.HDRS, envid=envid, notify=frozenset({Notify.NEVER}), orcpt=True),
+    )
+    assert set(receipt.accepted) == {"b@example.org", "c@example.org"}
+    [mail] = client_log.mail_parameters()
+    assert "RET=HDRS" in mail and f"ENVID=env+2B{envid[4:]}" in mail
+    conversation = "\n".join(client_log.lines)
+    assert "RCPT TO:<b@example.org> NOTIFY=SUCCESS ORCPT=rfc822;b@example.org" in conversation
+    assert "RCPT TO:<c@example.org> NOTIFY=NEVER ORCPT=rfc822;c@example.org" in conversation
+    for _ in range(100):
+        reports = [m for m in postfix.messages() if f"Original-Envelope-Id: {envid}".encode() in m]
+        if reports:
+            break
+        await deferLater(reactor, 0.1, lambda: None)
+    [report] = reports
+    assert b"Original-Recipient: rfc822;b@example.org" in report
+    assert b"Action: delivered" in report
+    assert b"rfc822;c@example.org" not in report
+
+
+@pytest_twisted.ensureDeferred
+async def test_requiretls_not_offered_is_a_clear_error(
+    postfix: Any, postfix_trust_root: twisted_ssl.Certificate
+) -> None:
+    # Postfix 3.7 does not implement REQUIRETLS: the client refuses locally.
+    with pytest.raises(ExtensionUnavailable) as info:
+        await sendmail(
+            "127.0.0.1",
+            "alice@example.org",
+            ["b@example.org"],
+            b"x\r\n",
+            port=postfix.ports.smtp,
+            trust_root=postfix_trust_root,
+            timeouts=QUICK,
+            requiretls=True,
+        )
+    assert info.value.extension == "REQUIRETLS"
 
 
 # -- failed authentication, last: Dovecot delays every later AUTH from the same

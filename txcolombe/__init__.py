@@ -5,6 +5,7 @@ submission server (:func:`submit`); a port of colombe's ``sendmail-lwt``.
 from txcolombe.address import Mailbox
 from txcolombe.api import sendmail, submit
 from txcolombe.auth import Authentication, Mechanism
+from txcolombe.dsn import DSN, Notify, Recipient, Return
 from txcolombe.errors import *  # noqa: F403 - the error classes are public API
 from txcolombe.errors import __all__ as _error_names
 from txcolombe.extensions import Extensions
@@ -15,12 +16,16 @@ from txcolombe.reply import Reply
 from txcolombe.session import Session, connect
 
 __all__ = [
+    "DSN",
     "Authentication",
     "Extensions",
     "Mailbox",
     "Mechanism",
+    "Notify",
     "Receipt",
+    "Recipient",
     "Reply",
+    "Return",
     "Session",
     "TLSInfo",
     "TLSMode",

@@ -8,6 +8,7 @@ send several messages over one connection.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet._sslverify import IOpenSSLTrustRoot
@@ -18,6 +19,7 @@ from txcolombe.address import Mailbox
 from txcolombe.auth import Authentication
 from txcolombe.body import Body
 from txcolombe.connect import Destination
+from txcolombe.dsn import DSN, Recipient
 from txcolombe.machine import TLSMode
 from txcolombe.protocol import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.receipt import Receipt
@@ -31,7 +33,7 @@ SUBMISSION_PORT = 587
 def sendmail(
     destination: Destination,
     sender: str | Mailbox | None,
-    recipients: Iterable[str | Mailbox],
+    recipients: Iterable[str | Mailbox | Recipient],
     body: Body,
     *,
     port: int = SMTP_PORT,
@@ -41,6 +43,10 @@ def sendmail(
     authentication: Authentication | None = None,
     starttls: bool = True,
     all_or_nothing: bool = False,
+    dsn: DSN | None = None,
+    requiretls: bool = False,
+    chunking: bool | None = None,
+    binary: bool = False,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     reactor: Any = None,
     endpoint: IStreamClientEndpoint | None = None,
@@ -54,13 +60,17 @@ def sendmail(
     :class:`~txcolombe.errors.STARTTLSUnavailable`. ``starttls=False`` keeps
     the session in plaintext (and so forbids authentication).
 
+    ``dsn``, ``requiretls``, ``chunking`` and ``binary`` are as for
+    :meth:`txcolombe.session.Session.send`.
+
     :returns: a Deferred that fires with a :class:`Receipt`, or fails with
         an :class:`~txcolombe.errors.SMTPError`. Cancelling it aborts the
         connection.
     """
     mode = TLSMode.OPPORTUNISTIC if starttls else TLSMode.NONE
     return _send_one(
-        destination, sender, recipients, body, all_or_nothing,
+        destination, sender, recipients, body,
+        _SendOptions(all_or_nothing, dsn, requiretls, chunking, binary),
         port=port, tls_mode=mode, domain=domain, tls=tls, trust_root=trust_root,
         authentication=authentication, timeouts=timeouts, reactor=reactor,
         endpoint=endpoint,
@@ -70,7 +80,7 @@ def sendmail(
 def submit(
     destination: Destination,
     sender: str | Mailbox | None,
-    recipients: Iterable[str | Mailbox],
+    recipients: Iterable[str | Mailbox | Recipient],
     body: Body,
     *,
     port: int = SUBMISSIONS_PORT,
@@ -80,6 +90,10 @@ def submit(
     trust_root: IOpenSSLTrustRoot | None = None,
     authentication: Authentication | None = None,
     all_or_nothing: bool = False,
+    dsn: DSN | None = None,
+    requiretls: bool = False,
+    chunking: bool | None = None,
+    binary: bool = False,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     reactor: Any = None,
     endpoint: IStreamClientEndpoint | None = None,
@@ -97,25 +111,44 @@ def submit(
         starttls = port == SUBMISSION_PORT
     mode = TLSMode.REQUIRED if starttls else TLSMode.IMPLICIT
     return _send_one(
-        destination, sender, recipients, body, all_or_nothing,
+        destination, sender, recipients, body,
+        _SendOptions(all_or_nothing, dsn, requiretls, chunking, binary),
         port=port, tls_mode=mode, domain=domain, tls=tls, trust_root=trust_root,
         authentication=authentication, timeouts=timeouts, reactor=reactor,
         endpoint=endpoint,
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class _SendOptions:
+    all_or_nothing: bool
+    dsn: DSN | None
+    requiretls: bool
+    chunking: bool | None
+    binary: bool
+
+
 def _send_one(
     destination: Destination,
     sender: str | Mailbox | None,
-    recipients: Iterable[str | Mailbox],
+    recipients: Iterable[str | Mailbox | Recipient],
     body: Body,
-    all_or_nothing: bool,
+    send: _SendOptions,
     **options: Any,
 ) -> Deferred[Receipt]:
     async def run() -> Receipt:
         session: Session = await connect(destination, **options)
         try:
-            return await session.send(sender, recipients, body, all_or_nothing=all_or_nothing)
+            return await session.send(
+                sender,
+                recipients,
+                body,
+                all_or_nothing=send.all_or_nothing,
+                dsn=send.dsn,
+                requiretls=send.requiretls,
+                chunking=send.chunking,
+                binary=send.binary,
+            )
         finally:
             await session.quit()
 

@@ -25,11 +25,24 @@ class DataEncoder:
 
     :param allow_8bit: False when the server lacks 8BITMIME: a byte above
         127 then raises :class:`EightBitUnsupported`.
+    :param stuff: False for BDAT (RFC 3030), whose chunks carry the message
+        as it is: lines are still normalised and bounded, but not
+        dot-stuffed, and :meth:`finish` adds no end marker.
+    :param raw: BINARYMIME (RFC 3030): the body goes as it is, unchecked.
     :raises InvalidBody: a line longer than :data:`MAX_LINE` octets.
     """
 
-    def __init__(self, *, allow_8bit: bool = True, max_line: int = MAX_LINE) -> None:
+    def __init__(
+        self,
+        *,
+        allow_8bit: bool = True,
+        max_line: int = MAX_LINE,
+        stuff: bool = True,
+        raw: bool = False,
+    ) -> None:
+        self._raw = raw
         self._allow_8bit = allow_8bit
+        self._stuff = stuff
         self._max_line = max_line
         self._at_line_start = True
         self._skip_lf = False
@@ -47,6 +60,9 @@ class DataEncoder:
         if not chunk:
             return b""
         self.octets_in += len(chunk)
+        if self._raw:
+            self.octets_out += len(chunk)
+            return chunk
         if not self._allow_8bit and not chunk.isascii():
             raise EightBitUnsupported(
                 "the body has 8-bit data and the server does not offer 8BITMIME",
@@ -58,9 +74,10 @@ class DataEncoder:
         elif not chunk.count(b"\r") == chunk.count(b"\n") == chunk.count(b"\r\n"):
             chunk = _LINE_BREAK.sub(b"\r\n", chunk)
         self._check_lines(chunk)
-        chunk = chunk.replace(b"\n.", b"\n..")
-        if self._at_line_start and chunk.startswith(b"."):
-            chunk = b"." + chunk
+        if self._stuff:
+            chunk = chunk.replace(b"\n.", b"\n..")
+            if self._at_line_start and chunk.startswith(b"."):
+                chunk = b"." + chunk
         self._at_line_start = chunk.endswith(b"\n")
         self.octets_out += len(chunk)
         return chunk
@@ -88,7 +105,10 @@ class DataEncoder:
         )
 
     def finish(self) -> bytes:
-        """The bytes that end DATA: a CRLF if the body lacked one, then ``.CRLF``."""
-        tail = b".\r\n" if self._at_line_start else b"\r\n.\r\n"
+        """The bytes that end DATA: a CRLF if the body lacked one, then ``.CRLF``
+        (without the ``.CRLF`` for BDAT)."""
+        tail = b"" if self._at_line_start or self._raw else b"\r\n"
+        if self._stuff:
+            tail += b".\r\n"
         self.octets_out += len(tail)
         return tail

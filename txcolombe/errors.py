@@ -31,27 +31,35 @@ __all__ = [
     "ConnectionFailed",
     "ConnectionLost",
     "ConnectionRefused",
+    "DNSFailure",
     "EightBitUnsupported",
     "EncryptionRequired",
+    "ExtensionUnavailable",
     "InsufficientStorage",
     "InvalidAddress",
     "InvalidBody",
     "InvalidChallenge",
+    "MTASTSError",
     "MailboxBusy",
     "MailboxNameInvalid",
     "MailboxUnavailable",
     "MalformedReply",
     "MessageTooLarge",
     "NameResolutionFailed",
+    "NoMailExchanger",
+    "NoSuchDomain",
+    "NullMX",
     "ParametersNotAccommodated",
     "ParametersNotRecognized",
     "PermanentFailure",
+    "PolicyViolation",
     "ProcessingError",
     "ProtocolError",
     "RecipientsRefused",
     "ReplyError",
     "ReplyTooLong",
     "ResponseTimeout",
+    "RoutingError",
     "SMTPError",
     "STARTTLSRefused",
     "STARTTLSUnavailable",
@@ -171,6 +179,18 @@ class UTF8Unsupported(UsageError):
 
 class MessageTooLarge(UsageError):
     """The message is larger than the SIZE the server advertised."""
+
+
+class ExtensionUnavailable(UsageError):
+    """The caller requires an extension the server does not offer (DSN,
+    REQUIRETLS, CHUNKING, BINARYMIME); nothing was sent for the message.
+
+    :ivar extension: the EHLO keyword that is missing.
+    """
+
+    def __init__(self, extension: str, message: str | None = None) -> None:
+        super().__init__(message or f"the server does not offer {extension}", step=Step.MAIL)
+        self.extension = extension
 
 
 # -- connecting --------------------------------------------------------------
@@ -421,3 +441,56 @@ def error_for_reply(reply: Reply, step: Step | None, message: str | None = None)
     if reply.code // 100 == 5:
         return PermanentFailure(text, reply=reply, step=step)
     return UnexpectedResponse(text, reply=reply, step=step)
+
+
+# -- routing a message to the recipients' domain (deliver) -----------------------
+
+
+class RoutingError(SMTPError):
+    """The recipients' domain could not be routed to a usable mail exchanger."""
+
+
+class NoSuchDomain(RoutingError, NameResolutionFailed):
+    """The recipients' domain does not exist (NXDOMAIN): a permanent failure."""
+
+    temporary = False
+
+
+class DNSFailure(RoutingError, NameResolutionFailed):
+    """A DNS lookup failed for now (SERVFAIL, timeout, refused): try again later."""
+
+    temporary = True
+
+
+class NullMX(RoutingError):
+    """The domain publishes a null MX (RFC 7505): it accepts no mail, ever.
+
+    Carries a synthesised ``556 5.1.10`` reply.
+    """
+
+    temporary = False
+
+
+class NoMailExchanger(RoutingError):
+    """No mail exchanger of the domain has an address to connect to.
+
+    Temporary when a lookup failed for now, permanent when every lookup
+    answered that the names have no address.
+    """
+
+
+class PolicyViolation(RoutingError):
+    """The domain's MTA-STS policy (mode ``enforce``) forbids every mail exchanger
+    that could be tried, so nothing was sent (RFC 8461 §5: a temporary failure)."""
+
+    temporary = True
+
+
+class MTASTSError(SMTPError):
+    """An MTA-STS policy could not be fetched or is invalid (RFC 8461).
+
+    It never fails a delivery by itself: the domain is then treated as having
+    no policy (or its cached policy is used).
+    """
+
+    temporary = True

@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 from txcolombe.address import Mailbox, path
 from txcolombe.auth import Authentication, SASLClient, decode_challenge, encode_response
 from txcolombe.dotstuffing import DataEncoder
+from txcolombe.dsn import DSN, RecipientOptions
 from txcolombe.errors import (
     AuthenticationUnavailable,
     ConnectionLost,
+    ExtensionUnavailable,
     MessageTooLarge,
     RecipientsRefused,
     ResponseTimeout,
@@ -82,12 +84,27 @@ class State(enum.Enum):
 
 @dataclass(frozen=True)
 class Envelope:
-    """One message's envelope; ``size`` is the body size when known."""
+    """One message's envelope and the extensions it asks for.
+
+    :ivar size: the body size when known (declared with SIZE).
+    :ivar rcpt_options: DSN options of each recipient, in order (or empty).
+    :ivar dsn: per-message DSN options (RET, ENVID).
+    :ivar requiretls: ask for REQUIRETLS (RFC 8689).
+    :ivar chunking: BDAT (RFC 3030): None to use it when CHUNKING and
+        PIPELINING are offered, True to require it, False never.
+    :ivar binary: send the body as it is with BODY=BINARYMIME (needs
+        CHUNKING and BINARYMIME).
+    """
 
     sender: Mailbox | None
     recipients: tuple[Mailbox, ...]
     size: int | None = None
     all_or_nothing: bool = False
+    rcpt_options: tuple[RecipientOptions, ...] = ()
+    dsn: DSN | None = None
+    requiretls: bool = False
+    chunking: bool | None = None
+    binary: bool = False
 
 
 # -- events -------------------------------------------------------------------
@@ -152,10 +169,15 @@ class Closed(Event):
 # -- the machine -------------------------------------------------------------------
 
 
+#: BDAT chunks are gathered up to this size before they are sent.
+BDAT_CHUNK = 256 * 1024
+
+
 @dataclass
 class _Transaction:
     envelope: Envelope
     pipelined: bool
+    bdat: bool = False
     accepted: dict[str, Reply] = field(default_factory=dict)
     refused: dict[str, Reply] = field(default_factory=dict)
     error: SMTPError | None = None
@@ -201,6 +223,8 @@ class ClientMachine:
         self._sasl: SASLClient | None = None
         self._txns: deque[_Transaction] = deque()
         self._encoder: DataEncoder | None = None
+        self._bdat_buffer: list[bytes] = []
+        self._bdat_size = 0
         self._quit_requested = False
 
     # -- driver interface ----------------------------------------------------
@@ -336,18 +360,38 @@ class ClientMachine:
             raise UsageError(f"cannot start a transaction in state {self.state.value}")
         if not envelope.recipients:
             raise UsageError("a message needs at least one recipient")
-        params = self._mail_parameters(envelope)
+        bdat = self._use_bdat(envelope)
+        params = self._mail_parameters(envelope, bdat)
         self.state = State.TRANSACTION
-        txn = _Transaction(envelope, pipelined=self.pipelining)
+        txn = _Transaction(envelope, pipelined=self.pipelining, bdat=bdat)
         self._txns.append(txn)
         self._send(f"MAIL FROM:{path(envelope.sender)}{params}", Step.MAIL)
         if txn.pipelined:
             while txn.next_rcpt < len(envelope.recipients):
                 self._send_next_rcpt(txn)
-            if not envelope.all_or_nothing:
+            if self._data_pipelined(txn):
                 self._send("DATA", Step.DATA)
 
-    def _mail_parameters(self, envelope: Envelope) -> str:
+    @staticmethod
+    def _data_pipelined(txn: _Transaction) -> bool:
+        """DATA goes with MAIL and RCPT, unless the RCPT replies must be seen first."""
+        return txn.pipelined and not txn.envelope.all_or_nothing and not txn.bdat
+
+    def _use_bdat(self, envelope: Envelope) -> bool:
+        offered = "CHUNKING" in self.extensions
+        if envelope.binary or envelope.chunking:
+            if not offered:
+                raise ExtensionUnavailable("CHUNKING")
+            if not self.pipelining:
+                raise ExtensionUnavailable(
+                    "PIPELINING", "txcolombe sends BDAT only to servers that offer PIPELINING"
+                )
+            if envelope.binary and "BINARYMIME" not in self.extensions:
+                raise ExtensionUnavailable("BINARYMIME")
+            return True
+        return envelope.chunking is None and offered and self.pipelining
+
+    def _mail_parameters(self, envelope: Envelope, bdat: bool) -> str:
         params = ""
         mailboxes = [*envelope.recipients]
         if envelope.sender is not None:
@@ -359,7 +403,9 @@ class ClientMachine:
                     step=Step.MAIL,
                 )
             params += " SMTPUTF8"
-        if "8BITMIME" in self.extensions:
+        if envelope.binary:
+            params += " BODY=BINARYMIME"
+        elif "8BITMIME" in self.extensions:
             params += " BODY=8BITMIME"
         if envelope.size is not None and "SIZE" in self.extensions:
             limit = self.extensions.size
@@ -370,6 +416,20 @@ class ClientMachine:
                     step=Step.MAIL,
                 )
             params += f" SIZE={envelope.size}"
+        wants_dsn = envelope.dsn is not None or any(
+            o.notify or o.orcpt is not None for o in envelope.rcpt_options
+        )
+        if wants_dsn:
+            if "DSN" not in self.extensions:
+                raise ExtensionUnavailable("DSN")
+            if envelope.dsn is not None:
+                params += envelope.dsn.mail_parameters()
+        if envelope.requiretls:
+            if "REQUIRETLS" not in self.extensions or not self.tls_active:
+                raise ExtensionUnavailable(
+                    "REQUIRETLS", "REQUIRETLS needs TLS and a server that offers it"
+                )
+            params += " REQUIRETLS"
         return params
 
     def send_body(self, chunk: bytes) -> None:
@@ -382,25 +442,62 @@ class ClientMachine:
         """
         if self.state is not State.BODY or self._encoder is None:
             raise UsageError(f"send_body() in state {self.state.value}")
+        txn = self._current()
+        if txn.error is not None:
+            return  # a BDAT was refused: the rest of the body is dropped
         try:
             data = self._encoder.encode(chunk)
         except SMTPError as error:
             self._fail_session(error)
             self._close(clean=False)
             return
-        if data:
+        if not data:
+            return
+        if not txn.bdat:
             self._outbox.append(data)
+            return
+        self._bdat_buffer.append(data)
+        self._bdat_size += len(data)
+        if self._bdat_size >= BDAT_CHUNK:
+            self._send_bdat(last=False)
+
+    @property
+    def body_refused(self) -> bool:
+        """True when the server refused a BDAT chunk: stop the body, call :meth:`end_body`."""
+        return self.state is State.BODY and bool(self._txns) and self._txns[0].error is not None
+
+    def _send_bdat(self, *, last: bool) -> None:
+        data = b"".join(self._bdat_buffer)
+        self._bdat_buffer.clear()
+        self._bdat_size = 0
+        marker = " LAST" if last else ""
+        self._outbox.append(b"BDAT %d%s\r\n" % (len(data), marker.encode()))
+        self._outbox.append(data)
+        if self.trace is not None:
+            self.trace(">", f"BDAT {len(data)}{marker} <{len(data)} octets>")
+        self._pending.append((Step.DATA_END if last else Step.BODY, None))
 
     def end_body(self) -> None:
         """The body is complete: send the end-of-data marker."""
         if self.state is not State.BODY or self._encoder is None:
             raise UsageError(f"end_body() in state {self.state.value}")
-        self._outbox.append(self._encoder.finish())
-        if self.trace is not None:
-            self.trace(">", f"<{self._encoder.octets_out} octets of data>")
+        tail = self._encoder.finish()
+        octets = self._encoder.octets_out
         self._encoder = None
+        txn = self._current()
+        if txn.bdat:
+            if txn.error is not None:
+                self._abandon(txn, txn.error)
+                return
+            if tail:
+                self._bdat_buffer.append(tail)
+            self._send_bdat(last=True)
+        else:
+            self._outbox.append(tail)
+            if self.trace is not None:
+                self.trace(">", f"<{octets} octets of data>")
+            self._pending.append((Step.DATA_END, None))
         self.state = State.DATA_END
-        self._pending.append((Step.DATA_END, None))
 
     # -- internals ------------------------------------------------------------------
 
@@ -413,9 +510,12 @@ class ClientMachine:
         self._pending.append((step, arg))
 
     def _send_next_rcpt(self, txn: _Transaction) -> None:
-        rcpt = txn.envelope.recipients[txn.next_rcpt]
+        index = txn.next_rcpt
+        rcpt = txn.envelope.recipients[index]
         txn.next_rcpt += 1
-        self._send(f"RCPT TO:{path(rcpt)}", Step.RCPT, str(rcpt))
+        options = txn.envelope.rcpt_options
+        params = options[index].parameters() if index < len(options) else ""
+        self._send(f"RCPT TO:{path(rcpt)}{params}", Step.RCPT, str(rcpt))
 
     def _handle(self, reply: Reply) -> None:
         if not self._pending:
@@ -570,7 +670,7 @@ class ClientMachine:
         if txn.error is not None:
             # MAIL failed; these are the pipelined replies that follow. Without
             # a pipelined DATA to answer last (all-or-nothing), end here.
-            if last and txn.envelope.all_or_nothing:
+            if last and not self._data_pipelined(txn):
                 self._abandon(txn, txn.error)
             return
         assert rcpt is not None
@@ -582,10 +682,12 @@ class ClientMachine:
         if not last:
             return
         error = self._recipients_error(txn)
-        if txn.pipelined and not txn.envelope.all_or_nothing:
+        if self._data_pipelined(txn):
             txn.error = error  # DATA is on its way already; its reply decides
         elif error is not None:
             self._abandon(txn, error)
+        elif txn.bdat:
+            self._begin_body(txn)
         else:
             self._send("DATA", Step.DATA)
 
@@ -610,13 +712,25 @@ class ClientMachine:
         if reply.code != 354:
             self._abandon(txn, error_for_reply(reply, Step.DATA, "message refused"))
             return
+        self._begin_body(txn)
+
+    def _begin_body(self, txn: _Transaction) -> None:
         self.state = State.BODY
-        self._encoder = DataEncoder(allow_8bit="8BITMIME" in self.extensions)
+        self._encoder = DataEncoder(
+            allow_8bit="8BITMIME" in self.extensions or txn.envelope.binary,
+            stuff=not txn.bdat,
+            raw=txn.envelope.binary,
+        )
         self._events.append(BodyWanted())
+
+    def _on_bdat(self, reply: Reply, _: str | None) -> None:
+        txn = self._current()
+        if reply.code // 100 != 2 and txn.error is None:
+            txn.error = error_for_reply(reply, Step.BODY, "message refused")
 
     def _on_data_end(self, reply: Reply, _: str | None) -> None:
         txn = self._current()
-        if txn.empty_data and txn.error is not None:
+        if txn.error is not None and (txn.empty_data or txn.bdat):
             self._abandon(txn, txn.error)
         elif reply.code // 100 == 2:
             self._finish(TransactionDone(txn.accepted, txn.refused, reply))
@@ -683,6 +797,7 @@ _HANDLERS: dict[Step, Callable[[ClientMachine, Reply, str | None], None]] = {
     Step.MAIL: ClientMachine._on_mail,
     Step.RCPT: ClientMachine._on_rcpt,
     Step.DATA: ClientMachine._on_data,
+    Step.BODY: ClientMachine._on_bdat,
     Step.DATA_END: ClientMachine._on_data_end,
     Step.RSET: ClientMachine._on_rset,
     Step.NOOP: ClientMachine._on_unexpected,

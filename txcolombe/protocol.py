@@ -258,6 +258,10 @@ class SMTPClientProtocol(Protocol):
 
     def _process(self) -> None:
         while True:
+            if self.machine.body_refused and self._consumer is not None:
+                # A BDAT chunk was refused: stop reading the body, end the transaction.
+                self._stop_body()
+                self.machine.end_body()
             self._start_waiting()
             data = self.machine.data_to_send()
             if data and self.transport is not None and not self._gone:
@@ -368,15 +372,12 @@ class SMTPClientProtocol(Protocol):
         self._process()
 
     def _stop_body(self) -> None:
-        consumer, self._consumer = self._consumer, None
         body = self._body
-        if consumer is not None and not consumer.closed:
-            consumer.closed = True
-            if body is not None:
-                try:
-                    body.stopProducing()  # type: ignore[no-untyped-call]
-                except Exception:  # a producer that already finished may complain
-                    log.failure("stopping the body producer")
+        if self._release_body() and body is not None:
+            try:
+                body.stopProducing()  # type: ignore[no-untyped-call]
+            except Exception:  # a producer that already finished may complain
+                log.failure("stopping the body producer")
 
     # -- timers -------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from txcolombe.address import Mailbox, parse_domain, parse_recipient, parse_sender
+from txcolombe.address import Mailbox, parse_domain, parse_sender
 from txcolombe.auth import Authentication
 from txcolombe.body import Body, body_producer, known_length
 from txcolombe.connect import (
@@ -30,6 +30,7 @@ from txcolombe.connect import (
     endpoint_for,
     tls_options,
 )
+from txcolombe.dsn import DSN, Recipient, recipient_options
 from txcolombe.errors import SMTPError, UsageError
 from txcolombe.extensions import Extensions
 from txcolombe.machine import ClientMachine, Envelope, TLSMode
@@ -67,10 +68,14 @@ class Session:
     def send(
         self,
         sender: str | Mailbox | None,
-        recipients: Iterable[str | Mailbox],
+        recipients: Iterable[str | Mailbox | Recipient],
         body: Body,
         *,
         all_or_nothing: bool = False,
+        dsn: DSN | None = None,
+        requiretls: bool = False,
+        chunking: bool | None = None,
+        binary: bool = False,
     ) -> Deferred[Receipt]:
         """Send one message; fires with its :class:`Receipt`.
 
@@ -78,26 +83,37 @@ class Session:
         the receipt; fails with :class:`~txcolombe.errors.RecipientsRefused`
         when none is accepted (or, with ``all_or_nothing``, when any is
         refused), sending no DATA. After a failed transaction the session
-        stays usable unless the error says the connection is gone.
+        stays usable unless the error says the connection is gone. Several
+        sends may be queued at once: they run in order, pipelined.
+
+        :param dsn: delivery status notification options (RFC 3461); a
+            :class:`~txcolombe.dsn.Recipient` sets them for one recipient.
+        :param requiretls: ask for REQUIRETLS (RFC 8689).
+        :param chunking: BDAT (RFC 3030): None uses it when offered with
+            PIPELINING, True requires it, False never uses it.
+        :param binary: send the body untouched with BODY=BINARYMIME.
+        :raises ExtensionUnavailable: (as a failure) an option needs an
+            extension the server lacks; nothing is sent for the message.
         """
         try:
-            if isinstance(recipients, str | Mailbox):
+            if isinstance(recipients, str | Mailbox | Recipient):
                 recipients = [recipients]
+            mailboxes, options = recipient_options(recipients, dsn)
+            producer = body_producer(body)
             envelope = Envelope(
                 parse_sender(sender),
-                tuple(parse_recipient(r) for r in recipients),
+                mailboxes,
+                size=known_length(producer),
                 all_or_nothing=all_or_nothing,
+                rcpt_options=options,
+                dsn=dsn,
+                requiretls=requiretls,
+                chunking=chunking,
+                binary=binary,
             )
-            producer = body_producer(body)
         except SMTPError as error:
             return _fail(error)
-        sized = Envelope(
-            envelope.sender,
-            envelope.recipients,
-            size=known_length(producer),
-            all_or_nothing=all_or_nothing,
-        )
-        return self._protocol.send(sized, producer)
+        return self._protocol.send(envelope, producer)
 
     def quit(self) -> Deferred[None]:
         """QUIT and close; fires when the connection is gone."""

@@ -118,7 +118,10 @@ class AiosmtpdPeer:
         }
         self.starttls_port = free_port()
         self._starttls = Controller(
-            _Handler(self, implicit_tls=False), port=self.starttls_port, tls_context=self.server_context, **common
+            _Handler(self, implicit_tls=False),
+            port=self.starttls_port,
+            tls_context=self.server_context,
+            **common,
         )
         self.tls_port = free_port()
         # aiosmtpd only counts STARTTLS as TLS; on the implicit-TLS port the

@@ -29,6 +29,7 @@ pytest skip reason).  ``tools/install_peers.sh`` installs the packages.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import grp
 import os
@@ -43,6 +44,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +70,15 @@ _MAIL_UID_NAME = "nobody"
 _MAIL_GID_NAME = "nogroup"
 # Characters Postfix or Dovecot would interpret in a configuration value.
 _UNSAFE_PATH = re.compile(r"[\s,$#\"'\\{}=]")
+
+# Log lines that mean the peer will not work: stop waiting for the ports.
+_FAILURE_SIGNS = (
+    " fatal: ",
+    " panic: ",
+    "bad command startup -- throttling",
+    "disabling TLS support",
+    "TLS context initialization failed",
+)
 
 
 class PeerError(RuntimeError):
@@ -224,8 +235,13 @@ class PostfixPeer:
     :meth:`start` and :meth:`stop`.  Needs root; see :func:`available`.
 
     :param workdir: where the configuration (``workdir/etc``), queue
-        (``workdir/queue``), data directory, logs and Maildir go; created
-        if missing.  Must not contain whitespace or ``,$#"'\\{}=``.
+        (``workdir/queue``), logs, data directory and Maildir go; created
+        if missing.  Must not contain whitespace or ``,$#"'\\{}=``.  If
+        other users cannot traverse it (pytest's ``tmp_path`` is under a
+        0700 directory), the data directory and the Maildir live in a
+        runtime directory under /tmp instead, ``workdir/Maildir`` is a
+        symlink to it while the peer runs, and :meth:`stop` moves the
+        Maildir into ``workdir``.
     :param cert_pem: the server certificate chain, PEM (leaf first).
     :param key_pem: the private key, PEM.
     :param users: SASL user names and passwords (PLAIN and LOGIN).
@@ -289,6 +305,7 @@ class PostfixPeer:
         self._mailbox_base: Path | None = None
         self._dovecot: subprocess.Popen[bytes] | None = None
         self._postfix_started = False
+        self._log_mark = 0
         self._running = False
 
     # -- properties -----------------------------------------------------
@@ -440,6 +457,10 @@ class PostfixPeer:
             raise PeerError(reason)
         try:
             self._prepare()
+            # Dovecot first: an smtpd that finds no SASL socket exits, and the
+            # master then throttles that service for a minute.
+            self._start_dovecot()
+            self._wait_for_auth_socket()
             attempts = 1 if self._fixed_ports is not None else 4
             for attempt in range(1, attempts + 1):
                 if self._fixed_ports is None:
@@ -453,12 +474,12 @@ class PostfixPeer:
                     if attempt == attempts or not in_use:
                         raise
                     self._stop_postfix()
-            self._start_dovecot()
             self._wait_ready()
         except BaseException:
             self.stop()
             raise
         self._running = True
+        _LIVE.add(self)
         return self
 
     def stop(self) -> None:
@@ -473,6 +494,7 @@ class PostfixPeer:
         except Exception as exc:
             errors.append(f"postfix: {exc}")
         self._running = False
+        _LIVE.discard(self)
         try:
             self._release_runtime_dir()
         except Exception as exc:
@@ -493,10 +515,20 @@ class PostfixPeer:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         self._config_dir.mkdir(mode=0o755, exist_ok=True)
-        self._queue_dir.mkdir(mode=0o755, exist_ok=True)
+        # A fresh queue: nothing left over from an earlier run gets delivered.
+        shutil.rmtree(self._queue_dir, ignore_errors=True)
+        self._queue_dir.mkdir(mode=0o755)
         os.chown(self._queue_dir, 0, 0)
         os.chmod(self._queue_dir, 0o755)
 
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                self._cert_src, self._key_src
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise PeerError(
+                f"unusable certificate {self._cert_src} / key {self._key_src}: {exc}"
+            ) from exc
         cert = self._config_dir / "smtpd-cert.pem"
         key = self._config_dir / "smtpd-key.pem"
         shutil.copyfile(self._cert_src, cert)
@@ -575,6 +607,13 @@ auth_mechanisms = plain login
 auth_failure_delay = 0
 auth_verbose = yes
 auth_cache_size = 0
+# No per-IP penalty (exponential delays after a failed AUTH) for tests.
+login_trusted_networks = 127.0.0.0/8 ::1
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self._runtime_dir}/users
@@ -606,7 +645,10 @@ service auth {{
             "syslog_name": f"postfix-txc-{self._tag}",
             "maillog_file": str(self._log_path),
             "maillog_file_prefixes": str(self._workdir),
-            "import_environment": "MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG LANG=C",
+            # Postfix's default minus X11; the daemons get a clean environment.
+            "import_environment": (
+                "MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ LANG=C POSTLOG_SERVICE POSTLOG_HOSTNAME"
+            ),
             "myhostname": self._hostname,
             "mydomain": self._domains[0],
             "myorigin": "$myhostname",
@@ -627,6 +669,7 @@ service auth {{
             "virtual_gid_maps": f"static:{mail_gid}",
             "virtual_minimum_uid": "1",
             "virtual_mailbox_limit": "0",
+            "mailbox_size_limit": "0",
             "default_transport": no_relay,
             "relay_transport": no_relay,
             "smtputf8_enable": "yes",
@@ -723,6 +766,11 @@ service auth {{
         header = "# Private main.cf of the txcolombe Postfix test peer (generated).\n"
         (self._config_dir / "main.cf").write_text(header + main)
         (self._config_dir / "master.cf").write_text(self._master_cf())
+        # "postfix start" waits ~2 s while main.cf is newer than a second or
+        # so (it wants later edits to be detectable): backdate the files.
+        past = time.time() - 10
+        for name in ("main.cf", "master.cf", "recipient_access"):
+            os.utime(self._config_dir / name, (past, past))
 
     # -- internals: processes --------------------------------------------
 
@@ -747,6 +795,11 @@ service auth {{
         return proc.returncode
 
     def _start_postfix(self) -> None:
+        # Only log lines after this point count when judging this attempt.
+        try:
+            self._log_mark = self._log_path.stat().st_size
+        except OSError:
+            self._log_mark = 0
         self._postfix_started = True
         code = self._postfix("start")
         if code != 0:
@@ -799,18 +852,19 @@ service auth {{
         proc = self._dovecot
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        # Dovecot's children leave on their own once the master is gone.
+        # Dovecot runs in its own session and process group (start_new_session)
+        # and holds no state we keep: kill the whole group at once (SIGTERM
+        # makes its master wait a second for its children).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
         self._dovecot = None
+        leftovers = _pids_with_environ(b"TXCOLOMBE_PEER=" + self._tag.encode())
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if _wait_gone(leftovers, 5.0):
+            raise PeerError(f"Dovecot processes would not die: {leftovers}")
 
     def _release_runtime_dir(self) -> None:
         runtime = self._runtime_dir
@@ -826,6 +880,21 @@ service auth {{
         shutil.rmtree(runtime, ignore_errors=True)
         self._runtime_dir = None
 
+    def _wait_for_auth_socket(self) -> None:
+        deadline = time.monotonic() + self._start_timeout
+        socket_path = self._auth_socket()
+        while not socket_path.is_socket():
+            if self._dovecot is not None and self._dovecot.poll() is not None:
+                raise PeerError(
+                    f"dovecot exited with {self._dovecot.returncode}\n{self.log_tail()}"
+                )
+            if time.monotonic() >= deadline:
+                raise PeerError(
+                    f"no Dovecot auth socket {socket_path} after {self._start_timeout}s\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.02)
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self._start_timeout
         ports = self.ports
@@ -840,27 +909,27 @@ service auth {{
                 raise PeerError(
                     f"dovecot exited with {self._dovecot.returncode}\n{self.log_tail()}"
                 )
-            auth_ready = self._auth_socket().is_socket()
             for name, port in list(pending.items()):
+                log = self._read(self._log_path)[self._log_mark :]
+                if any(sign in log for sign in _FAILURE_SIGNS):
+                    raise PeerError(f"Postfix failed to start: {last_error}\n{self.log_tail()}")
                 try:
-                    self._probe(port, implicit_tls=name == "smtps")
+                    self._probe(port, implicit_tls=name == "smtps", timeout=1.0)
                 except (OSError, ssl.SSLError) as exc:
                     last_error = f"{name} port {port}: {exc}"
                 else:
                     del pending[name]
-            if not pending and auth_ready:
+            if not pending:
                 return
-            if not auth_ready:
-                last_error = f"no dovecot auth socket {self._auth_socket()}"
             if time.monotonic() >= deadline:
                 raise PeerError(
                     f"peer not ready after {self._start_timeout}s: {last_error}\n{self.log_tail()}"
                 )
             time.sleep(0.05)
 
-    def _probe(self, port: int, *, implicit_tls: bool) -> None:
+    def _probe(self, port: int, *, implicit_tls: bool, timeout: float) -> None:
         """Connect, read the 220 banner and say QUIT."""
-        with socket.create_connection((self.host, port), timeout=5) as raw:
+        with socket.create_connection((self.host, port), timeout=timeout) as raw:
             sock: socket.socket = raw
             if implicit_tls:
                 context = ssl.create_default_context()
@@ -882,9 +951,21 @@ service auth {{
     @staticmethod
     def _read(path: Path) -> str:
         try:
-            return path.read_text(errors="replace")
+            return path.read_bytes().decode("latin-1")
         except OSError:
             return ""
+
+
+# Peers still running when the interpreter exits are stopped then, so an
+# aborted test session leaves no daemons behind (SIGKILL still would).
+_LIVE: weakref.WeakSet[PostfixPeer] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_peers() -> None:
+    for peer in list(_LIVE):
+        with contextlib.suppress(Exception):
+            peer.stop()
 
 
 def _group_exists(name: str) -> bool:

@@ -1,0 +1,196 @@
+"""The queue manager on a real spool with a fake clock: retries, expiry,
+bounces, restart recovery and queue commands. The transport is scripted."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from txcolombe.address import Mailbox
+from txcolombe.relay.queue import QueueManager, RetryPolicy
+from txcolombe.relay.spool import Spool
+from txcolombe.relay.transport import Outcome, Status
+from txcolombe.server.machine import Envelope
+
+DATA = b"Subject: test\r\nMessage-ID: <m1@x.test>\r\n\r\nbody\r\n"
+
+
+class ScriptedTransport:
+    """Answers each recipient from ``script`` (local part -> Outcome)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.calls: list[tuple[float, str | None, list[str], bytes]] = []
+        self.script: dict[str, Outcome] = {}
+
+    def route(self, recipient: Mailbox) -> str:
+        return recipient.domain or ""
+
+    def send(
+        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+    ) -> Deferred[dict[str, Outcome]]:
+        names = [str(r) for r in recipients]
+        self.calls.append((self.clock.seconds(), str(sender) if sender else None, names, data))
+        ok = Outcome(Status.DELIVERED, "250 2.0.0 Ok", "2.0.0", "sink[1]")
+        return succeed({n: self.script.get(n.split("@")[0], ok) for n in names})
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+
+TEMP = Outcome(Status.DEFERRED, "450 4.2.1 Mailbox busy", "4.2.1", "mx.y.test[25]")
+PERM = Outcome(Status.FAILED, "550 5.1.1 No such user", "5.1.1", "mx.y.test[25]")
+
+
+def make(
+    tmp_path: Path, policy: RetryPolicy | None = None
+) -> tuple[QueueManager, ScriptedTransport, Clock]:
+    clock = Clock()
+    clock.advance(1_000_000)
+    transport = ScriptedTransport(clock)
+    spool = Spool(tmp_path / "spool", reactor=clock, inline=True)
+    spool.start()
+    queue = QueueManager(spool, transport, reactor=clock, hostname="relay.test", policy=policy)
+    queue.start()
+    return queue, transport, clock
+
+
+def envelope(sender: str | None, *rcpts: str) -> Envelope:
+    return Envelope(
+        sender=Mailbox.parse(sender) if sender else None,
+        recipients=tuple(Mailbox.parse(r) for r in rcpts),
+        helo="c.test",
+        client_address="127.0.0.1",
+        protocol="ESMTP",
+        tls=False,
+        authenticated=None,
+    )
+
+
+def accept(queue: QueueManager, env: Envelope, clock: Clock) -> str:
+    ids: list[str] = []
+    queue.accept(env, DATA).addCallback(ids.append)
+    clock.advance(0)
+    return ids[0]
+
+
+def test_delivered_message_leaves_the_spool(tmp_path: Path) -> None:
+    queue, transport, clock = make(tmp_path)
+    qid = accept(queue, envelope("a@x.test", "b@y.test"), clock)
+    assert len(transport.calls) == 1
+    _, sender, rcpts, data = transport.calls[0]
+    assert sender == "a@x.test" and rcpts == ["b@y.test"]
+    assert data.startswith(b"Received: from c.test ([127.0.0.1])") and data.endswith(DATA)
+    assert not list((tmp_path / "spool" / "queue").iterdir())
+    assert queue.stats()["delivered"] == 1 and qid not in queue.messages
+
+
+def test_retry_schedule_doubles_to_the_cap(tmp_path: Path) -> None:
+    queue, transport, clock = make(tmp_path)
+    transport.script["busy"] = TEMP
+    start = clock.seconds()
+    accept(queue, envelope("a@x.test", "busy@y.test"), clock)
+    for _ in range(6):  # jump to each scheduled retry
+        clock.advance(min(c.getTime() for c in clock.getDelayedCalls()) - clock.seconds())
+    times = [round(t - start) for t, *_ in transport.calls]
+    # 300 s, doubling, capped at 4000 s
+    assert times == [0, 300, 900, 2100, 4500, 8500, 12500]
+
+
+def test_permanent_failure_bounces_once_from_null_sender(tmp_path: Path) -> None:
+    queue, transport, clock = make(tmp_path)
+    transport.script["nobody"] = PERM
+    qid = accept(queue, envelope("a@x.test", "nobody@y.test", "ok@y.test"), clock)
+    clock.advance(0)
+    # original (both recipients in one transaction), then the bounce
+    assert [c[2] for c in transport.calls] == [["nobody@y.test", "ok@y.test"], ["a@x.test"]]
+    _, sender, _, dsn = transport.calls[1]
+    assert sender is None
+    assert b"Content-Type: multipart/report; report-type=delivery-status" in dsn
+    for field in (
+        b"Reporting-MTA: dns; relay.test",
+        b"Final-Recipient: rfc822; nobody@y.test",
+        b"Action: failed",
+        b"Status: 5.1.1",
+        b"Remote-MTA: dns; mx.y.test",
+        b"Diagnostic-Code: smtp; 550 5.1.1 No such user",
+        b"Content-Type: text/rfc822-headers",
+        b"Message-ID: <m1@x.test>",
+        f"X-Queue-ID: {qid}".encode(),
+    ):
+        assert field in dsn, field
+    assert b"ok@y.test" not in dsn.split(b"message/delivery-status")[1]
+    assert b"\n" not in dsn.replace(b"\r\n", b"")  # CRLF only
+    assert queue.messages == {}
+    assert queue.stats()["bounced"] == 1
+
+
+def test_null_sender_is_never_bounced(tmp_path: Path) -> None:
+    queue, transport, clock = make(tmp_path)
+    transport.script["nobody"] = PERM
+    accept(queue, envelope(None, "nobody@y.test"), clock)
+    clock.advance(1000)
+    assert len(transport.calls) == 1
+    assert queue.messages == {}
+
+
+def test_expiry_bounces_after_lifetime_and_delay_warning(tmp_path: Path) -> None:
+    policy = RetryPolicy(min_backoff=60, max_backoff=600, lifetime=3600, delay_warning=200)
+    queue, transport, clock = make(tmp_path, policy)
+    transport.script["busy"] = TEMP
+    accept(queue, envelope("a@x.test", "busy@y.test"), clock)
+    for _ in range(50):
+        clock.advance(100)
+    to_sender = [c for c in transport.calls if c[2] == ["a@x.test"]]
+    assert len(to_sender) == 2
+    warning, bounce = to_sender[0][3], to_sender[1][3]
+    assert b"Action: delayed" in warning and b"Status: 4.2.1" in warning
+    assert b"Action: failed" in bounce and b"delivery time expired" in bounce
+    assert to_sender[1][0] - transport.calls[0][0] >= 3600
+    assert queue.messages == {}
+
+
+def test_restart_resumes_with_state(tmp_path: Path) -> None:
+    queue, transport, clock = make(tmp_path)
+    transport.script["busy"] = TEMP
+    qid = accept(queue, envelope("a@x.test", "busy@y.test", "ok@y.test"), clock)
+    assert queue.messages[qid].attempts == 1
+    queue.spool.stop()
+    # a new process: same spool, the busy recipient only, attempt count kept
+    queue2, transport2, _ = make(tmp_path)
+    assert [c[2] for c in transport2.calls] == [["busy@y.test"]]
+    assert qid not in queue2.messages
+    assert not list((tmp_path / "spool" / "queue").iterdir())
+
+
+def test_queue_commands(tmp_path: Path) -> None:
+    queue, transport, clock = make(tmp_path)
+    transport.script["busy"] = TEMP
+    qid = accept(queue, envelope("a@x.test", "busy@y.test"), clock)
+    (item,) = queue.list()
+    assert item["id"] == qid and item["state"] == "deferred" and "450 4.2.1" in item["last_error"]
+    assert queue.hold(qid) and queue.list()[0]["state"] == "held"
+    clock.advance(10_000)
+    assert len(transport.calls) == 1  # held: not retried
+    transport.script.clear()
+    assert queue.release(qid)
+    clock.advance(0)
+    assert len(transport.calls) == 2 and queue.messages == {}
+    qid2 = accept(queue, envelope("a@x.test", "busy2@y.test"), clock)
+    transport.script["busy2"] = TEMP
+    assert queue.show(qid2) is None  # delivered at once: gone
+    transport.script["busy3"] = TEMP
+    qid3 = accept(queue, envelope("a@x.test", "busy3@y.test"), clock)
+    shown = queue.show(qid3)
+    assert shown is not None and "Subject: test" in shown["headers"]
+    del transport.script["busy3"]
+    assert queue.flush() == 1
+    clock.advance(0)
+    assert queue.messages == {}
+    transport.script["busy4"] = TEMP
+    qid4 = accept(queue, envelope("a@x.test", "busy4@y.test"), clock)
+    assert queue.delete(qid4) and queue.messages == {}
+    assert not (tmp_path / "spool" / "queue" / f"{qid4}.msg").exists()

@@ -1,0 +1,210 @@
+"""Assembles the relay from its :class:`~txcolombe.relay.options.Options`:
+spool, queue manager, transport, SMTP listeners, control socket, metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python import usage
+
+from txcolombe.address import parse_domain
+from txcolombe.auth import Authentication
+from txcolombe.errors import InvalidAddress
+from txcolombe.machine import TLSMode
+from txcolombe.relay.control import SOCKET_NAME, ControlFactory
+from txcolombe.relay.passwords import hash_password, load_users, verify_password
+from txcolombe.relay.queue import QueueManager, RetryPolicy
+from txcolombe.relay.spool import Spool
+from txcolombe.relay.transport import MXTransport, Smarthost, SmarthostTransport, Transport
+from txcolombe.reply import Reply
+from txcolombe.server.machine import Envelope, ServerConfig
+from txcolombe.server.protocol import SMTPServerFactory
+
+log = Logger(namespace="txcolombe.relay")
+
+_DUMMY_HASH = hash_password("not a password", log_n=14)
+
+
+def default_hostname() -> str:
+    name = socket.getfqdn()
+    try:
+        return parse_domain(name)
+    except InvalidAddress:
+        return "localhost"
+
+
+class RelayHandler:
+    """The SMTP server's link to the queue: relay permission, AUTH, storage."""
+
+    def __init__(
+        self,
+        queue: QueueManager,
+        networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+        users: dict[str, str],
+    ) -> None:
+        self.queue = queue
+        self.networks = networks
+        self.users = users
+
+    def relay_allowed(self, client_address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(client_address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
+
+    def check_password(self, username: str, password: str) -> Deferred[bool]:
+        stored = self.users.get(username)
+        if stored is None:
+            # Same cost for unknown users: no timing oracle.
+            return deferToThread(verify_password, _DUMMY_HASH, password).addCallback(
+                lambda _: False
+            )
+        result: Deferred[bool] = deferToThread(verify_password, stored, password)
+        return result
+
+    def store(self, envelope: Envelope, data: bytes) -> Deferred[Reply]:
+        return self.queue.accept(envelope, data).addCallback(
+            lambda queue_id: Reply.of(250, f"2.0.0 Ok: queued as {queue_id}")
+        )
+
+
+class RelayService(service.MultiService):
+    """The whole relay; children are the listeners."""
+
+    def __init__(self, spool: Spool, queue: QueueManager) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.spool = spool
+        self.queue = queue
+
+    def startService(self) -> None:
+        self.spool.start()
+        self.queue.start()
+        super().startService()  # type: ignore[no-untyped-call]
+
+    def stopService(self) -> Deferred[None]:
+        async def stop() -> None:
+            await super(RelayService, self).stopService()  # type: ignore[no-untyped-call]
+            await self.queue.stop()
+            self.spool.stop()
+
+        return Deferred.fromCoroutine(stop())
+
+
+def _read_credentials(path: str) -> Authentication:
+    text = Path(path).read_text("utf-8").strip().splitlines()
+    user, sep, password = (text[0] if text else "").partition(":")
+    if not sep:
+        raise usage.UsageError(f"{path}: expected one line 'user:password'")
+    return Authentication(user, password)
+
+
+def _smarthost(options: Any, hostname: str) -> Smarthost:
+    text: str = options["smarthost"]
+    host, port = text, 587
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest.startswith(":"):
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+        port = int(port_text)
+    mode_name = options["smarthost-tls"] or ("implicit" if port == 465 else "starttls")
+    mode = {
+        "implicit": TLSMode.IMPLICIT,
+        "starttls": TLSMode.REQUIRED,
+        "opportunistic": TLSMode.OPPORTUNISTIC,
+        "none": TLSMode.NONE,
+    }[mode_name]
+    auth = _read_credentials(options["smarthost-auth"]) if options["smarthost-auth"] else None
+    trust = None
+    if options["smarthost-ca"]:
+        trust = ssl.Certificate.loadPEM(Path(options["smarthost-ca"]).read_bytes())
+    return Smarthost(host, port, mode, auth, trust, hostname)
+
+
+def make_service(options: Any, reactor: Any = None) -> RelayService:
+    """The relay described by ``options`` (a parsed :class:`Options`)."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    hostname = options["hostname"] or default_hostname()
+    tls = None
+    cert_key = None
+    if options["tls-cert"]:
+        pem = Path(options["tls-cert"]).read_bytes() + b"\n" + Path(options["tls-key"]).read_bytes()
+        tls = ssl.PrivateCertificate.loadPEM(pem).options()  # type: ignore[no-untyped-call]
+        cert_key = (options["tls-cert"], options["tls-key"])
+    users = load_users(Path(options["users"])) if options["users"] else {}
+    networks = [ipaddress.ip_network(n, strict=False) for n in options["relay-network"]]
+    transport: Transport
+    if options["smarthost"]:
+        transport = SmarthostTransport(
+            _smarthost(options, hostname), reactor=reactor, concurrency=options["concurrency"]
+        )
+    else:
+        transport = MXTransport(reactor=reactor, domain=hostname)
+    spool = Spool(Path(options["spool"]), reactor=reactor)
+    policy = RetryPolicy(
+        min_backoff=options["min-backoff"],
+        max_backoff=options["max-backoff"],
+        lifetime=options["queue-lifetime"],
+        delay_warning=options["delay-warning"],
+    )
+    queue = QueueManager(
+        spool, transport, reactor=reactor, hostname=hostname, policy=policy,
+        log_format=options["log-format"], bounce_full=options["bounce-full"],
+    )  # fmt: skip
+    relay = RelayService(spool, queue)
+    config = ServerConfig(
+        hostname=hostname,
+        max_size=options["max-size"],
+        max_recipients=options["max-recipients"],
+        tls_available=tls is not None,
+        auth_enabled=bool(users),
+    )
+    factory = SMTPServerFactory(
+        config, RelayHandler(queue, networks, users), reactor=reactor, tls=tls,
+        idle_timeout=options["idle-timeout"],
+    )  # fmt: skip
+    for description in options["listen"]:
+        if description.split(":")[0] in ("ssl", "tls") and "privateKey" not in description:
+            if cert_key is None:
+                raise usage.UsageError(f"{description}: implicit TLS needs --tls-cert/--tls-key")
+            description += f":certKey={_escape(cert_key[0])}:privateKey={_escape(cert_key[1])}"
+        strports.service(description, factory, reactor=reactor).setServiceParent(relay)  # type: ignore[no-untyped-call]
+    control_path = Path(options["spool"]) / SOCKET_NAME
+    Path(options["spool"]).mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(control_path)
+    control = StreamServerEndpointService(  # type: ignore[no-untyped-call]
+        UNIXServerEndpoint(reactor, str(control_path), mode=0o600, wantPID=False),  # type: ignore[no-untyped-call]
+        ControlFactory(queue),
+    )
+    control.setServiceParent(relay)  # type: ignore[no-untyped-call]
+    if options["metrics"]:
+        from txcolombe.relay.metrics import metrics_site
+
+        strports.service(options["metrics"], metrics_site(queue), reactor=reactor).setServiceParent(  # type: ignore[no-untyped-call]
+            relay
+        )
+    return relay
+
+
+def _escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")

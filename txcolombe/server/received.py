@@ -1,0 +1,29 @@
+"""The ``Received:`` trace header a server adds (RFC 5321 §4.4, RFC 3848)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+from txcolombe.server.machine import Envelope
+
+
+def received_header(
+    envelope: Envelope, hostname: str, queue_id: str, when: float, software: str = "txcolombe"
+) -> bytes:
+    """One ``Received:`` field, folded, ending in CRLF.
+
+    ``for <rcpt>`` names the recipient only when there is exactly one (the
+    others would learn of each other otherwise).
+    """
+    date = format_datetime(datetime.fromtimestamp(when, UTC))
+    lines = [
+        f"Received: from {envelope.helo} ([{envelope.client_address}])",
+        f"\tby {hostname} ({software}) with {envelope.protocol} id {queue_id}",
+    ]
+    if len(envelope.recipients) == 1:
+        rcpt = str(envelope.recipients[0])
+        if rcpt.isascii() or envelope.smtputf8:
+            lines.append(f"\tfor <{rcpt}>")
+    lines[-1] += f"; {date}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
