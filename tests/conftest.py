@@ -6,8 +6,8 @@ did. Nothing here listens anywhere but 127.0.0.1 / ::1.
 
 from __future__ import annotations
 
-import re
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
