@@ -312,7 +312,7 @@ def test_no_password_option(peer: AiosmtpdPeer) -> None:
         ("--password-file", "/nonexistent/password", "needs --user"),
         ("--port", "70000", "port out of range"),
         ("--timeout", "-1", "must be positive"),
-        ("--mechanism", "CRAM-MD5", "invalid choice"),
+        ("--mechanism", "XOAUTH2", "invalid choice"),
     ],
 )
 def test_bad_option_values(peer: AiosmtpdPeer, option: str, value: str, complaint: str) -> None:

@@ -617,7 +617,9 @@ def test_auth_error_after_login_exchange() -> None:
 
 @pytest.mark.parametrize("keywords", [("AUTH LOGIN",), ("AUTH CRAM-MD5 XOAUTH2",), ()])
 def test_auth_mechanism_not_offered(keywords: tuple[str, ...]) -> None:
-    conv = Conversation(tls=TLSMode.IMPLICIT, authentication=Authentication("user", "pass"))
+    conv = Conversation(
+        tls=TLSMode.IMPLICIT, authentication=Authentication("user", "pass", Mechanism.PLAIN)
+    )
     conv.reply(220, "mx.example")
     sent, events = conv.feed(ehlo_reply(*keywords))
     assert sent == QUIT

@@ -744,6 +744,55 @@ async def test_requiretls_not_offered_is_a_clear_error(
     assert info.value.extension == "REQUIRETLS"
 
 
+# -- SASL: SCRAM-SHA-256 against Dovecot ----------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_scram_chosen_and_verified_with_dovecot(
+    postfix: Any, postfix_trust_root: twisted_ssl.Certificate
+) -> None:
+    # No mechanism named: the strongest offered (SCRAM-SHA-256) is chosen, and
+    # the session only succeeds if Dovecot's server signature checks out.
+    token, message = new_message()
+    receipt = await submit(
+        "127.0.0.1",
+        "alice@example.org",
+        ["b@example.org"],
+        message,
+        port=postfix.ports.smtps,
+        trust_root=postfix_trust_root,
+        authentication=Authentication("alice", "s3cret"),
+        timeouts=QUICK,
+    )
+    assert "SCRAM-SHA-256" in receipt.extensions.auth_mechanisms
+    await log_line(
+        postfix,
+        rf"/smtps/smtpd\[\d+\]: {receipt.queue_id}: client=localhost\[127\.0\.0\.1\],"
+        r" sasl_method=SCRAM-SHA-256, sasl_username=alice$",
+    )
+    await delivered(postfix, token)
+
+
+@pytest_twisted.ensureDeferred
+async def test_scram_wrong_password_with_dovecot(
+    postfix: Any, postfix_trust_root: twisted_ssl.Certificate
+) -> None:
+    _, message = new_message()
+    with pytest.raises(AuthenticationFailed) as info:
+        await submit(
+            "127.0.0.1",
+            "alice@example.org",
+            ["b@example.org"],
+            message,
+            port=postfix.ports.smtps,
+            trust_root=postfix_trust_root,
+            authentication=Authentication("alice", "wrong", Mechanism.SCRAM_SHA_256),
+            timeouts=QUICK,
+        )
+    assert info.value.code == 535
+    assert info.value.step is Step.AUTH
+
+
 # -- failed authentication, last: Dovecot delays every later AUTH from the same
 # address after a failure (its anvil "auth penalty", 2 s then 4 s...), unless
 # the peer's dovecot.conf disables it.

@@ -187,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument(
         "--mechanism",
         type=str.upper,
-        choices=[m.value for m in Mechanism],
-        default=Mechanism.PLAIN.value,
-        help="SASL mechanism (default: PLAIN)",
+        choices=[m.value for m in Mechanism if not m.uses_token],
+        default=None,
+        help="SASL mechanism (default: the strongest the server offers:"
+        " SCRAM-SHA-256, then PLAIN, then LOGIN)",
     )
 
     send.add_argument(
@@ -308,7 +309,9 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     if args.user is not None:
         try:
             options["authentication"] = Authentication(
-                args.user, _read_password(args), Mechanism(args.mechanism)
+                args.user,
+                _read_password(args),
+                Mechanism(args.mechanism) if args.mechanism else None,
             )
         except InvalidAddress as error:
             raise _Invalid(error.message) from None

@@ -34,7 +34,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from txcolombe.address import Mailbox, path
-from txcolombe.auth import Authentication, SASLClient, decode_challenge, encode_response
+from txcolombe.auth import (
+    Authentication,
+    SASLClient,
+    choose_mechanism,
+    decode_challenge,
+    encode_response,
+)
 from txcolombe.dotstuffing import DataEncoder
 from txcolombe.dsn import DSN, RecipientOptions
 from txcolombe.errors import (
@@ -208,10 +214,14 @@ class ClientMachine:
         tls: TLSMode = TLSMode.OPPORTUNISTIC,
         authentication: Authentication | None = None,
         trace: Trace | None = None,
+        server_host: str | None = None,
+        server_port: int | None = None,
     ) -> None:
         self.domain = domain
         self.tls_mode = tls
         self.authentication = authentication
+        self.server_host = server_host
+        self.server_port = server_port
         self.tls_active = tls is TLSMode.IMPLICIT
         self.extensions = Extensions()
         self.state = State.GREETING
@@ -595,27 +605,35 @@ class ClientMachine:
         self._events.append(StartTLS())
 
     def _start_auth(self, authentication: Authentication) -> None:
-        mechanism = authentication.mechanism.value
         offered = self.extensions.auth_mechanisms
-        if mechanism not in offered:
+        mechanism = choose_mechanism(authentication, offered)
+        if mechanism is None:
             listing = ", ".join(sorted(offered)) or "no mechanism"
+            if authentication.mechanism is not None:
+                wanted = f"AUTH {authentication.mechanism.value}"
+            elif authentication.token is not None:
+                wanted = "a mechanism for a token (OAUTHBEARER, XOAUTH2)"
+            else:
+                wanted = "a mechanism for a password (SCRAM-SHA-256, PLAIN, LOGIN)"
             self._fatal(
                 AuthenticationUnavailable(
-                    f"the server does not offer AUTH {mechanism} (it offers {listing})",
+                    f"the server does not offer {wanted} (it offers {listing})",
                     step=Step.AUTH,
                 )
             )
             return
-        self._sasl = sasl = SASLClient(authentication)
-        initial = sasl.initial()
-        if initial is None:
-            self._send(f"AUTH {mechanism}", Step.AUTH)
-        else:
-            self._send(
-                f"AUTH {mechanism} {encode_response(initial)}",
-                Step.AUTH,
-                shown=f"AUTH {mechanism} ****",
+        try:
+            sasl = SASLClient(
+                authentication, mechanism, host=self.server_host, port=self.server_port
             )
+        except SMTPError as error:  # e.g. a token provider left unresolved
+            error.step = Step.AUTH
+            self._fatal(error)
+            return
+        self._sasl = sasl
+        line = sasl.auth_command()  # the initial response when it fits (RFC 4954 §4)
+        bare = f"AUTH {mechanism.value}"
+        self._send(line, Step.AUTH, shown=None if line == bare else f"{bare} ****")
 
     def _on_auth(self, reply: Reply, _: str | None) -> None:
         sasl = self._sasl
@@ -627,12 +645,23 @@ class ClientMachine:
                 self._send("*", Step.AUTH)  # RFC 4954 §4: cancel the exchange
                 self._fatal(error)
                 return
+            # A continuation response: empty is an empty line, never "=".
             self._send(encode_response(answer), Step.AUTH, shown="****")
             return
         self._sasl = None
         if reply.code != 235:
-            self._fatal(error_for_reply(reply, Step.AUTH, "authentication refused"))
+            message = "authentication refused"
+            if sasl is not None and sasl.server_error is not None:
+                message += f" (the server reported: {sasl.server_error[:200]})"
+            self._fatal(error_for_reply(reply, Step.AUTH, message))
             return
+        if sasl is not None:
+            try:
+                sasl.check_success()  # SCRAM: the server must have proved itself
+            except SMTPError as error:
+                error.reply = reply
+                self._fatal(error)
+                return
         self._ready()
 
     def _ready(self) -> None:

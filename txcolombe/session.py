@@ -20,7 +20,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from txcolombe.address import Mailbox, parse_domain, parse_sender
-from txcolombe.auth import Authentication
+from txcolombe.auth import Authentication, resolve_token
 from txcolombe.body import Body, body_producer, known_length
 from txcolombe.connect import (
     Destination,
@@ -31,7 +31,7 @@ from txcolombe.connect import (
     tls_options,
 )
 from txcolombe.dsn import DSN, Recipient, recipient_options
-from txcolombe.errors import SMTPError, UsageError
+from txcolombe.errors import AuthenticationError, SMTPError, Step, UsageError
 from txcolombe.extensions import Extensions
 from txcolombe.machine import ClientMachine, Envelope, TLSMode
 from txcolombe.protocol import DEFAULT_TIMEOUTS, SMTPClientProtocol, Timeouts
@@ -189,7 +189,13 @@ def connect(
     if tls_mode is not TLSMode.NONE:
         creator = tls_options(host, tls=tls, trust_root=trust_root)
 
-    machine = ClientMachine(ehlo or "", tls=tls_mode, authentication=authentication)
+    machine = ClientMachine(
+        ehlo or "",
+        tls=tls_mode,
+        authentication=authentication,
+        server_host=host.name,
+        server_port=port,
+    )
     protocol = SMTPClientProtocol(
         machine, reactor=reactor, timeouts=timeouts, tls=creator, peer=f"{host.name}:{port}"
     )
@@ -203,7 +209,33 @@ def connect(
             endpoint = wrapClientTLS(implicit, endpoint)
     except SMTPError as error:
         return _fail(error)
+    if authentication is not None and authentication.token_provider is not None:
+        return _with_token(authentication, machine, endpoint, protocol, host, port)
     return _connect(endpoint, protocol, host, port)
+
+
+def _with_token(
+    authentication: Authentication,
+    machine: ClientMachine,
+    endpoint: IStreamClientEndpoint,
+    protocol: SMTPClientProtocol,
+    host: Host,
+    port: int,
+) -> Deferred[Session]:
+    """Ask the token provider for a fresh OAuth token, then connect."""
+
+    async def run() -> Session:
+        try:
+            machine.authentication = await resolve_token(authentication)
+        except SMTPError:
+            raise
+        except Exception as error:
+            raise AuthenticationError(
+                f"the OAuth token provider failed: {error}", step=Step.AUTH
+            ) from error
+        return await _connect(endpoint, protocol, host, port)
+
+    return Deferred.fromCoroutine(run())
 
 
 def _connect(
