@@ -44,7 +44,7 @@ def ensure_venv() -> None:
         venv.EnvBuilder(with_pip=True).create(VENV)
     step("installing txcolombe and its test dependencies into .venv")
     run(PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[test,demo]")
+    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[test,demo,bench]")
     stamp.write_text(digest)
 
 

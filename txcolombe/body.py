@@ -19,9 +19,10 @@ import os
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
 from typing import IO, Any, Union
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Cooperator, TaskDone, TaskStopped, cooperate
+from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
@@ -77,11 +78,13 @@ class IterableProducer:
         self._chunks = chunks
         self._cooperate = cooperator.cooperate if cooperator is not None else cooperate
         self._task: Any = None
+        self._paused = False
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         self._task = self._cooperate(self._write(consumer))
         done: Deferred[None] = self._task.whenDone()
         done.addCallback(lambda _: None)
+        done.addErrback(_never_after_stop)
         return done
 
     def _write(self, consumer: IConsumer) -> Iterator[None]:
@@ -91,13 +94,16 @@ class IterableProducer:
                 consumer.write(data[start : start + CHUNK] if len(data) > CHUNK else data)
                 yield None
 
+    # The task counts pauses; producers are paused and resumed as a state.
     def pauseProducing(self) -> None:
-        if self._task is not None:
+        if self._task is not None and not self._paused:
+            self._paused = True
             with contextlib.suppress(TaskDone, TaskStopped):
                 self._task.pause()
 
     def resumeProducing(self) -> None:
-        if self._task is not None:
+        if self._task is not None and self._paused:
+            self._paused = False
             with contextlib.suppress(TaskDone, TaskStopped):
                 self._task.resume()
 
@@ -105,6 +111,36 @@ class IterableProducer:
         if self._task is not None:
             with contextlib.suppress(TaskDone, TaskStopped):
                 self._task.stop()
+
+
+@implementer(IBodyProducer)
+class SmallBodyProducer:
+    """A body that fits in one chunk: written at once, without a reactor turn."""
+
+    def __init__(self, data: bytes) -> None:
+        self.length = len(data)
+        self._data = data
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        if self._data:
+            consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass  # everything is written already
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _never_after_stop(failure: Failure) -> Deferred[None]:
+    """IBodyProducer: once stopped, the producer's Deferred never fires."""
+    if not isinstance(failure.value, TaskStopped):
+        failure.raiseException()
+    return Deferred()
 
 
 @implementer(IBodyProducer)
@@ -121,7 +157,18 @@ class PullProducer:
         self._stopped = False
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        return ensureDeferred(self._run(consumer))
+        done: Deferred[None] = Deferred()
+
+        def finished(result: object) -> None:
+            if self._stopped:
+                return  # IBodyProducer: never fire once stopped
+            if isinstance(result, Failure):
+                done.errback(result)
+            else:
+                done.callback(None)
+
+        ensureDeferred(self._run(consumer)).addBoth(finished)
+        return done
 
     async def _run(self, consumer: IConsumer) -> None:
         while not self._stopped:
@@ -205,11 +252,10 @@ def body_producer(body: Body, *, cooperator: Cooperator | None = None) -> IBodyP
     """
     if IBodyProducer.providedBy(body):
         return body
-    if isinstance(body, bytes | bytearray | memoryview):
-        data = bytes(body)
-        return IterableProducer(_slices(data), len(data), cooperator)
-    if isinstance(body, email.message.Message):
-        data = message_bytes(body)
+    if isinstance(body, bytes | bytearray | memoryview | email.message.Message):
+        data = message_bytes(body) if isinstance(body, email.message.Message) else bytes(body)
+        if len(data) <= CHUNK:
+            return SmallBodyProducer(data)
         return IterableProducer(_slices(data), len(data), cooperator)
     if isinstance(body, str):
         raise UsageError("the body must be bytes, not str: encode it first")

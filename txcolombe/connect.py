@@ -15,7 +15,12 @@ import socket
 from dataclasses import dataclass
 
 from twisted.internet._sslverify import IOpenSSLTrustRoot
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.error import (
     ConnectionRefusedError,
     DNSLookupError,
@@ -96,13 +101,30 @@ def endpoint_for(
     implicit_tls: IOpenSSLClientConnectionCreator | None = None,
     timeout: float = 30.0,
 ) -> IStreamClientEndpoint:
-    """A TCP endpoint (happy eyeballs), TLS-wrapped when ``implicit_tls`` is given."""
+    """A TCP endpoint (happy eyeballs for a name), TLS-wrapped when ``implicit_tls`` is given."""
     if not 0 < port < 65536:
         raise InvalidAddress(f"invalid port {port}")
-    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host.name, port, timeout=timeout)
+    endpoint: IStreamClientEndpoint
+    if host.ip is None:
+        endpoint = HostnameEndpoint(reactor, host.name, port, timeout=timeout)
+    elif host.ip.version == 4:
+        # No resolution and no happy eyeballs to do for an address.
+        endpoint = TCP4ClientEndpoint(reactor, host.name, port, timeout=timeout)
+    else:
+        endpoint = TCP6ClientEndpoint(reactor, host.name, port, timeout=timeout)  # type: ignore[no-untyped-call]
     if implicit_tls is not None:
-        endpoint = wrapClientTLS(implicit_tls, endpoint)
+        endpoint = wrap_tls(implicit_tls, endpoint, reactor)
     return endpoint
+
+
+def wrap_tls(
+    creator: IOpenSSLClientConnectionCreator, endpoint: IStreamClientEndpoint, reactor: object
+) -> IStreamClientEndpoint:
+    """``wrapClientTLS`` on our reactor (its ``clock`` keyword is recent)."""
+    try:
+        return wrapClientTLS(creator, endpoint, clock=reactor)  # type: ignore[arg-type]
+    except TypeError:
+        return wrapClientTLS(creator, endpoint)
 
 
 def connect_error(failure: Failure, host: Host, port: int) -> SMTPError:

@@ -45,6 +45,7 @@ from txcolombe.dotstuffing import DataEncoder
 from txcolombe.dsn import DSN, RecipientOptions
 from txcolombe.errors import (
     AuthenticationUnavailable,
+    ConnectionFailed,
     ConnectionLost,
     ExtensionUnavailable,
     MessageTooLarge,
@@ -100,6 +101,9 @@ class Envelope:
         PIPELINING are offered, True to require it, False never.
     :ivar binary: send the body as it is with BODY=BINARYMIME (needs
         CHUNKING and BINARYMIME).
+    :ivar reset_first: send RSET before MAIL (pipelined when possible): on
+        a connection that sat idle, it proves the server is still there
+        before anything of the message is at stake.
     """
 
     sender: Mailbox | None
@@ -111,6 +115,7 @@ class Envelope:
     requiretls: bool = False
     chunking: bool | None = None
     binary: bool = False
+    reset_first: bool = False
 
 
 # -- events -------------------------------------------------------------------
@@ -184,6 +189,7 @@ class _Transaction:
     envelope: Envelope
     pipelined: bool
     bdat: bool = False
+    mail_command: str = ""
     accepted: dict[str, Reply] = field(default_factory=dict)
     refused: dict[str, Reply] = field(default_factory=dict)
     error: SMTPError | None = None
@@ -193,6 +199,9 @@ class _Transaction:
 
 
 Trace = Callable[[str, str], None]
+
+#: Marks the RSET sent before a transaction's MAIL (Envelope.reset_first).
+_PROBE = "probe"
 
 
 class ClientMachine:
@@ -234,6 +243,8 @@ class ClientMachine:
         self._txns: deque[_Transaction] = deque()
         self._encoder: DataEncoder | None = None
         self._bdat_buffer: list[bytes] = []
+        #: Counts replies, so a driver can restart its timer on each one.
+        self.replies_received = 0
         self._bdat_size = 0
         self._quit_requested = False
 
@@ -317,6 +328,7 @@ class ClientMachine:
             return
         if error is None:
             error = ConnectionLost("the server closed the connection", step=step)
+        if isinstance(error, ConnectionFailed):
             error.maybe_delivered = self._maybe_delivered(step)
         if error.step is None:
             error.step = step
@@ -375,7 +387,12 @@ class ClientMachine:
         self.state = State.TRANSACTION
         txn = _Transaction(envelope, pipelined=self.pipelining, bdat=bdat)
         self._txns.append(txn)
-        self._send(f"MAIL FROM:{path(envelope.sender)}{params}", Step.MAIL)
+        txn.mail_command = f"MAIL FROM:{path(envelope.sender)}{params}"
+        if envelope.reset_first:
+            self._send("RSET", Step.RSET, _PROBE)
+            if not txn.pipelined:
+                return  # MAIL follows the RSET's reply
+        self._send(txn.mail_command, Step.MAIL)
         if txn.pipelined:
             while txn.next_rcpt < len(envelope.recipients):
                 self._send_next_rcpt(txn)
@@ -528,6 +545,7 @@ class ClientMachine:
         self._send(f"RCPT TO:{path(rcpt)}{params}", Step.RCPT, str(rcpt))
 
     def _handle(self, reply: Reply) -> None:
+        self.replies_received += 1
         if not self._pending:
             if reply.code == 421:
                 self._fatal(error_for_reply(reply, None), quit=False)
@@ -774,8 +792,14 @@ class ClientMachine:
         self.state = State.RESETTING
         self._send("RSET", Step.RSET)
 
-    def _on_rset(self, reply: Reply, _: str | None) -> None:
+    def _on_rset(self, reply: Reply, arg: str | None) -> None:
         txn = self._current()
+        if arg == _PROBE:
+            if reply.code // 100 != 2:
+                self._fatal(error_for_reply(reply, Step.RSET))
+            elif not txn.pipelined:
+                self._send(txn.mail_command, Step.MAIL)
+            return
         if reply.code // 100 != 2:
             self._txns.popleft()
             self._events.append(TransactionFailed(txn.error or error_for_reply(reply, Step.RSET)))

@@ -144,11 +144,12 @@ class SMTPClientProtocol(Protocol):
         self.ready: Deferred[SMTPClientProtocol] = Deferred()
         self.closed: Deferred[None] = Deferred()
         self.tls_info: TLSInfo | None = None
-        self._reactor = reactor
+        self.reactor = reactor
         self._timeouts = timeouts
         self._tls = tls
         self._timer: IDelayedCall | None = None
         self._timer_step: Step | None = None
+        self._timer_replies = 0
         self._waiting: deque[_Send] = deque()  # not yet started in the machine
         self._running: deque[_Send] = deque()  # started, oldest first
         self._body: IBodyProducer | None = None
@@ -198,6 +199,11 @@ class SMTPClientProtocol(Protocol):
         if not self.ready.called:
             self.ready.errback(self._failure)
         self.closed.callback(None)
+
+    @property
+    def usable(self) -> bool:
+        """True while transactions can still run on this connection."""
+        return self._failure is None and not self._gone
 
     @property
     def _transport(self) -> Any:
@@ -382,13 +388,21 @@ class SMTPClientProtocol(Protocol):
     # -- timers -------------------------------------------------------------------
 
     def _update_timer(self) -> None:
+        """One timer for the step the machine waits on, restarted by each reply."""
         step = None if self._gone else self.machine.waiting_for
-        if step == self._timer_step and self._timer is not None:
+        if step is not None and self.machine.state is State.QUITTING:
+            step = Step.QUIT  # after a fatal error: only the QUIT grace
+        replies = self.machine.replies_received
+        if step is not None and step == self._timer_step and self._timer is not None:
+            if replies != self._timer_replies:
+                self._timer_replies = replies
+                self._timer.reset(self._timeouts.for_step(step))
             return
         self._cancel_timer()
         if step is not None:
             self._timer_step = step
-            self._timer = self._reactor.callLater(self._timeouts.for_step(step), self._timed_out)
+            self._timer_replies = replies
+            self._timer = self.reactor.callLater(self._timeouts.for_step(step), self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():

@@ -10,13 +10,13 @@ from typing import Any
 
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import (
     IAddress,
     IOpenSSLClientConnectionCreator,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 
 from txcolombe.address import Mailbox, parse_domain, parse_sender
@@ -29,6 +29,7 @@ from txcolombe.connect import (
     default_domain,
     endpoint_for,
     tls_options,
+    wrap_tls,
 )
 from txcolombe.dsn import DSN, Recipient, recipient_options
 from txcolombe.errors import AuthenticationError, SMTPError, Step, UsageError
@@ -45,8 +46,15 @@ class Session:
     at the end: ``async with await connect(...) as session: ...``.
     """
 
-    def __init__(self, protocol: SMTPClientProtocol, host: Host, port: int) -> None:
+    def __init__(
+        self,
+        protocol: SMTPClientProtocol,
+        host: Host,
+        port: int,
+        cooperator: Cooperator | None = None,
+    ) -> None:
         self._protocol = protocol
+        self._cooperator = cooperator
         self.host = host
         self.port = port
 
@@ -59,6 +67,11 @@ class Session:
     def tls(self) -> TLSInfo | None:
         """The TLS session, or None for plaintext."""
         return self._protocol.tls_info
+
+    @property
+    def usable(self) -> bool:
+        """True while the session can run transactions."""
+        return self._protocol.usable
 
     @property
     def closed(self) -> Deferred[None]:
@@ -76,6 +89,7 @@ class Session:
         requiretls: bool = False,
         chunking: bool | None = None,
         binary: bool = False,
+        reset_first: bool = False,
     ) -> Deferred[Receipt]:
         """Send one message; fires with its :class:`Receipt`.
 
@@ -92,6 +106,9 @@ class Session:
         :param chunking: BDAT (RFC 3030): None uses it when offered with
             PIPELINING, True requires it, False never uses it.
         :param binary: send the body untouched with BODY=BINARYMIME.
+        :param reset_first: send RSET before MAIL (pipelined when the server
+            allows): checks that a connection that sat idle is still alive
+            before the message is at stake.
         :raises ExtensionUnavailable: (as a failure) an option needs an
             extension the server lacks; nothing is sent for the message.
         """
@@ -99,7 +116,7 @@ class Session:
             if isinstance(recipients, str | Mailbox | Recipient):
                 recipients = [recipients]
             mailboxes, options = recipient_options(recipients, dsn)
-            producer = body_producer(body)
+            producer = body_producer(body, cooperator=self._cooperator)
             envelope = Envelope(
                 parse_sender(sender),
                 mailboxes,
@@ -110,6 +127,7 @@ class Session:
                 requiretls=requiretls,
                 chunking=chunking,
                 binary=binary,
+                reset_first=reset_first,
             )
         except SMTPError as error:
             return _fail(error)
@@ -206,7 +224,7 @@ def connect(
                 reactor, host, port, implicit_tls=implicit, timeout=timeouts.connect
             )
         elif implicit is not None:
-            endpoint = wrapClientTLS(implicit, endpoint)
+            endpoint = wrap_tls(implicit, endpoint, reactor)
     except SMTPError as error:
         return _fail(error)
     if authentication is not None and authentication.token_provider is not None:
@@ -261,7 +279,10 @@ def _connect(
 
     def on_ready(_: object) -> None:
         if not result.called:
-            result.callback(Session(protocol, host, port))
+            # Bodies are produced on the session's own reactor (a fake clock in tests).
+            reactor = protocol.reactor
+            cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+            result.callback(Session(protocol, host, port, cooperator))
 
     def on_failed(failure: Failure) -> None:
         if result.called:

@@ -6,6 +6,7 @@ What ``treq.testing`` is to HTTP, this module is to txcolombe: point
 conversation (STARTTLS with real TLS, AUTH, pipelining, the body) runs in
 memory, synchronously, when the test says so::
 
+    MESSAGE = b"Subject: hi\\r\\n\\r\\nhello\\r\\n"
     fake = MemorySMTP(MemorySMTPServer(users={"alice": "s3cret"}))
     d = txcolombe.sendmail(
         "mx.example.org", "alice@example.com", ["bob@example.org"], MESSAGE,
@@ -21,6 +22,8 @@ Nothing happens between two calls of :meth:`MemorySMTP.flush` (or
 wait on :attr:`MemorySMTP.reactor`, a
 :class:`~twisted.internet.testing.MemoryReactorClock` whose time only moves
 when the test advances it. Timeouts are tested by advancing it.
+:attr:`MemorySMTP.cooperator` runs on that clock too: give it to
+``txcolombe.body.body_producer(..., cooperator=)`` for producers built by hand.
 
 The server (:class:`MemorySMTPServer`) speaks enough SMTP for a client:
 greeting, EHLO/HELO, STARTTLS (a real TLS handshake through
@@ -50,6 +53,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted, ConnectionDone
@@ -58,6 +62,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
     IDelayedCall,
+    IOpenSSLServerConnectionCreator,
     IProducer,
     IProtocol,
     IProtocolFactory,
@@ -69,7 +74,7 @@ from twisted.internet.interfaces import (
     ITLSTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate
+from twisted.internet.ssl import Certificate
 from twisted.internet.task import Cooperator
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -277,6 +282,24 @@ def _credentials(hostnames: tuple[str, ...]) -> tuple[bytes, bytes]:
     return ca.public_bytes(pem), leaf.public_bytes(pem) + key_pem
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class _ServerTLS:
+    """Server TLS with one key and certificate (TLS 1.2 and later)."""
+
+    def __init__(self, pem: bytes) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.use_certificate(x509.load_pem_x509_certificate(pem))
+        context.use_privatekey(load_pem_private_key(pem, None))  # type: ignore[arg-type]
+        self._context = context
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+
 # -- the server -------------------------------------------------------------------------
 
 _Effect = Callable[[], None]
@@ -304,10 +327,6 @@ def _b64(text: str) -> bytes | None:
         return base64.b64decode(text.strip().encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):
         return None
-
-
-def _ok(text: str) -> Reply:
-    return Reply.of(250, text)
 
 
 class MemorySMTPServer(Factory):
@@ -360,7 +379,7 @@ class MemorySMTPServer(Factory):
         ca_pem, server_pem = _credentials(tuple(hostnames))
         self.ca_pem = ca_pem
         self.trust_root = Certificate.loadPEM(ca_pem)
-        self.tls_options: CertificateOptions = PrivateCertificate.loadPEM(server_pem).options()  # type: ignore[no-untyped-call]
+        self.tls_options: IOpenSSLServerConnectionCreator = _ServerTLS(server_pem)
         self._rules: list[_Rule] = []
         self._queue_ids = itertools.count(1)
 
@@ -393,7 +412,8 @@ class MemorySMTPServer(Factory):
             server.script(END_OF_DATA, None, delay=0, close=True)  # drop after the dot
         """
         response = Response(reply, delay=delay, close=close, abort=abort)
-        self._rules.append(_Rule(command.upper(), lambda _c, _a: response, times))
+        verb = command if command in (GREETING, END_OF_DATA) else command.upper()
+        self._rules.append(_Rule(verb, lambda _c, _a: response, times))
 
     def add_responder(self, responder: Responder) -> None:
         """Ask ``responder`` about every command (after earlier rules).
@@ -1262,9 +1282,22 @@ class MemorySMTP:
         raise RuntimeError(f"the conversation did not settle in {self.max_rounds} rounds")
 
     def advance(self, seconds: float) -> None:
-        """Flush, move the fake clock ``seconds`` ahead (running what falls due), flush."""
+        """Move the fake clock ``seconds`` ahead, flushing after each timer that fires.
+
+        Bytes travel instantly: a reply a slow server sends at second 200
+        reaches the client before a timer of the client's that fires at
+        second 300, however large the step.
+        """
         self.flush()
-        self.reactor.advance(seconds)
+        clock = self.reactor
+        target = clock.seconds() + seconds
+        while True:
+            due = [c.getTime() for c in clock.getDelayedCalls() if c.getTime() <= target]
+            if not due:
+                break
+            clock.advance(max(0.0, min(due) - clock.seconds()))
+            self.flush()
+        clock.advance(max(0.0, target - clock.seconds()))
         self.flush()
 
     def _complete_connections(self) -> bool:

@@ -234,15 +234,10 @@ class MXTransport:
         self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
     ) -> dict[str, Outcome]:
         names = [str(r) for r in recipients]
+        from txcolombe.deliver import deliver
+
         try:
-            from txcolombe import deliver as deliver_module
-        except ImportError:
-            out = Outcome(
-                Status.DEFERRED, "MX delivery unavailable: txcolombe.deliver is missing", "4.3.5"
-            )
-            return dict.fromkeys(names, out)
-        try:
-            result = await deliver_module.deliver(
+            result = await deliver(
                 sender, names, data, domain=self.domain, reactor=self.reactor,
                 **self.options,
             )  # fmt: skip

@@ -1,0 +1,688 @@
+"""Benchmark: messages per second, 1 KiB each, into Postfix's ``smtp-sink``.
+
+    python bench/messages.py [--scenarios reuse,new,concurrent] [--clients NAMES]
+                             [--n N] [--quick] [--repeat R] [--timeout SECONDS]
+
+Scenarios: ``reuse`` sends N messages over one connection (default 3000),
+``new`` opens a new connection for each message (default 500), and
+``concurrent`` spreads N messages over 8 connections that each send their
+share one after another (default 8 x 1000).
+
+Clients: txcolombe, aiosmtplib, smtplib, twisted.mail.smtp as it is
+(``twisted-mail``) and with TCP_NODELAY set on its transport
+(``twisted-mail-nodelay``), and Postfix's ``smtp-source`` as the C ceiling
+(given the same message with ``-F``, so not ``-l``). Each client runs in a
+fresh process of its own against the same ``smtp-sink`` (started on a free
+127.0.0.1 port, PIPELINING checked, stopped at the end), with the same
+1024-octet message (headers and body), plaintext. Times include connecting,
+EHLO and QUIT (twisted.mail.smtp.sendmail reports a message sent before its
+QUIT, so its ``new`` times leave QUIT out). Each client runs R times (3;
+``--quick``: 1), the clients taking turns so that a busy machine slows them
+all alike; the table shows each one's best run and the rate of its slowest.
+
+Every client loop is bounded in count and in time: a client stops at N
+messages or at its time budget, whichever comes first, and its rate is what
+it did over the time it took. twisted.mail.smtp without TCP_NODELAY loses
+~44 ms per message to Nagle's algorithm and delayed ACKs, so it gets a budget
+of a few seconds and runs once; the others get half of ``--timeout``, after
+which the process is killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, cast
+
+SMTP_SINK = "/usr/sbin/smtp-sink"
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+HOST = "127.0.0.1"
+DOMAIN = "bench.example.com"
+SENDER = "bench@example.com"
+RECIPIENT = "sink@example.org"
+SIZE = 1024
+CONNECTIONS = 8
+SINK_BACKLOG = 1024
+
+SCENARIOS = {
+    "reuse": "messages over one reused connection",
+    "new": "messages, a new connection for each",
+    "concurrent": f"messages over {CONNECTIONS} concurrent connections, each reused",
+}
+DEFAULT_N = {"reuse": 3000, "new": 500, "concurrent": CONNECTIONS * 1000}
+QUICK_N = {"reuse": 200, "new": 50, "concurrent": CONNECTIONS * 50}
+CLIENTS = (
+    "txcolombe",
+    "aiosmtplib",
+    "smtplib",
+    "twisted-mail",
+    "twisted-mail-nodelay",
+    "smtp-source",
+)
+#: The module each client needs, where it may be missing.
+CLIENT_MODULES = {
+    "txcolombe": "txcolombe",
+    "aiosmtplib": "aiosmtplib",
+    "twisted-mail": "twisted",
+    "twisted-mail-nodelay": "twisted",
+}
+#: Clients too slow for the full N: they run for this many seconds instead.
+SLOW_BUDGET = {"twisted-mail": 5.0}
+QUICK_SLOW_BUDGET = 2.0
+
+
+def make_message() -> bytes:
+    """The message every client sends: exactly SIZE octets, CRLF lines."""
+    head = (
+        b"From: Bench Sender <bench@example.com>\r\n"
+        b"To: Sink <sink@example.org>\r\n"
+        b"Subject: txcolombe message-rate benchmark\r\n"
+        b"Date: Thu, 01 Jan 2026 00:00:00 +0000\r\n"
+        b"Message-ID: <messages.bench@example.com>\r\n"
+        b"MIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=us-ascii\r\n"
+        b"\r\n"
+    )
+    line = b"The quick brown fox jumps over the lazy dog; 0123456789 ABCDEFGHIJ\r\n"
+    body = b""
+    while len(head) + len(body) + len(line) + len(b"-\r\n") <= SIZE:
+        body += line
+    body += b"-" * (SIZE - len(head) - len(body) - 2) + b"\r\n"
+    message = head + body
+    assert len(message) == SIZE
+    return message
+
+
+MESSAGE = make_message()
+#: The same message with bare LF line ends, for the APIs that want them
+#: (twisted.mail.smtp turns LF into CRLF; smtp-source -F appends CRLF).
+MESSAGE_LF = MESSAGE.replace(b"\r\n", b"\n")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def shares(count: int, parts: int = CONNECTIONS) -> list[int]:
+    """``count`` split into ``parts`` near-equal shares."""
+    return [count // parts + (1 if i < count % parts else 0) for i in range(parts)]
+
+
+class Clock:
+    """Times one client run and bounds its loops by a deadline."""
+
+    def __init__(self, budget: float) -> None:
+        self.start = time.perf_counter()
+        self.deadline = self.start + budget
+
+    def more(self, done: int, count: int) -> bool:
+        return done < count and time.perf_counter() < self.deadline
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+Outcome = tuple[int, float]  # messages sent, seconds taken
+Runner = Callable[[str, int, int, float], Outcome]
+
+
+# -- clients, each run in its own process ---------------------------------------
+
+
+def react(main: Callable[[], Coroutine[Any, Any, Outcome]]) -> Outcome:
+    """Run ``main`` under Twisted's reactor (task.react always exits)."""
+    from twisted.internet import defer, task
+
+    outcome: list[Outcome] = []
+    errors: list[Exception] = []
+
+    async def run(_reactor: object) -> None:
+        try:
+            outcome.append(await main())
+        except Exception as error:
+            errors.append(error)
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    except SystemExit as stop:
+        if stop.code:
+            raise
+    if errors:
+        raise errors[0]
+    return outcome[0]
+
+
+def run_txcolombe(scenario: str, port: int, count: int, budget: float) -> Outcome:
+    from twisted.internet.defer import Deferred, gatherResults
+
+    import txcolombe
+
+    async def one_connection(clock: Clock, count: int) -> int:
+        session = await txcolombe.connect(
+            HOST, port=port, tls_mode=txcolombe.TLSMode.NONE, domain=DOMAIN
+        )
+        done = 0
+        while clock.more(done, count):
+            await session.send(SENDER, [RECIPIENT], MESSAGE)
+            done += 1
+        await session.quit()
+        return done
+
+    async def main() -> Outcome:
+        clock = Clock(budget)
+        done = 0
+        if scenario == "reuse":
+            done = await one_connection(clock, count)
+        elif scenario == "new":
+            while clock.more(done, count):
+                await txcolombe.sendmail(
+                    HOST, SENDER, [RECIPIENT], MESSAGE, port=port, starttls=False, domain=DOMAIN
+                )
+                done += 1
+        else:
+            workers = [Deferred.fromCoroutine(one_connection(clock, n)) for n in shares(count)]
+            done = sum(await gatherResults(workers, consumeErrors=True))
+        return done, clock.elapsed()
+
+    return react(main)
+
+
+def run_aiosmtplib(scenario: str, port: int, count: int, budget: float) -> Outcome:
+    import asyncio
+
+    import aiosmtplib
+
+    async def one_connection(clock: Clock, count: int) -> int:
+        client = aiosmtplib.SMTP(hostname=HOST, port=port, local_hostname=DOMAIN, start_tls=False)
+        await client.connect()
+        done = 0
+        while clock.more(done, count):
+            await client.sendmail(SENDER, [RECIPIENT], MESSAGE)
+            done += 1
+        await client.quit()
+        return done
+
+    async def main() -> Outcome:
+        clock = Clock(budget)
+        done = 0
+        if scenario == "reuse":
+            done = await one_connection(clock, count)
+        elif scenario == "new":
+            while clock.more(done, count):
+                await aiosmtplib.send(
+                    MESSAGE,
+                    sender=SENDER,
+                    recipients=[RECIPIENT],
+                    hostname=HOST,
+                    port=port,
+                    local_hostname=DOMAIN,
+                    start_tls=False,
+                )
+                done += 1
+        else:
+            counts = await asyncio.gather(*(one_connection(clock, n) for n in shares(count)))
+            done = sum(counts)
+        return done, clock.elapsed()
+
+    return asyncio.run(main())
+
+
+def run_smtplib(scenario: str, port: int, count: int, budget: float) -> Outcome:
+    import smtplib
+
+    def one_connection(clock: Clock, count: int) -> int:
+        done = 0
+        with smtplib.SMTP(HOST, port, local_hostname=DOMAIN) as client:
+            while clock.more(done, count):
+                client.sendmail(SENDER, [RECIPIENT], MESSAGE)
+                done += 1
+        return done
+
+    clock = Clock(budget)
+    done = 0
+    if scenario == "reuse":
+        done = one_connection(clock, count)
+    elif scenario == "new":
+        while clock.more(done, count):
+            with smtplib.SMTP(HOST, port, local_hostname=DOMAIN) as client:
+                client.sendmail(SENDER, [RECIPIENT], MESSAGE)
+            done += 1
+    else:
+        counts: list[int] = []
+        errors: list[BaseException] = []
+
+        def worker(n: int) -> None:
+            try:
+                counts.append(one_connection(clock, n))
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in shares(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        done = sum(counts)
+    return done, clock.elapsed()
+
+
+def run_twisted_mail(scenario: str, port: int, count: int, budget: float) -> Outcome:
+    return _twisted_mail(scenario, port, count, budget, nodelay=False)
+
+
+def run_twisted_mail_nodelay(scenario: str, port: int, count: int, budget: float) -> Outcome:
+    return _twisted_mail(scenario, port, count, budget, nodelay=True)
+
+
+def _twisted_mail(scenario: str, port: int, count: int, budget: float, nodelay: bool) -> Outcome:
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred, gatherResults
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.interfaces import ITCPTransport
+    from twisted.internet.protocol import connectionDone
+    from twisted.mail import smtp
+    from twisted.python.failure import Failure
+
+    # twisted.mail.smtp has no annotations: its calls are untyped for mypy.
+    def set_nodelay(transport: object) -> None:
+        cast(ITCPTransport, transport).setTcpNoDelay(True)
+
+    class Batch(smtp.ESMTPClient):
+        """Sends messages over one connection: getMailFrom until told to stop."""
+
+        def __init__(self, clock: Clock, count: int) -> None:
+            super().__init__(None, None, DOMAIN.encode(), 10)  # type: ignore[no-untyped-call]
+            self.clock = clock
+            self.count = count
+            self.started = 0
+            self.sent = 0
+            self.error: Exception | None = None
+            self.finished: Deferred[int] = Deferred()
+
+        def connectionMade(self) -> None:
+            if nodelay:
+                set_nodelay(self.transport)
+            super().connectionMade()  # type: ignore[no-untyped-call]
+
+        def getMailFrom(self) -> str | None:
+            if not self.clock.more(self.started, self.count):
+                return None
+            self.started += 1
+            return SENDER
+
+        def getMailTo(self) -> list[str]:
+            return [RECIPIENT]
+
+        def getMailData(self) -> io.BytesIO:
+            return io.BytesIO(MESSAGE_LF)
+
+        def sentMail(
+            self, code: int, resp: bytes, numOk: int, addresses: list[Any], log: Any
+        ) -> None:
+            if code in smtp.SUCCESS:
+                self.sent += 1
+            else:
+                self.error = smtp.SMTPDeliveryError(code, resp, log.str(), addresses)
+
+        def sendError(self, exc: Exception) -> None:
+            self.error = exc
+            super().sendError(exc)  # type: ignore[no-untyped-call]
+
+        def connectionLost(self, reason: Failure = connectionDone) -> None:
+            super().connectionLost(reason)  # type: ignore[no-untyped-call]
+            if self.error is not None:
+                self.finished.errback(self.error)
+            else:
+                self.finished.callback(self.sent)
+
+    class NoDelaySender(smtp.ESMTPSender):
+        def connectionMade(self) -> None:
+            set_nodelay(self.transport)
+            super().connectionMade()  # type: ignore[no-untyped-call]
+
+    if nodelay:
+        # twisted.mail.smtp.sendmail offers no hook on its transport: give its
+        # factory a protocol that sets TCP_NODELAY (this process only).
+        smtp.ESMTPSenderFactory.protocol = NoDelaySender
+
+    async def one_connection(clock: Clock, count: int) -> int:
+        batch = Batch(clock, count)
+        endpoint = TCP4ClientEndpoint(reactor, HOST, port)
+        await connectProtocol(endpoint, batch)  # type: ignore[no-untyped-call]
+        return await batch.finished
+
+    async def main() -> Outcome:
+        clock = Clock(budget)
+        done = 0
+        if scenario == "reuse":
+            done = await one_connection(clock, count)
+        elif scenario == "new":
+            while clock.more(done, count):
+                await smtp.sendmail(  # type: ignore[no-untyped-call]
+                    HOST, SENDER, [RECIPIENT], MESSAGE_LF, senderDomainName=DOMAIN, port=port
+                )
+                done += 1
+        else:
+            workers = [Deferred.fromCoroutine(one_connection(clock, n)) for n in shares(count)]
+            done = sum(await gatherResults(workers, consumeErrors=True))
+        return done, clock.elapsed()
+
+    return react(main)
+
+
+RUNNERS: dict[str, Runner] = {
+    "txcolombe": run_txcolombe,
+    "aiosmtplib": run_aiosmtplib,
+    "smtplib": run_smtplib,
+    "twisted-mail": run_twisted_mail,
+    "twisted-mail-nodelay": run_twisted_mail_nodelay,
+}
+
+
+def client_main(argv: list[str]) -> int:
+    name, scenario, port, count, budget = argv
+    try:
+        done, seconds = RUNNERS[name](scenario, int(port), int(count), float(budget))
+    except Exception as error:
+        # Twisted's gatherResults wraps the first failure in a FirstError.
+        sub_failure = getattr(error, "subFailure", None)
+        cause = sub_failure.value if sub_failure is not None else error
+        print(json.dumps({"error": f"{type(cause).__name__}: {cause}"}), flush=True)
+        return 1
+    print(json.dumps({"messages": done, "seconds": seconds}), flush=True)
+    return 0
+
+
+# -- the parent ---------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    client: str
+    asked: int
+    messages: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 and not self.error else 0.0
+
+
+def measure(
+    name: str, scenario: str, port: int, count: int, budget: float, timeout: float
+) -> Result:
+    args = [sys.executable, __file__, "client", name, scenario, str(port), str(count), str(budget)]
+    result = Result(name, count)
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        result.error = f"killed after {timeout:.0f} s"
+        return result
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    report = json.loads(lines[-1]) if lines else {}
+    if out.returncode != 0 or "messages" not in report:
+        last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        result.error = f"failed: {report.get('error', last)[:300]}"
+        return result
+    result.messages, result.seconds = int(report["messages"]), float(report["seconds"])
+    return result
+
+
+def measure_smtp_source(
+    scenario: str, port: int, count: int, message_file: Path, timeout: float
+) -> Result:
+    args = [SMTP_SOURCE, "-m", str(count), "-F", str(message_file), "-M", DOMAIN]
+    args += ["-f", SENDER, "-t", RECIPIENT]
+    if scenario != "new":
+        args.append("-d")
+    if scenario == "concurrent":
+        args += ["-s", str(CONNECTIONS)]
+    result = Result("smtp-source", count)
+    start = time.perf_counter()
+    try:
+        out = subprocess.run(
+            [*args, f"{HOST}:{port}"], capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        result.error = f"killed after {timeout:.0f} s"
+        return result
+    result.seconds = time.perf_counter() - start
+    if out.returncode != 0:
+        result.error = f"failed: {out.stderr.strip()[-200:]}"
+    else:
+        result.messages = count
+    return result
+
+
+class Sink:
+    """Postfix's smtp-sink on a free 127.0.0.1 port, stopped on exit."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        # PIPELINING is advertised unless -p is given.
+        self.process = subprocess.Popen(
+            [SMTP_SINK, *user, f"{HOST}:{self.port}", str(SINK_BACKLOG)]
+        )
+
+    def __enter__(self) -> Sink:
+        try:
+            deadline = time.monotonic() + 10
+            while (ehlo := self._ehlo()) is None:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"smtp-sink exited with status {self.process.returncode}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"smtp-sink does not answer on {HOST}:{self.port}")
+                time.sleep(0.05)
+            if b"PIPELINING" not in ehlo.upper():
+                raise RuntimeError(f"smtp-sink does not advertise PIPELINING: {ehlo!r}")
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ehlo(self) -> bytes | None:
+        """smtp-sink's EHLO reply, or None while it is not listening yet."""
+        try:
+            with socket.create_connection((HOST, self.port), timeout=2) as probe:
+                stream = probe.makefile("rb")
+                if not stream.readline().startswith(b"220"):
+                    return None
+                probe.sendall(b"EHLO probe.example.com\r\n")
+                lines = [stream.readline()]
+                while lines[-1][3:4] == b"-":
+                    lines.append(stream.readline())
+                probe.sendall(b"QUIT\r\n")
+                stream.readline()
+                return b"".join(lines)
+        except OSError:
+            return None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def version_of(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def postfix_version() -> str:
+    for command in (
+        ["postconf", "-h", "mail_version"],
+        ["dpkg-query", "-W", "-f=${Version}", "postfix"],
+    ):
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+        except OSError:
+            continue
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def print_header(port: int) -> None:
+    nproc = len(os.sched_getaffinity(0))
+    python = platform.python_version()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"machine: nproc={nproc}, {cpu_model()}, {platform.system()} {platform.release()}; "
+        f"load average at start {load}"
+    )
+    print(
+        f"versions: txcolombe {version_of('txcolombe')}, aiosmtplib {version_of('aiosmtplib')}, "
+        f"smtplib (Python {python}), twisted.mail.smtp (Twisted {version_of('twisted')}), "
+        f"smtp-source (Postfix {postfix_version()})"
+    )
+    print(
+        f"server: smtp-sink on {HOST}:{port} (PIPELINING, backlog {SINK_BACKLOG}); "
+        f"message: {len(MESSAGE)} octets, headers and body; plaintext"
+    )
+
+
+def print_table(scenario: str, count: int, repeat: int, runs: dict[str, list[Result]]) -> None:
+    """The best run of each client, its slowest run, and txcolombe's ratios."""
+    best = {client: pick_best(results) for client, results in runs.items()}
+    of = f", best of {repeat} runs" if repeat > 1 else ""
+    print(f"\n{scenario}: {count} {SCENARIOS[scenario]}{of}")
+    print(f"{'client':<22}{'messages':>10}{'seconds':>10}{'msg/s':>10}{'slowest':>10}")
+    for client, r in best.items():
+        if r.error:
+            print(f"{client:<22}  {r.error}")
+            continue
+        slowest = min(run.rate for run in runs[client])
+        note = "  (time budget reached)" if r.messages < r.asked else ""
+        note += "  (1 run)" if len(runs[client]) < repeat else ""
+        print(
+            f"{client:<22}{r.messages:>10}{r.seconds:>10.3f}{r.rate:>10.1f}{slowest:>10.1f}{note}"
+        )
+    ours = best.get("txcolombe")
+    if ours is None or not ours.rate:
+        return
+    for client, r in best.items():
+        if r is not ours and r.rate:
+            print(f"txcolombe / {client}: {ours.rate / r.rate:.2f}x")
+
+
+def pick_best(results: list[Result]) -> Result:
+    """A failed run if any (failures are not hidden), else the fastest one."""
+    failed = [r for r in results if r.error]
+    return failed[0] if failed else max(results, key=lambda r: r.rate)
+
+
+def available(client: str) -> bool:
+    """Whether ``client`` can run here; says why not."""
+    module = CLIENT_MODULES.get(client)
+    if module is not None and importlib.util.find_spec(module) is None:
+        print(f"skipping {client}: {module} is not installed in {sys.executable}")
+        return False
+    if client == "smtp-source" and not os.access(SMTP_SOURCE, os.X_OK):
+        print(f"skipping smtp-source: no {SMTP_SOURCE} (Debian package postfix)")
+        return False
+    return True
+
+
+def names(value: str, known: tuple[str, ...] | dict[str, Any]) -> list[str]:
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown: {', '.join(unknown)}; known: {', '.join(known)}"
+        )
+    return chosen
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenarios", type=lambda v: names(v, SCENARIOS), default=list(SCENARIOS))
+    parser.add_argument("--clients", type=lambda v: names(v, CLIENTS), default=list(CLIENTS))
+    parser.add_argument("--n", type=int, help="messages per scenario (concurrent: in all)")
+    parser.add_argument("--quick", action="store_true", help="small counts, one run: a smoke run")
+    parser.add_argument(
+        "--repeat", type=int, help="runs per client, interleaved; the best counts (default 3)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="kill a client after this many seconds"
+    )
+    options = parser.parse_args()
+    if not os.access(SMTP_SINK, os.X_OK):
+        print(f"no {SMTP_SINK}: install Debian's postfix package", file=sys.stderr)
+        return 2
+    clients = [client for client in options.clients if available(client)]
+    repeat = options.repeat or (1 if options.quick else 3)
+    budget = options.timeout / 2
+    slow_budget = dict.fromkeys(SLOW_BUDGET, QUICK_SLOW_BUDGET) if options.quick else SLOW_BUDGET
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="txc-bench-") as tmp, Sink() as sink:
+        message_file = Path(tmp) / "message.txt"
+        message_file.write_bytes(MESSAGE_LF)
+        print_header(sink.port)
+        for scenario in options.scenarios:
+            count = options.n or (QUICK_N if options.quick else DEFAULT_N)[scenario]
+            runs: dict[str, list[Result]] = {client: [] for client in clients}
+            for round_ in range(repeat):
+                print(f"  {scenario}: round {round_ + 1} of {repeat}", file=sys.stderr, flush=True)
+                for client in clients:
+                    if round_ and client in SLOW_BUDGET:
+                        continue  # its rate is set by a 40 ms timer: once is enough
+                    if client == "smtp-source":
+                        result = measure_smtp_source(
+                            scenario, sink.port, count, message_file, options.timeout
+                        )
+                    else:
+                        client_budget = min(slow_budget.get(client, budget), budget)
+                        result = measure(
+                            client, scenario, sink.port, count, client_budget, options.timeout
+                        )
+                    failed |= result.error is not None
+                    runs[client].append(result)
+            print_table(scenario, count, repeat, runs)
+            sys.stdout.flush()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "client":
+        sys.exit(client_main(sys.argv[2:]))
+    else:
+        sys.exit(main())
