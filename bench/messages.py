@@ -67,6 +67,7 @@ DEFAULT_N = {"reuse": 3000, "new": 500, "concurrent": CONNECTIONS * 1000}
 QUICK_N = {"reuse": 200, "new": 50, "concurrent": CONNECTIONS * 50}
 CLIENTS = (
     "txcolombe",
+    "txcolombe-queued",
     "aiosmtplib",
     "smtplib",
     "twisted-mail",
@@ -76,6 +77,7 @@ CLIENTS = (
 #: The module each client needs, where it may be missing.
 CLIENT_MODULES = {
     "txcolombe": "txcolombe",
+    "txcolombe-queued": "txcolombe",
     "aiosmtplib": "aiosmtplib",
     "twisted-mail": "twisted",
     "twisted-mail-nodelay": "twisted",
@@ -168,8 +170,23 @@ def react(main: Callable[[], Coroutine[Any, Any, Outcome]]) -> Outcome:
     return outcome[0]
 
 
+#: Sends kept in flight on one session by the "txcolombe-queued" client.
+WINDOW = 16
+
+
 def run_txcolombe(scenario: str, port: int, count: int, budget: float) -> Outcome:
-    from twisted.internet.defer import Deferred, gatherResults
+    """One message at a time, each awaited: the same shape as the peers' loops."""
+    return _txcolombe(scenario, port, count, budget, window=1)
+
+
+def run_txcolombe_queued(scenario: str, port: int, count: int, budget: float) -> Outcome:
+    """Up to WINDOW sends queued on each session: their commands pipeline
+    with the previous message's final dot (one round trip a message)."""
+    return _txcolombe(scenario, port, count, budget, window=WINDOW)
+
+
+def _txcolombe(scenario: str, port: int, count: int, budget: float, window: int) -> Outcome:
+    from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 
     import txcolombe
 
@@ -178,9 +195,20 @@ def run_txcolombe(scenario: str, port: int, count: int, budget: float) -> Outcom
             HOST, port=port, tls_mode=txcolombe.TLSMode.NONE, domain=DOMAIN
         )
         done = 0
-        while clock.more(done, count):
-            await session.send(SENDER, [RECIPIENT], MESSAGE)
-            done += 1
+        if window == 1:
+            while clock.more(done, count):
+                await session.send(SENDER, [RECIPIENT], MESSAGE)
+                done += 1
+        else:
+            slots = DeferredSemaphore(window)
+            sent: list[Deferred[Any]] = []
+            while clock.more(len(sent), count):
+                await slots.acquire()
+                d = session.send(SENDER, [RECIPIENT], MESSAGE)
+                d.addBoth(lambda result: (slots.release(), result)[1])
+                sent.append(d)
+            await gatherResults(sent, consumeErrors=True)
+            done = len(sent)
         await session.quit()
         return done
 
@@ -390,6 +418,7 @@ def _twisted_mail(scenario: str, port: int, count: int, budget: float, nodelay: 
 
 RUNNERS: dict[str, Runner] = {
     "txcolombe": run_txcolombe,
+    "txcolombe-queued": run_txcolombe_queued,
     "aiosmtplib": run_aiosmtplib,
     "smtplib": run_smtplib,
     "twisted-mail": run_twisted_mail,
@@ -596,12 +625,13 @@ def print_table(scenario: str, count: int, repeat: int, runs: dict[str, list[Res
         print(
             f"{client:<22}{r.messages:>10}{r.seconds:>10.3f}{r.rate:>10.1f}{slowest:>10.1f}{note}"
         )
-    ours = best.get("txcolombe")
-    if ours is None or not ours.rate:
-        return
-    for client, r in best.items():
-        if r is not ours and r.rate:
-            print(f"txcolombe / {client}: {ours.rate / r.rate:.2f}x")
+    for name in ("txcolombe", "txcolombe-queued"):
+        ours = best.get(name)
+        if ours is None or not ours.rate:
+            continue
+        for client, r in best.items():
+            if not client.startswith("txcolombe") and r.rate:
+                print(f"{name} / {client}: {ours.rate / r.rate:.2f}x")
 
 
 def pick_best(results: list[Result]) -> Result:

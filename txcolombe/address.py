@@ -9,6 +9,7 @@ mailbox as needing SMTPUTF8.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ def _check_controls(value: str, what: str) -> None:
         raise InvalidAddress(f"{what} {value!r} contains CR, LF or NUL")
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_domain(value: str) -> str:
     """Return ``value`` as a wire-ready domain: A-labels, or an address literal.
 
@@ -85,6 +87,7 @@ class Mailbox:
     domain: str | None
 
     @classmethod
+    @functools.lru_cache(maxsize=4096)
     def parse(cls, value: str) -> Mailbox:
         """Parse ``local@domain``, ``<local@domain>`` or ``Postmaster``.
 

@@ -279,14 +279,21 @@ class ClientMachine:
         """
         if self._quit_requested:
             return False
-        if self.state is State.READY:
+        state = self.state
+        if state is State.READY:
             return True
-        return self.pipelining and self.state in (State.DATA_END, State.RESETTING)
+        return self.pipelining and (state is State.DATA_END or state is State.RESETTING)
 
     @property
-    def pipelining(self) -> bool:
-        """True when the server advertised PIPELINING."""
-        return "PIPELINING" in self.extensions
+    def extensions(self) -> Extensions:
+        """What the server advertised in its last EHLO reply."""
+        return self._extensions
+
+    @extensions.setter
+    def extensions(self, extensions: Extensions) -> None:
+        self._extensions = extensions
+        # Asked for every message: worth keeping at hand.
+        self.pipelining = "PIPELINING" in extensions
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes received from the server."""
