@@ -12,6 +12,7 @@ of 78-octet lines (some starting with a dot), so no client reads a disk.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import socket
@@ -99,7 +100,69 @@ def run_smtplib(port: int, mib: int, ca: str | None) -> float:
     return time.perf_counter() - start
 
 
-CLIENTS = {"socket": run_socket, "smtplib": run_smtplib}
+def run_aiosmtplib(port: int, mib: int, ca: str | None) -> float:
+    import asyncio
+    import ssl
+
+    import aiosmtplib
+
+    message = b"".join(body_chunks(mib))  # aiosmtplib takes the whole message
+
+    async def send() -> None:
+        context = ssl.create_default_context(cafile=ca) if ca else None
+        await aiosmtplib.send(
+            message,
+            sender="b@example.com",
+            recipients=["s@example.org"],
+            hostname="localhost" if ca else "127.0.0.1",
+            port=port,
+            start_tls=bool(ca),
+            tls_context=context,
+            timeout=600,
+        )
+
+    start = time.perf_counter()
+    asyncio.run(send())
+    return time.perf_counter() - start
+
+
+def run_twisted_mail(port: int, mib: int, ca: str | None) -> float:
+    """twisted.mail.smtp.sendmail streaming from a file of the body (plaintext:
+    its sendmail() has no way to trust the benchmark's private CA)."""
+    from twisted.internet import defer, task
+    from twisted.mail import smtp
+
+    if ca:
+        raise NotImplementedError("twisted.mail.smtp.sendmail cannot take a trust root")
+    with tempfile.TemporaryFile() as body:
+        for chunk in body_chunks(mib):
+            body.write(chunk)
+        body.seek(0)
+        elapsed: list[float] = []
+
+        async def send(reactor: object) -> None:
+            start = time.perf_counter()
+            await smtp.sendmail(  # type: ignore[no-untyped-call]
+                "127.0.0.1",
+                "b@example.com",
+                ["s@example.org"],
+                body,
+                port=port,
+                senderDomainName="bench.example.com",
+            )
+            elapsed.append(time.perf_counter() - start)
+
+        with contextlib.suppress(SystemExit):
+            task.react(lambda reactor: defer.ensureDeferred(send(reactor)))
+        return elapsed[0] if elapsed else 0.0
+
+
+CLIENTS = {
+    "socket": run_socket,
+    "smtplib": run_smtplib,
+    "aiosmtplib": run_aiosmtplib,
+    "twisted-mail": run_twisted_mail,
+}
 
 
 def client_main(name: str, port: int, mib: int, ca: str | None) -> None:
@@ -179,7 +242,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=100)
     parser.add_argument("--tls", action="store_true")
-    parser.add_argument("--clients", default="txcolombe,socket,smtplib")
+    parser.add_argument("--clients", default="txcolombe,socket,smtplib,aiosmtplib,twisted-mail")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ca = cert = key = None
@@ -197,8 +260,14 @@ def main() -> None:
             print(f"{options.mib} MiB body, {kind}, to bench/sink.py on 127.0.0.1:{port}")
             results: dict[str, dict[str, float]] = {}
             for name in options.clients.split(","):
+                if name == "twisted-mail" and ca:
+                    print("  skipping twisted-mail: its sendmail() cannot trust a private CA")
+                    continue
                 print(f"  running {name} ...", flush=True)
-                results[name] = measure(name, port, options.mib, ca)
+                try:
+                    results[name] = measure(name, port, options.mib, ca)
+                except (RuntimeError, subprocess.TimeoutExpired) as error:
+                    print(f"  {name} failed: {str(error)[-300:]}")
         finally:
             sink.terminate()
             sink.wait(timeout=10)
