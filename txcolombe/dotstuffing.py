@@ -4,8 +4,9 @@
 bytes to send. It keeps just enough state to be right across chunk
 boundaries: whether the next byte starts a line, a CR that may be followed
 by LF at the start of the next chunk, and the length of the current line. Work is done on
-whole chunks with bytes methods (a regex only for stray CRs), never per line
-in Python.
+whole chunks with bytes methods (one split, two counts, one replace when a
+line starts with a dot; a regex only for stray CRs or LFs), never per line in
+Python.
 """
 
 from __future__ import annotations
@@ -69,33 +70,33 @@ class DataEncoder:
                 step=Step.BODY,
             )
         self._skip_lf = chunk.endswith(b"\r")
-        if b"\r" not in chunk:
-            chunk = chunk.replace(b"\n", b"\r\n")
-        elif not chunk.count(b"\r") == chunk.count(b"\n") == chunk.count(b"\r\n"):
+        lines = chunk.split(b"\r\n")
+        breaks = len(lines) - 1
+        if chunk.count(b"\n") != breaks or chunk.count(b"\r") != breaks:
+            # A lone CR or LF somewhere: normalise (rare, so a regex is fine).
             chunk = _LINE_BREAK.sub(b"\r\n", chunk)
-        self._check_lines(chunk)
+            lines = chunk.split(b"\r\n")
+        self._check_lines(lines)
         if self._stuff:
-            chunk = chunk.replace(b"\n.", b"\n..")
+            if b"\n." in chunk:
+                chunk = chunk.replace(b"\n.", b"\n..")
             if self._at_line_start and chunk.startswith(b"."):
                 chunk = b"." + chunk
         self._at_line_start = chunk.endswith(b"\n")
         self.octets_out += len(chunk)
         return chunk
 
-    def _check_lines(self, chunk: bytes) -> None:
-        """Check line lengths in a chunk already normalised to CRLF."""
-        segments = chunk.split(b"\n")
-        if len(segments) == 1:
-            self._line_length += len(chunk)
+    def _check_lines(self, lines: list[bytes]) -> None:
+        """Check line lengths; ``lines`` is a normalised chunk split at CRLF."""
+        if len(lines) == 1:
+            self._line_length += len(lines[0])
         else:
-            # Every segment but the last ends with its CR, hence the "- 1".
-            longest = max(map(len, segments)) - 1
             if (
-                longest > self._max_line
-                or self._line_length + len(segments[0]) - 1 > self._max_line
+                max(map(len, lines)) > self._max_line
+                or self._line_length + len(lines[0]) > self._max_line
             ):
                 raise self._too_long()
-            self._line_length = len(segments[-1])
+            self._line_length = len(lines[-1])
         if self._line_length > self._max_line:
             raise self._too_long()
 
