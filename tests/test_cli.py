@@ -9,6 +9,7 @@ received.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -369,24 +370,50 @@ def test_describe_error_multiline_reply() -> None:
 # -- the demo -----------------------------------------------------------------------------
 
 
-def test_demo_runs_both_deliveries() -> None:
+def test_demo_runs_direct_and_relayed_deliveries() -> None:
     process = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "demo.py")],
         capture_output=True,
-        timeout=120,
+        timeout=90,
         cwd=ROOT,
         check=False,
         text=True,
     )
     out = process.stdout
     assert process.returncode == 0, out + process.stderr
+    # (a) and (b): straight to aiosmtpd
     assert "txcolombe.sendmail()" in out and "txcolombe.submit()" in out
     assert "queued as AIO00001" in out and "queued as AIO00002" in out
     assert "refused   <refuse-me@example.org>: 550 5.1.1" in out
     assert "(STARTTLS)" in out and "(implicit TLS)" in out
-    assert out.count("TLS: yes, authenticated as: alice") == 2
     assert "message 1: envelope, TLS, login and all" in out
     assert "message 2: envelope, TLS, login and all" in out
-    assert "==> stopping the servers" in out
+    # (c) and (d): through twistd smtprelay, which forwards to aiosmtpd
+    assert "==> starting our relay: twistd -n smtprelay" in out
+    assert "txcolombe.relay.passwords --stdin" in out
+    assert "(c) txcolombe.sendmail() to our relay" in out
+    assert "(d) txcolombe.submit() to our relay" in out
+    queue_ids = re.findall(r"final reply: 250 2\.0\.0 Ok: queued as (\S+)", out)
+    assert len(queue_ids) == 2 and len(set(queue_ids)) == 2, out
+    for queue_id in queue_ids:
+        assert f"with ESMTPSA id {queue_id}" in out  # the relay's Received: header
+        assert re.search(
+            rf"{queue_id}: to=<\S+>, relay=127\.0\.0\.1\[\d+\], .*status=delivered, "
+            r"reply=\(250 2\.0\.0 OK queued as AIO0000[34]\)",
+            out,
+        ), out
+    assert out.count("| Received: from client.example.com ([127.0.0.1])") == 2
+    assert out.count("TLS: yes, authenticated as: alice") == 4  # the relay too, as alice
+    for label in ("(c)", "(d)"):
+        assert re.search(
+            rf"message [34] {re.escape(label)}: envelope, TLS, login, the relay's Received: "
+            r"header \(id \S+\) and all \d+ octets sent match",
+            out,
+        ), out
+    assert "the relay shut down cleanly on SIGTERM" in out
+    assert "error lines (odd)" not in out
+    assert "==> stopping aiosmtpd" in out
     assert out.rstrip().endswith("arrived intact")
     assert process.stderr == ""
+    [workdir] = re.findall(r"\(\$WORK is (\S+)\)", out)
+    assert not Path(workdir).exists()  # temporary files removed
