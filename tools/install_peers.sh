@@ -13,7 +13,8 @@
 # it is stopped.
 set -u -o pipefail
 
-PACKAGES=(postfix dovecot-core swaks ca-certificates)
+# swaks needs the Perl TLS and SASL modules for STARTTLS, implicit TLS and AUTH.
+PACKAGES=(postfix dovecot-core swaks ca-certificates libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl)
 strict="${PEERS_STRICT:-0}"
 for arg in "$@"; do
     case "$arg" in
