@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 
 from txcolombe.address import Mailbox
 from txcolombe.relay.queue import QueueManager, RetryPolicy
-from txcolombe.relay.spool import Spool
+from txcolombe.relay.spool import REMOVAL_DELAY, Spool
 from txcolombe.relay.transport import Outcome, Status
 from txcolombe.server.machine import Envelope
 
@@ -84,6 +84,8 @@ def test_delivered_message_leaves_the_spool(tmp_path: Path) -> None:
     _, sender, rcpts, data = transport.calls[0]
     assert sender == "a@x.test" and rcpts == ["b@y.test"]
     assert data.startswith(b"Received: from c.test ([127.0.0.1])") and data.endswith(DATA)
+    assert [p.suffix for p in (tmp_path / "spool" / "queue").iterdir()] == [".msg"]
+    clock.advance(REMOVAL_DELAY)  # removals are not waited for
     assert not list((tmp_path / "spool" / "queue").iterdir())
     assert queue.stats()["delivered"] == 1 and qid not in queue.messages
 
@@ -160,9 +162,10 @@ def test_restart_resumes_with_state(tmp_path: Path) -> None:
     assert queue.messages[qid].attempts == 1
     queue.spool.stop()
     # a new process: same spool, the busy recipient only, attempt count kept
-    queue2, transport2, _ = make(tmp_path)
+    queue2, transport2, clock2 = make(tmp_path)
     assert [c[2] for c in transport2.calls] == [["busy@y.test"]]
     assert qid not in queue2.messages
+    clock2.advance(REMOVAL_DELAY)
     assert not list((tmp_path / "spool" / "queue").iterdir())
 
 
@@ -193,4 +196,5 @@ def test_queue_commands(tmp_path: Path) -> None:
     transport.script["busy4"] = TEMP
     qid4 = accept(queue, envelope("a@x.test", "busy4@y.test"), clock)
     assert queue.delete(qid4) and queue.messages == {}
+    clock.advance(REMOVAL_DELAY)
     assert not (tmp_path / "spool" / "queue" / f"{qid4}.msg").exists()

@@ -288,3 +288,95 @@ def test_received_header() -> None:
         b"\tby relay.test (txcolombe) with ESMTPS id QID1\r\n"
         b"\tfor <b@y.test>; Thu, 01 Jan 1970 00:00:00 +0000\r\n"
     )
+
+
+# -- the DATA path against a line-by-line model ---------------------------------------
+
+import itertools  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+MODEL_CONFIG = ServerConfig(hostname="relay.test", max_size=3000, max_hops=3)
+
+
+def model(stream: bytes) -> tuple[bytes | None, set[str], bytes]:
+    """What the server must make of the bytes after DATA, read a line at a
+    time: (the message, or None when refused; the statuses of its faults;
+    what follows the data).
+
+    Only <CRLF>.<CRLF> ends the data; lines are unstuffed; a bare CR or LF,
+    a line over 998 octets (after unstuffing), more than ``max_size``
+    octets, or ``max_hops`` Received fields in the header refuse it (with
+    the status of one of its faults).
+    """
+    lines: list[bytes] = []
+    faults: set[str] = set()
+    position = 0
+    after_crlf = True
+    in_headers = True
+    hops = 0
+    size = 0
+    while True:
+        end = stream.find(b"\n", position)
+        assert end >= 0  # the stream always ends the data
+        raw = stream[position:end]
+        position = end + 1
+        crlf = raw.endswith(b"\r")
+        content = raw[:-1] if crlf else raw
+        if content == b"." and crlf and after_crlf:
+            break
+        if not crlf or b"\r" in content:
+            faults.add("5.5.2")
+        if content.startswith(b"."):
+            content = content[1:]
+        if len(content) > 998:
+            faults.add("5.5.6")
+        if in_headers:
+            if not content:
+                in_headers = False
+            elif content[:9].lower() == b"received:":
+                hops += 1
+        size += len(content) + 2
+        if size > MODEL_CONFIG.max_size:
+            faults.add("5.3.4")
+        lines.append(content)
+        after_crlf = crlf
+    if not faults and hops >= MODEL_CONFIG.max_hops:
+        faults.add("5.4.6")
+    message = None if faults else b"".join(line + b"\r\n" for line in lines)
+    return message, faults, stream[position:]
+
+
+PIECES = st.sampled_from(
+    [b"a", b"text ", b".", b"..", b"\r\n", b"\r", b"\n", b"\r\n.\r\n", b"\n.\r\n",
+     b"Received: x\r\n", b"RECEIVED:y\r\n", b"\r\n\r\n", b"z" * 400, b"\xc3\xa9"]
+)  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(PIECES, max_size=40), st.lists(st.integers(0, 5000), max_size=4))
+def test_data_path_agrees_with_the_line_model(pieces: list[bytes], cuts: list[int]) -> None:
+    """Any body, cut anywhere: the message the model reads, or a refusal
+    for one of its faults; then the command after the data is read."""
+    stream = b"".join(pieces) + b"\r\n.\r\nNOOP\r\n"
+    message, faults, rest = model(stream)
+    m = ServerMachine(MODEL_CONFIG, client_address="192.0.2.7", relay_allowed=True)
+    replies(m)
+    in_data(m)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    for start, end in itertools.pairwise(points):
+        m.receive_data(stream[start:end])
+    got = [e for e in events(m) if isinstance(e, MessageReceived)]  # not Close
+    if faults:
+        refusal, *after = replies(m)
+        assert got == [] and refusal.code >= 550, refusal
+        assert refusal.lines[0].split()[0] in faults, (refusal, faults)
+    else:
+        assert len(got) == 1 and got[0].data == message
+        assert replies(m) == []  # the rest waits for the store's answer
+        m.message_result(Reply.of(250, "2.0.0 Ok"))
+        ok, *after = replies(m)
+        assert ok.code == 250
+    if rest == b"NOOP\r\n":
+        assert [r.code for r in after] == [250]

@@ -135,11 +135,12 @@ class SMTPClientProtocol(Protocol):
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
         tls: IOpenSSLClientConnectionCreator | None = None,
         peer: str = "",
+        trace: bool = True,
     ) -> None:
         self.machine = machine
         self.peer = peer
         self._trace: list[str] = []
-        if machine.trace is None:
+        if trace and machine.trace is None:
             machine.trace = self._trace_line
         self.ready: Deferred[SMTPClientProtocol] = Deferred()
         self.closed: Deferred[None] = Deferred()

@@ -177,6 +177,7 @@ def connect(
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     reactor: Any = None,
     endpoint: IStreamClientEndpoint | None = None,
+    trace: bool = True,
 ) -> Deferred[Session]:
     """Connect to ``destination`` and set the session up; fires with a :class:`Session`.
 
@@ -191,6 +192,8 @@ def connect(
     :param endpoint: connect through this endpoint instead of TCP to
         ``destination`` (TLS-wrapped for implicit TLS); ``destination`` still
         names the server for certificate checks.
+    :param trace: log the SMTP conversation at debug level (credentials
+        masked); False saves its cost where volume is high (a relay).
     """
     if tls_mode is TLSMode.NONE and authentication is not None:
         return _fail(UsageError("authentication is never sent without TLS"))
@@ -215,7 +218,12 @@ def connect(
         server_port=port,
     )
     protocol = SMTPClientProtocol(
-        machine, reactor=reactor, timeouts=timeouts, tls=creator, peer=f"{host.name}:{port}"
+        machine,
+        reactor=reactor,
+        timeouts=timeouts,
+        tls=creator,
+        peer=f"{host.name}:{port}",
+        trace=trace,
     )
     implicit = creator if tls_mode is TLSMode.IMPLICIT else None
     try:

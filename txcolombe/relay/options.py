@@ -50,6 +50,9 @@ class Options(usage.Options):
          "(default: implicit for port 465, starttls otherwise)."],
         ["smarthost-auth", None, None,
          "File with the smarthost credentials: one line 'user:password' (keep it 0600)."],
+        ["smarthost-auth-mechanism", None, None,
+         "SASL mechanism for the smarthost (PLAIN, LOGIN, SCRAM-SHA-256...; "
+         "default: the strongest it offers)."],
         ["smarthost-ca", None, None, "PEM CA to verify the smarthost with (default: system)."],
         ["max-size", None, 10240000, "Largest message accepted, in octets (SIZE).", int],
         ["max-recipients", None, 100, "Most recipients per message (452 beyond).", int],
@@ -63,6 +66,9 @@ class Options(usage.Options):
         ["metrics", None, None,
          "Serve counters as Prometheus text on this endpoint (e.g. tcp:9125:interface=127.0.0.1)."],
         ["idle-timeout", None, 300, "Drop SMTP clients idle this many seconds.", float],
+        ["dns-server", None, None,
+         "MX mode: ask this DNS server (HOST:PORT) instead of the system's resolvers."],
+        ["mx-port", None, None, "MX mode: connect to exchangers on this port (default 25).", int],
     ]  # fmt: skip
 
     def __init__(self) -> None:

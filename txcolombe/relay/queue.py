@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import heapq
 import json
+import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -36,6 +37,10 @@ from txcolombe.server.received import received_header
 log = Logger(namespace="txcolombe.relay")
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+
+#: Messages up to this size stay in memory until their first attempt, which
+#: then needs no read from the spool.
+KEEP_IN_MEMORY = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,15 @@ class RecipientState:
 
 @dataclass
 class Message:
+    """A queued message as the queue manager sees it.
+
+    :ivar data: the message itself, kept in memory from its arrival until its
+        first attempt when it is small (:data:`KEEP_IN_MEMORY`); else None,
+        and it is read from the spool.
+    :ivar mailboxes: the parsed sender (key None) and recipients, by address.
+    :ivar has_state: a state file exists in the spool.
+    """
+
     id: str
     sender: str | None
     recipients: list[RecipientState]
@@ -87,6 +101,9 @@ class Message:
     in_flight: bool = False
     deleted: bool = False
     client: str = ""
+    data: bytes | None = field(default=None, repr=False)
+    mailboxes: dict[str | None, Mailbox | None] = field(default_factory=dict, repr=False)
+    has_state: bool = False
 
     @property
     def pending(self) -> list[RecipientState]:
@@ -136,12 +153,15 @@ def event_text(log_format: str, queue_id: str, fields: dict[str, Any]) -> str:
         text = str(value)
         if key in ("from", "to"):
             text = f"<{text}>"
-        elif any(c in text for c in ", ()") and key != "reply":
-            text = json.dumps(text)
-        if key == "reply":
+        elif key == "reply":
             text = f"({text})"
+        elif _NEEDS_QUOTES.search(text):
+            text = json.dumps(text)
         parts.append(f"{key}={text}")
     return f"{queue_id}: " + ", ".join(parts)
+
+
+_NEEDS_QUOTES = re.compile(r"[, ()]")
 
 
 class QueueManager:
@@ -231,6 +251,9 @@ class QueueManager:
         recipients = [RecipientState(**r) for r in state.get("recipients", [])] or [
             RecipientState(address) for address in envelope["recipients"]
         ]
+        mailboxes: dict[str | None, Mailbox | None] = {None: parse_sender(envelope["sender"])}
+        for rcpt in recipients:
+            mailboxes[rcpt.address] = parse_recipient(rcpt.address)
         return Message(
             id=queue_id,
             sender=envelope["sender"],
@@ -242,6 +265,8 @@ class QueueManager:
             attempts=state.get("attempts", 0),
             next_attempt=state.get("next_attempt", 0.0),
             client=envelope.get("client", ""),
+            mailboxes=mailboxes,
+            has_state=bool(state),
         )
 
     # -- intake -------------------------------------------------------------------------
@@ -250,18 +275,25 @@ class QueueManager:
         """Spool a message from the SMTP server, with our Received header."""
         queue_id = new_queue_id()
         header = received_header(envelope, self.hostname, queue_id, time.time())
+        sender = str(envelope.sender) if envelope.sender is not None else None
+        mailboxes: dict[str | None, Mailbox | None] = {None: envelope.sender}
+        for rcpt in envelope.recipients:
+            mailboxes[str(rcpt)] = rcpt
         return self._spool(
-            queue_id,
-            str(envelope.sender) if envelope.sender is not None else None,
-            [str(r) for r in envelope.recipients],
-            header + data,
+            queue_id, sender, [str(r) for r in envelope.recipients], header + data,
             {"client": envelope.client_address, "helo": envelope.helo,
              "protocol": envelope.protocol, "auth": envelope.authenticated},
+            mailboxes,
         )  # fmt: skip
 
     def inject(self, sender: str | None, recipients: Sequence[str], data: bytes) -> Deferred[str]:
         """Spool a locally made message (a bounce)."""
-        return self._spool(new_queue_id(), sender, list(recipients), data, {"client": "local"})
+        mailboxes: dict[str | None, Mailbox | None] = {None: parse_sender(sender)}
+        for rcpt in recipients:
+            mailboxes[rcpt] = parse_recipient(rcpt)
+        return self._spool(
+            new_queue_id(), sender, list(recipients), data, {"client": "local"}, mailboxes
+        )
 
     def _spool(
         self,
@@ -270,6 +302,7 @@ class QueueManager:
         recipients: list[str],
         data: bytes,
         extra: dict[str, Any],
+        mailboxes: dict[str | None, Mailbox | None],
     ) -> Deferred[str]:
         arrival = self.reactor.seconds()
         record = {
@@ -288,6 +321,8 @@ class QueueManager:
             size=len(data),
             next_attempt=arrival,
             client=str(extra.get("client", "")),
+            data=data if len(data) <= KEEP_IN_MEMORY else None,
+            mailboxes=mailboxes,
         )
 
         def stored(_: object) -> str:
@@ -297,8 +332,11 @@ class QueueManager:
                 queue_id, **{"from": sender or "", "size": len(data),
                              "nrcpt": len(recipients), "client": message.client},
             )  # fmt: skip
-            self._push(message)
-            self._run_queue()
+            if self._running and len(self._active) < self.max_active:
+                self._dispatch(message)  # the common case: straight out
+            else:
+                self._push(message)
+                self._run_queue()
             return queue_id
 
         return self.spool.write_message(queue_id, record, data).addCallback(stored)
@@ -334,16 +372,21 @@ class QueueManager:
 
     def _dispatch(self, message: Message) -> None:
         message.in_flight = True
-        try:
-            data = self.spool.read_data(message.id)
-        except OSError as error:
-            log.error("cannot read {id}: {error}", id=message.id, error=error)
-            message.in_flight = False
-            return
-        sender = parse_sender(message.sender)
+        data = message.data
+        message.data = None
+        if data is None:
+            try:
+                data = self.spool.read_data(message.id)
+            except OSError as error:
+                log.error("cannot read {id}: {error}", id=message.id, error=error)
+                message.in_flight = False
+                return
+        mailboxes = message.mailboxes
+        sender = mailboxes[None]
         groups: dict[str, list[Mailbox]] = {}
         for rcpt in message.pending:
-            mailbox = parse_recipient(rcpt.address)
+            mailbox = mailboxes[rcpt.address]
+            assert mailbox is not None
             groups.setdefault(self.transport.route(mailbox), []).append(mailbox)
         attempts = [
             self.transport.send(dest, sender, rcpts, data) for dest, rcpts in groups.items()
@@ -410,14 +453,19 @@ class QueueManager:
             message.warned = True
             self._warn(message, data, now)
         message.next_attempt = now + self.policy.backoff(message.attempts)
-        self.spool.write_state(message.id, message.state())
+        self._write_state(message)
         if not message.held:
             self._push(message)
         self._run_queue()
 
+    def _write_state(self, message: Message) -> None:
+        message.has_state = True
+        d = self.spool.write_state(message.id, message.state())
+        d.addErrback(lambda f: log.failure("writing the state of {id}", f, id=message.id))
+
     def _forget(self, message: Message) -> None:
         self.messages.pop(message.id, None)
-        self.spool.remove(message.id)
+        self.spool.remove(message.id, state=message.has_state)
         self._run_queue()
 
     # -- bounces ---------------------------------------------------------------------------
@@ -506,7 +554,7 @@ class QueueManager:
         if message is None:
             return False
         message.held = True
-        self.spool.write_state(queue_id, message.state())
+        self._write_state(message)
         self.event(queue_id, status="hold")
         return True
 
@@ -516,7 +564,7 @@ class QueueManager:
             return False
         message.held = False
         message.next_attempt = self.reactor.seconds()
-        self.spool.write_state(queue_id, message.state())
+        self._write_state(message)
         self.event(queue_id, status="release")
         if not message.in_flight:
             self._push(message)

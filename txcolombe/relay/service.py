@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from txcolombe.address import parse_domain
-from txcolombe.auth import Authentication
+from txcolombe.auth import Authentication, Mechanism
 from txcolombe.errors import InvalidAddress
 from txcolombe.machine import TLSMode
 from txcolombe.relay.control import SOCKET_NAME, ControlFactory
@@ -57,8 +57,17 @@ class RelayHandler:
         self.queue = queue
         self.networks = networks
         self.users = users
+        self._allowed: dict[str, bool] = {}
 
     def relay_allowed(self, client_address: str) -> bool:
+        allowed = self._allowed.get(client_address)
+        if allowed is None:
+            if len(self._allowed) >= 4096:
+                self._allowed.clear()
+            allowed = self._allowed[client_address] = self._relay_allowed(client_address)
+        return allowed
+
+    def _relay_allowed(self, client_address: str) -> bool:
         try:
             ip = ipaddress.ip_address(client_address)
         except ValueError:
@@ -100,20 +109,25 @@ class RelayService(service.MultiService):
         async def stop() -> None:
             await super(RelayService, self).stopService()  # type: ignore[no-untyped-call]
             await self.queue.stop()
-            self.spool.stop()
+            await self.spool.stop()
 
         return Deferred.fromCoroutine(stop())
 
 
-def _read_credentials(path: str) -> Authentication:
+def _read_credentials(path: str, mechanism: str | None = None) -> Authentication:
     text = Path(path).read_text("utf-8").strip().splitlines()
     user, sep, password = (text[0] if text else "").partition(":")
     if not sep:
         raise usage.UsageError(f"{path}: expected one line 'user:password'")
-    return Authentication(user, password)
+    try:
+        chosen = Mechanism(mechanism.upper()) if mechanism else None
+    except ValueError:
+        raise usage.UsageError(f"unknown SASL mechanism {mechanism!r}") from None
+    return Authentication(user, password, mechanism=chosen)
 
 
-def _smarthost(options: Any, hostname: str) -> Smarthost:
+def smarthost_from_options(options: Any, hostname: str) -> Smarthost:
+    """The :class:`Smarthost` of ``--smarthost`` and its companions."""
     text: str = options["smarthost"]
     host, port = text, 587
     if text.startswith("["):
@@ -130,11 +144,33 @@ def _smarthost(options: Any, hostname: str) -> Smarthost:
         "opportunistic": TLSMode.OPPORTUNISTIC,
         "none": TLSMode.NONE,
     }[mode_name]
-    auth = _read_credentials(options["smarthost-auth"]) if options["smarthost-auth"] else None
+    auth = None
+    if options["smarthost-auth"]:
+        auth = _read_credentials(options["smarthost-auth"], options.get("smarthost-auth-mechanism"))
     trust = None
     if options["smarthost-ca"]:
         trust = ssl.Certificate.loadPEM(Path(options["smarthost-ca"]).read_bytes())
     return Smarthost(host, port, mode, auth, trust, hostname)
+
+
+def build_transport(options: Any, hostname: str, reactor: Any) -> Transport:
+    """The transport of the options: to the smarthost, or to each domain's MX."""
+    if options["smarthost"]:
+        return SmarthostTransport(
+            smarthost_from_options(options, hostname),
+            reactor=reactor,
+            concurrency=options["concurrency"],
+        )
+    mx: dict[str, Any] = {}
+    if options["mx-port"]:
+        mx["port"] = int(options["mx-port"])
+    if options["dns-server"]:
+        from twisted.names import client
+
+        host, _, port = str(options["dns-server"]).rpartition(":")
+        servers = [(host.strip("[]"), int(port))]
+        mx["resolver"] = client.createResolver(servers=servers)  # type: ignore[no-untyped-call]
+    return MXTransport(reactor=reactor, domain=hostname, **mx)
 
 
 def make_service(options: Any, reactor: Any = None) -> RelayService:
@@ -152,13 +188,7 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
         cert_key = (options["tls-cert"], options["tls-key"])
     users = load_users(Path(options["users"])) if options["users"] else {}
     networks = [ipaddress.ip_network(n, strict=False) for n in options["relay-network"]]
-    transport: Transport
-    if options["smarthost"]:
-        transport = SmarthostTransport(
-            _smarthost(options, hostname), reactor=reactor, concurrency=options["concurrency"]
-        )
-    else:
-        transport = MXTransport(reactor=reactor, domain=hostname)
+    transport = build_transport(options, hostname, reactor)
     spool = Spool(Path(options["spool"]), reactor=reactor)
     policy = RetryPolicy(
         min_backoff=options["min-backoff"],

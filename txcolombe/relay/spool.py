@@ -11,49 +11,90 @@ file is either entirely there or not at all. Writes are *group-committed*:
 the operations that arrive while a commit runs go together into the next
 one, with their files fsynced in parallel and the directory fsynced once, so
 concurrent messages share the cost of durability.
+
+Removals (after delivery) are not waited for: the unlinks ride along with
+the next commit (done after it, so as not to delay its answer) and are made
+durable by the one after; when no commit comes, a commit of the removals
+alone runs after :data:`REMOVAL_DELAY` seconds. A crash in between may bring
+a delivered message back, to be delivered twice; it never loses one.
+
+Commits run in one committer thread fed through a queue; the reactor thread
+only builds the bytes and hears back once per commit.
 """
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import json
-import os
 import secrets
+import socket
+import subprocess
 import time
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txcolombe.relay.child import reap_later, spawn
+from txcolombe.relay.committer import (
+    REPLY_SIZE,
+    UNLINK,
+    WRITE,
+    Committer,
+    Op,
+    decode_reply,
+    encode_batch,
+    reply_header,
+)
 
 MAGIC = b"TXCOLOMBE-SPOOL 1\n"
 
+log = Logger(namespace="txcolombe.relay")
+
+#: Seconds after which removals not carried by a commit are done and made durable.
+REMOVAL_DELAY = 0.5
+
+#: Batches sent to the committer before its answer to the first: the next
+#: batch waits in its socket rather than for a turn of our reactor.
+MAX_INFLIGHT = 2
+
+_ids = itertools.count(secrets.randbits(24))
+
 
 def new_queue_id() -> str:
-    """A unique, roughly time-ordered queue id (16 hex digits + 4 random)."""
-    return f"{time.time_ns() // 1000:014X}{secrets.token_hex(3).upper()}"
+    """A unique, roughly time-ordered queue id: microseconds (14 hex digits)
+    and a counter started at random (6 hex digits)."""
+    return f"{time.time_ns() // 1000:014X}{next(_ids) & 0xFFFFFF:06X}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Write:
     name: str
-    data: bytes
+    parts: tuple[bytes, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Unlink:
     name: str
 
 
 _Op = _Write | _Unlink
+_Batch = list[tuple[_Op, "Deferred[None] | None"]]
 
 
 class Spool:
-    """The durable store. Call :meth:`start` before use and :meth:`stop` after."""
+    """The durable store. Call :meth:`start` before use and :meth:`stop` after.
+
+    :param inline: commit synchronously in this process (tests with a fake
+        clock); else a committer child process does the file work.
+    """
 
     def __init__(
         self, directory: Path, *, reactor: Any = None, fsync: bool = True, inline: bool = False
@@ -64,15 +105,19 @@ class Spool:
             reactor = default_reactor
         self.directory = Path(directory)
         self.queue_dir = self.directory / "queue"
+        self._dir = str(self.queue_dir)
         self.fsync = fsync
-        #: Commit synchronously in the caller's thread (tests with a fake clock).
         self.inline = inline
         self._reactor = reactor
-        self._pending: list[tuple[_Op, Deferred[None]]] = []
-        self._busy = False
+        self._pending: _Batch = []
+        self._inflight: deque[_Batch] = deque()
+        self._dirty = False  # unlinks done but not yet made durable
+        self._timer: IDelayedCall | None = None
         self._drained: list[Deferred[None]] = []
-        self._pool: ThreadPool | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._committer: Committer | None = None
+        self._child: subprocess.Popen[bytes] | None = None
+        self._channel: _Channel | None = None
+        self._stopping = False
         self.commits = 0
 
     def start(self) -> None:
@@ -80,115 +125,171 @@ class Spool:
         self.directory.chmod(0o700)
         for leftover in self.queue_dir.glob("*.tmp"):
             leftover.unlink()
-        if not self.inline:
-            self._pool = ThreadPool(minthreads=1, maxthreads=1, name="txcolombe-spool")
-            self._pool.start()
-        self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="txcolombe-fsync")
+        self._stopping = False
+        if self.inline:
+            self._committer = Committer(self._dir, fsync=self.fsync)
+        else:
+            self._spawn()
 
-    def stop(self) -> None:
-        if self._pool is not None:
-            self._pool.stop()
-            self._pool = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+    def _spawn(self) -> None:
+        """Start the committer child, talking over a socket pair."""
+        args = [self._dir] if self.fsync else [self._dir, "--no-fsync"]
+        self._channel = _Channel(self)
+        self._child = spawn("txcolombe.relay.committer", args, self._reactor, self._channel)
+
+    def stop(self) -> Deferred[None]:
+        """Stop the committer; fires once it has exited (after :meth:`drain`,
+        nothing is lost; what was not drained is finished here)."""
+        self._stopping = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        channel, self._channel = self._channel, None
+        child, self._child = self._child, None
+        if channel is not None:
+            channel.close()
+        exited = succeed(None) if child is None else reap_later(child, self._reactor, 30)
+        return exited.addCallback(lambda _: self._stopped())
+
+    def _stopped(self) -> None:
+        if self._pending or self._dirty:
+            # Not drained: finish here, synchronously.
+            batch, self._pending = self._pending, []
+            committer = self._committer or Committer(self._dir, fsync=self.fsync)
+            ops = _joined(batch)
+            committer.commit(ops)
+            committer.unlink_after(ops)
+            if self.fsync:
+                committer.commit([])
+            if committer is not self._committer:
+                committer.close()
+            self._dirty = False
+        if self._committer is not None:
+            self._committer.close()
+            self._committer = None
 
     # -- writing ---------------------------------------------------------------
 
     def write_message(self, queue_id: str, envelope: dict[str, Any], data: bytes) -> Deferred[None]:
         """Store a new message durably; fires once it would survive a crash."""
         head = json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        return self._submit(_Write(f"{queue_id}.msg", MAGIC + head + b"\n" + data))
+        return self._submit(_Write(f"{queue_id}.msg", (MAGIC, head, b"\n", data)))
 
     def write_state(self, queue_id: str, state: dict[str, Any]) -> Deferred[None]:
         """Replace a message's state file durably."""
-        return self._submit(_Write(f"{queue_id}.state", json.dumps(state).encode("utf-8")))
+        return self._submit(_Write(f"{queue_id}.state", (json.dumps(state).encode("utf-8"),)))
 
-    def remove(self, queue_id: str) -> Deferred[None]:
-        """Remove a message and its state durably (after delivery or deletion)."""
-        d1 = self._submit(_Unlink(f"{queue_id}.state"))
-        return self._submit(_Unlink(f"{queue_id}.msg")).addCallback(lambda _: d1)
+    def remove(self, queue_id: str, *, state: bool = True) -> None:
+        """Remove a message (and its state file, if it has one) after delivery
+        or deletion. Not waited for: done with the next commit, or within
+        :data:`REMOVAL_DELAY` seconds, and durable by the commit after."""
+        if state:
+            self._pending.append((_Unlink(f"{queue_id}.state"), None))
+        self._pending.append((_Unlink(f"{queue_id}.msg"), None))
+        self._later()
 
     def drain(self) -> Deferred[None]:
-        """Fires once every operation submitted so far is committed."""
-        if not self._busy and not self._pending:
+        """Fires once every operation submitted so far is done and durable."""
+        if not self._inflight and not self._pending and not self._dirty:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._drained.append(d)
+        self._flush()
         return d
 
     def _submit(self, op: _Op) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self._pending.append((op, d))
-        self._kick()
+        if len(self._inflight) < MAX_INFLIGHT:
+            self._commit_pending()
         return d
 
-    def _kick(self) -> None:
-        if self._busy or not self._pending:
-            return
+    def _later(self) -> None:
+        """Make sure pending removals and undurable unlinks are seen to soon."""
+        if self._timer is None and not self._inflight:
+            self._timer = self._reactor.callLater(REMOVAL_DELAY, self._flush)
+
+    def _flush(self) -> None:
+        """Commit what is pending now, even if it is only removals (or nothing:
+        a directory fsync for unlinks done after the last one)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if not self._inflight and (self._pending or self._dirty):
+            self._commit_pending()
+
+    def _commit_pending(self) -> None:
         batch, self._pending = self._pending, []
-        self._busy = True
-        ops = [op for op, _ in batch]
-        if self.inline:
-            done: Deferred[BaseException | None] = succeed(self._commit(ops))
+        self._inflight.append(batch)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._committer is not None:  # inline
+            ops = _joined(batch)
+            result = self._committer.commit(ops)
+            for error in self._committer.unlink_after(ops):
+                log.error("cannot remove a spool file: {error}", error=error)
+            self._answer(result)
+            return
+        if self._channel is None and not self._stopping:
+            self._spawn()
+        if self._channel is None:
+            self._answer(OSError("the spool is stopped"))
+            return
+        self._channel.send(encode_batch(_wire(op) for op, _ in batch))
+
+    def _answer(self, result: bool | OSError) -> None:
+        """The committer's reply to the oldest batch in flight."""
+        self._finished(self._inflight.popleft(), result)
+
+    def _channel_lost(self, reason: Failure) -> None:
+        self._channel = None
+        if self._child is not None and not self._stopping:
+            log.error("the spool committer stopped: {reason}", reason=reason.getErrorMessage())
+            if self._child.poll() is None:
+                self._child.kill()
+            self._child.wait()
+            self._child = None
+        while self._inflight:
+            self._answer(OSError("the spool committer stopped"))
+
+    def _finished(self, batch: _Batch, result: bool | OSError) -> None:
+        self.commits += 1
+        unlinks = any(isinstance(op, _Unlink) for op, _ in batch)
+        writes = any(isinstance(op, _Write) for op, _ in batch)
+        if result is True:
+            # The fsync covered every unlink done before it: all but this
+            # batch's own when it had writes (those came after).
+            self._dirty = unlinks and writes
+        elif isinstance(result, OSError):
+            if writes:
+                self._dirty = self._dirty or unlinks
+            else:
+                log.error("cannot sync the spool directory: {error}", error=result)
+                self._dirty = False  # nothing more to try; do not loop
         else:
-            assert self._pool is not None
-            done = deferToThreadPool(self._reactor, self._pool, self._commit, ops)
-
-        def finished(result: object) -> None:
-            self._busy = False
-            self.commits += 1
-            for _, d in batch:
-                if isinstance(result, BaseException):
-                    d.errback(result)
-                else:
-                    d.callback(None)
-            self._kick()
-            if not self._busy:
-                waiters, self._drained = self._drained, []
-                for waiter in waiters:
-                    waiter.callback(None)
-
-        done.addBoth(finished)
-
-    def _commit(self, ops: list[_Op]) -> BaseException | None:
-        """Run in the spool thread: one group commit."""
-        try:
-            # A later write of the same file supersedes an earlier one.
-            last = {op.name: i for i, op in enumerate(ops) if isinstance(op, _Write)}
-            writes = [op for i, op in enumerate(ops) if last.get(op.name) == i]
-            assert self._executor is not None
-            list(self._executor.map(self._write_tmp, writes))
-            for i, op in enumerate(ops):
-                target = self.queue_dir / op.name
-                if isinstance(op, _Write):
-                    if last[op.name] == i:
-                        os.replace(self.queue_dir / (op.name + ".tmp"), target)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        target.unlink()
-            if self.fsync:
-                fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        except OSError as error:
-            return error
-        return None
-
-    def _write_tmp(self, op: _Write) -> None:
-        path = self.queue_dir / (op.name + ".tmp")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(op.data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+            self._dirty = self._dirty or unlinks  # no fsync (fsync=False)
+        self._dirty = self._dirty and self.fsync
+        for _, d in batch:
+            if d is None:
+                continue
+            if isinstance(result, OSError):
+                d.errback(result)
+            else:
+                d.callback(None)
+        if len(self._inflight) < MAX_INFLIGHT and any(d is not None for _, d in self._pending):
+            self._commit_pending()
+        elif self._inflight:
+            return  # the next answer will see to the rest
+        elif self._pending or self._dirty:
+            if self._drained:
+                self._commit_pending()
+            else:
+                self._later()
+        elif self._drained:
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     # -- reading -----------------------------------------------------------------
 
@@ -216,3 +317,71 @@ class Spool:
         except FileNotFoundError:
             return None
         return state
+
+
+def _wire(op: _Op) -> tuple[int, str, tuple[bytes, ...]]:
+    if isinstance(op, _Write):
+        return (WRITE, op.name, op.parts)
+    return (UNLINK, op.name, ())
+
+
+def _joined(batch: _Batch) -> list[Op]:
+    """The batch as the in-process committer takes it."""
+    ops = (_wire(op) for op, _ in batch)
+    return [(kind, name, b"".join(parts)) for kind, name, parts in ops]
+
+
+class _Channel(Protocol):
+    """The relay's end of the socket to the committer child."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self._buffer = bytearray()
+        self._direct: socket.socket | None = None
+        self._closing = False
+
+    def connectionMade(self) -> None:
+        handle = self.transport.getHandle()  # type: ignore[union-attr]
+        if isinstance(handle, socket.socket):
+            self._direct = handle
+
+    def send(self, frame: bytes) -> None:
+        """Write a request: straight to the socket when it takes it whole (no
+        turn of the reactor), else the rest (and every request after it)
+        through the transport, until the committer has answered every
+        request: then Twisted's buffer is empty again."""
+        direct = self._direct
+        if direct is not None:
+            try:
+                sent = direct.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # the transport will find out
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
+            self._direct = None
+        self.transport.write(frame)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= REPLY_SIZE:
+            status, length = reply_header(self._buffer)
+            if len(self._buffer) < REPLY_SIZE + length:
+                return
+            text = bytes(self._buffer[REPLY_SIZE : REPLY_SIZE + length])
+            del self._buffer[: REPLY_SIZE + length]
+            if self._direct is None and len(self.spool._inflight) == 1:
+                # The committer has read every request: Twisted's buffer is empty.
+                handle = self.transport.getHandle()  # type: ignore[union-attr]
+                self._direct = handle if isinstance(handle, socket.socket) else None
+            self.spool._answer(decode_reply(status, text))
+
+    def close(self) -> None:
+        self._closing = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if not self._closing:
+            self.spool._channel_lost(reason or Failure(ConnectionError("closed")))  # type: ignore[no-untyped-call]

@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -140,8 +141,17 @@ def _r(code: int, text: str) -> Reply:
     return Reply.of(code, text)
 
 
-_DATA_INTRO = _r(354, "End data with <CR><LF>.<CR><LF>")
-_OK = _r(250, "2.0.0 Ok")
+@functools.lru_cache(maxsize=16)
+def _greeting(hostname: str, software: str) -> bytes:
+    return _r(220, f"{hostname} ESMTP {software}").to_bytes()
+
+
+# The replies of the common path, encoded once.
+_DATA_INTRO = _r(354, "End data with <CR><LF>.<CR><LF>").to_bytes()
+_OK = _r(250, "2.0.0 Ok").to_bytes()
+_MAIL_OK = _r(250, "2.1.0 Ok").to_bytes()
+_RCPT_OK = _r(250, "2.1.5 Ok").to_bytes()
+_BYE = _r(221, "2.0.0 Bye")
 
 
 class ServerMachine:
@@ -176,7 +186,7 @@ class ServerMachine:
         self._auth_mechanism = ""
         self._auth_username: str | None = None
         self._skip_line = False
-        self._reply(_r(220, f"{config.hostname} ESMTP {config.software}"))
+        self._reply(_greeting(config.hostname, config.software))
 
     # -- the driver's side -------------------------------------------------------
 
@@ -195,6 +205,11 @@ class ServerMachine:
     def next_event(self) -> Event | None:
         """The next event for the driver, or None."""
         return self._events.popleft() if self._events else None
+
+    @property
+    def buffered(self) -> int:
+        """Octets received and not yet read (pipelined input)."""
+        return len(self._in)
 
     @property
     def waiting(self) -> bool:
@@ -262,8 +277,8 @@ class ServerMachine:
         self._long_line = False
         self._after_crlf = True
 
-    def _reply(self, reply: Reply) -> None:
-        self._out.append(reply.to_bytes())
+    def _reply(self, reply: Reply | bytes) -> None:
+        self._out.append(reply if isinstance(reply, bytes) else reply.to_bytes())
 
     def _error(self, reply: Reply) -> None:
         self._reply(reply)
@@ -280,7 +295,7 @@ class ServerMachine:
     def _run(self) -> None:
         while self.state in (State.COMMAND, State.AUTH_INPUT, State.DATA):
             if self.state is State.DATA:
-                if not self._data_lines():
+                if not self._data_bytes():
                     return
                 continue
             limit = MAX_AUTH_LINE if self.state is State.AUTH_INPUT else MAX_COMMAND_LINE
@@ -395,7 +410,7 @@ class ServerMachine:
         self.in_transaction = True
         self._smtputf8 = smtputf8
         self._body_type = body_type
-        self._reply(_r(250, "2.1.0 Ok"))
+        self._reply(_MAIL_OK)
 
     def _do_rcpt(self, argument: str) -> None:
         if not self.in_transaction:
@@ -413,7 +428,7 @@ class ServerMachine:
         if not local and not (self.relay_allowed or self.authenticated is not None):
             raise CommandSyntaxError(554, "5.7.1 Relay access denied")
         self.recipients.append(mailbox)
-        self._reply(_r(250, "2.1.5 Ok"))
+        self._reply(_RCPT_OK)
 
     def _do_data(self, argument: str) -> None:
         if argument:
@@ -439,7 +454,7 @@ class ServerMachine:
         self._reply(_r(214, "2.0.0 See RFC 5321"))
 
     def _do_quit(self, argument: str) -> None:
-        self._close(_r(221, "2.0.0 Bye"))
+        self._close(_BYE)
 
     def _do_starttls(self, argument: str) -> None:
         if not self.config.tls_available:
@@ -536,64 +551,90 @@ class ServerMachine:
         self._events.append(AuthRequest(self._auth_mechanism, username, password))
 
     # -- DATA ------------------------------------------------------------------------
+    #
+    # The body is handled a run of complete lines at a time, with bytes
+    # methods (find, count, replace) rather than line by line: the checks are
+    # the same, their cost is C's. Only the unfinished last line stays
+    # buffered, and at most MAX_TEXT_LINE + 2 octets of it.
 
-    def _data_lines(self) -> bool:
-        """Consume complete body lines; True when the message ended."""
+    def _data_bytes(self) -> bool:
+        """Consume what is buffered of the body; True when the message ended."""
         buf = self._in
-        start = 0
-        ended = False
-        while True:
-            end = buf.find(b"\n", start)
-            if end < 0:
-                break
-            line = bytes(buf[start:end])
-            start = end + 1
-            long_line, self._long_line = self._long_line, False
-            after_crlf, self._after_crlf = self._after_crlf, line.endswith(b"\r")
-            if not line.endswith(b"\r"):
-                self._problem(_r(550, "5.5.2 Message contains bare LF (RFC 5321 §2.3.8)"))
-                content = line
-            else:
-                content = line[:-1]
-            if b"\r" in content:
-                self._problem(_r(550, "5.5.2 Message contains bare CR (RFC 5321 §2.3.8)"))
-            # Only <CRLF>.<CRLF> ends the data: "<LF>.<CRLF>" is smuggling.
-            if content == b"." and line.endswith(b"\r") and after_crlf and not long_line:
-                ended = True
-                break
-            if content.startswith(b".") and not long_line:
-                content = content[1:]
-            self._body_line(content, long_line)
-        del buf[:start]
-        if not ended:
-            if len(buf) > MAX_TEXT_LINE + 2:
-                # Keep a final CR: it may begin the CRLF.
-                keep = 1 if buf.endswith(b"\r") else 0
-                self._problem(_r(550, "5.5.6 Message has a line longer than 998 octets"))
-                del buf[: len(buf) - keep]
-                self._long_line = True
-                self._after_crlf = False
-            return False
-        self._end_of_data()
-        return True
+        at_line_start = self._after_crlf and not self._long_line
+        if at_line_start and buf[:3] == b".\r\n":
+            end = 0
+        else:
+            found = buf.find(b"\r\n.\r\n")
+            end = found + 2 if found >= 0 else -1
+        if end >= 0:
+            if end:
+                self._segment(bytes(buf[:end]), at_line_start)
+            del buf[: end + 3]
+            self._end_of_data()
+            return True
+        last = buf.rfind(b"\n")
+        if last >= 0:
+            self._segment(bytes(buf[: last + 1]), at_line_start)
+            del buf[: last + 1]
+        if len(buf) > MAX_TEXT_LINE + 2:
+            # Keep a final CR: it may begin the CRLF.
+            keep = 1 if buf.endswith(b"\r") else 0
+            self._problem(_r(550, "5.5.6 Message has a line longer than 998 octets"))
+            del buf[: len(buf) - keep]
+            self._long_line = True
+            self._after_crlf = False
+        return False
 
     def _problem(self, reply: Reply) -> None:
         if self._data_problem is None:
             self._data_problem = reply
 
-    def _body_line(self, content: bytes, continued: bool) -> None:
-        if len(content) > MAX_TEXT_LINE:
+    def _segment(self, seg: bytes, at_line_start: bool) -> None:
+        """Complete body lines (each ending in LF), still dot-stuffed.
+
+        ``at_line_start`` is False when ``seg`` begins with the rest of an
+        overlong line, already refused.
+        """
+        self._long_line = False
+        self._after_crlf = seg.endswith(b"\r\n")
+        if self._data_problem is not None:
+            return  # refused already: only looking for the end
+        crlf = seg.count(b"\r\n")
+        if seg.count(b"\n") != crlf:
+            self._problem(_r(550, "5.5.2 Message contains bare LF (RFC 5321 §2.3.8)"))
+            return
+        if seg.count(b"\r") != crlf:
+            self._problem(_r(550, "5.5.2 Message contains bare CR (RFC 5321 §2.3.8)"))
+            return
+        if at_line_start and seg[:1] == b".":
+            seg = seg[1:]
+        if b"\n." in seg:
+            seg = seg.replace(b"\r\n.", b"\r\n")
+        if len(seg) > MAX_TEXT_LINE + 2 and max(map(len, seg.split(b"\r\n"))) > MAX_TEXT_LINE:
             self._problem(_r(550, "5.5.6 Message has a line longer than 998 octets"))
-        if self._in_headers and not continued:
-            if not content:
-                self._in_headers = False
-            elif content[:9].lower() == b"received:":
-                self._hops += 1
-        self._data_size += len(content) + 2
+            return
+        if self._in_headers:
+            self._headers(seg, at_line_start)
+        self._data_size += len(seg)
         if self._data_size > self.config.max_size:
             self._problem(_r(552, "5.3.4 Message size exceeds fixed limit"))
-        if self._data_problem is None:
-            self._data.append(content)
+            self._data = []
+            return
+        self._data.append(seg)
+
+    def _headers(self, seg: bytes, at_line_start: bool) -> None:
+        """Count the Received fields of the header section; note where it ends."""
+        if at_line_start and seg.startswith(b"\r\n"):
+            self._in_headers = False
+            return
+        blank = seg.find(b"\r\n\r\n")
+        if blank >= 0:
+            self._in_headers = False
+            seg = seg[: blank + 2]
+        lower = seg.lower()
+        self._hops += lower.count(b"\nreceived:")
+        if at_line_start and lower.startswith(b"received:"):
+            self._hops += 1
 
     def _end_of_data(self) -> None:
         if self._data_problem is None and self._hops >= self.config.max_hops:
@@ -604,7 +645,7 @@ class ServerMachine:
             self.state = State.COMMAND
             self._error(problem)
             return
-        data = b"\r\n".join(self._data) + b"\r\n" if self._data else b""
+        data = b"".join(self._data)
         self._data = []
         self.state = State.WAIT_STORE
         self._events.append(MessageReceived(self._envelope(), data))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -16,7 +17,7 @@ def received_header(
     ``for <rcpt>`` names the recipient only when there is exactly one (the
     others would learn of each other otherwise).
     """
-    date = format_datetime(datetime.fromtimestamp(when, UTC))
+    date = _date(int(when))
     lines = [
         f"Received: from {envelope.helo} ([{envelope.client_address}])",
         f"\tby {hostname} ({software}) with {envelope.protocol} id {queue_id}",
@@ -27,3 +28,9 @@ def received_header(
             lines.append(f"\tfor <{rcpt}>")
     lines[-1] += f"; {date}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    """The RFC 5322 date of a second (messages arriving in the same second share it)."""
+    return format_datetime(datetime.fromtimestamp(second, UTC))
