@@ -2,7 +2,7 @@
 """Set up and run txcolombe's development tasks with nothing but Python.
 
     python3 dev.py demo    # a real send through a real SMTP server on loopback
-    python3 dev.py test    # every check: lint, types, the whole test suite
+    python3 dev.py test    # every check: lint, types, the docs, the whole test suite
     python3 dev.py bench   # the benchmarks under bench/
 
 Each task first makes ``.venv`` and installs the project with its test
@@ -44,7 +44,7 @@ def ensure_venv() -> None:
         venv.EnvBuilder(with_pip=True).create(VENV)
     step("installing txcolombe and its test dependencies into .venv")
     run(PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[test,demo,bench]")
+    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[test,demo,bench,docs]")
     stamp.write_text(digest)
 
 
@@ -71,6 +71,9 @@ def test(args: list[str]) -> int:
     failed |= run(PYTHON, "-m", "ruff", "format", "--check", ".", check=False)
     step("mypy --strict")
     failed |= run(PYTHON, "-m", "mypy", check=False)
+    step("sphinx: the documentation, warnings as errors")
+    sphinx = ["-W", "--keep-going", "-q", "-b", "html", "docs", "docs/_build/html"]
+    failed |= run(PYTHON, "-m", "sphinx", *sphinx, check=False)
     step("pytest: the whole suite")
     code = run(PYTHON, "-m", "pytest", *args, check=False)
     if code == 5:

@@ -119,3 +119,12 @@ def postfix_peer(postfix_ca: trustme.CA) -> Iterator[Any]:
             yield peer
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register txcolombe's pytest plugin (fixtures ``smtp``, ``smtp_server``)
+    when its ``pytest11`` entry point did not (a checkout not reinstalled)."""
+    import txcolombe.pytest_plugin as plugin
+
+    if not config.pluginmanager.is_registered(plugin):
+        config.pluginmanager.register(plugin, "txcolombe")
