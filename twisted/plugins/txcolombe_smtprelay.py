@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.application.service import IService, IServiceMaker
 from twisted.plugin import IPlugin
+from twisted.python import usage
 from zope.interface import implementer
 
 from txcolombe.relay.options import Options
@@ -20,7 +21,12 @@ class _RelayServiceMaker:
     def makeService(self, options: Any) -> IService:
         from txcolombe.relay.service import make_service
 
-        return make_service(options)
+        try:
+            return make_service(options)
+        except usage.UsageError as error:
+            # twistd only catches usage errors from parseOptions; a late one
+            # (a malformed credentials file...) would otherwise be a traceback.
+            raise SystemExit(f"twistd smtprelay: {error}") from None
 
 
 smtprelay = _RelayServiceMaker()

@@ -17,6 +17,10 @@ DEFAULT_SPOOL = "smtprelay-spool"
 #: Options that may be given several times (lists in the config file).
 MULTI = ("listen", "relay-network")
 
+#: Options naming a file read at startup: checked in ``postOptions`` so that a
+#: missing or unreadable one is a usage error, not a traceback from twistd.
+FILES = ("tls-cert", "tls-key", "users", "smarthost-auth", "smarthost-ca")
+
 
 class Options(usage.Options):
     """twistd smtprelay [options]"""
@@ -99,6 +103,9 @@ class Options(usage.Options):
             raise usage.UsageError("--users needs TLS (--tls-cert/--tls-key): AUTH is TLS-only")
         if self["smarthost-tls"] not in (None, "implicit", "starttls", "opportunistic", "none"):
             raise usage.UsageError("--smarthost-tls is implicit, starttls, opportunistic or none")
+        for option in FILES:
+            if self[option]:
+                _check_readable(option, self[option])
 
     def _apply_config(self, path: str) -> None:
         try:
@@ -121,6 +128,15 @@ class Options(usage.Options):
                     self[key] = _coerced(value, coerce.get(key))
             else:
                 raise usage.UsageError(f"{path}: unknown option {raw_key!r}")
+
+
+def _check_readable(option: str, path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise usage.UsageError(f"--{option} {path}: cannot read: {reason}") from None
 
 
 def _coerced(value: Any, kind: Any) -> Any:
