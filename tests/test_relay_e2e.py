@@ -144,7 +144,7 @@ def test_swaks_starttls_auth_and_no_open_relay(
         assert not client.has_extn("auth")
         code, _ = client.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0bob\0hunter2").decode())
         assert code == 538
-    # swaks runs in plaintext here; tests/test_relay_swaks.py covers its TLS and AUTH: TLS and AUTH go through smtplib.
+    # swaks runs in plaintext here; tests/test_relay_swaks.py covers it over TLS with AUTH.
     context = ssl.create_default_context(cafile=str(tmp_path / "relay-ca.pem"))
     with smtplib.SMTP("127.0.0.1", strict_relay.port, timeout=10) as client:
         client.starttls(context=context)
