@@ -839,14 +839,16 @@ service auth {{
         dovecot = _which("dovecot")
         if dovecot is None:
             raise PeerError("dovecot is not installed")
-        self._dovecot = subprocess.Popen(
-            [dovecot, "-F", "-c", str(self._config_dir / "dovecot.conf")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._dovecot_log_path.open("ab"),
-            env=_clean_env({"TXCOLOMBE_PEER": self._tag}),
-            start_new_session=True,
-        )
+        # The child keeps its own copy of the log's descriptor.
+        with self._dovecot_log_path.open("ab") as log:
+            self._dovecot = subprocess.Popen(
+                [dovecot, "-F", "-c", str(self._config_dir / "dovecot.conf")],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=_clean_env({"TXCOLOMBE_PEER": self._tag}),
+                start_new_session=True,
+            )
 
     def _stop_dovecot(self) -> None:
         proc = self._dovecot
@@ -936,17 +938,22 @@ service auth {{
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
                 sock = context.wrap_socket(raw, server_hostname=self._hostname)
-            banner = b""
-            while not banner.endswith(b"\n"):
-                chunk = sock.recv(1024)
-                if not chunk:
-                    break
-                banner += chunk
-            if not banner.startswith(b"220"):
-                raise ConnectionError(f"unexpected banner {banner!r}")
-            with contextlib.suppress(OSError):
-                sock.sendall(b"QUIT\r\n")
-                sock.recv(1024)
+            with sock:
+                self._banner_and_quit(sock)
+
+    @staticmethod
+    def _banner_and_quit(sock: socket.socket) -> None:
+        banner = b""
+        while not banner.endswith(b"\n"):
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            banner += chunk
+        if not banner.startswith(b"220"):
+            raise ConnectionError(f"unexpected banner {banner!r}")
+        with contextlib.suppress(OSError):
+            sock.sendall(b"QUIT\r\n")
+            sock.recv(1024)
 
     @staticmethod
     def _read(path: Path) -> str:
