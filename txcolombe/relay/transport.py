@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from txcolombe.address import Mailbox
 from txcolombe.auth import Authentication
@@ -287,44 +285,12 @@ class _Connection:
 def _send_on(
     session: Session, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
 ) -> Deferred[Receipt]:
-    body: Any = BytesProducer(data) if len(data) <= SYNC_BODY_LIMIT else data
-    return session.send(sender, list(recipients), body)
-
-
-#: Bodies up to this size are written in one go rather than cooperatively.
-SYNC_BODY_LIMIT = 256 * 1024
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """An in-memory body written at once: no cooperative task, no extra turn
-    of the reactor. For bodies small enough that one write is fine."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self.data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
+    # Small bodies are written at once by txcolombe.body (no reactor turn).
+    return session.send(sender, list(recipients), data)
 
 
 class MXTransport:
-    """Each recipient domain to its own exchangers, through ``txcolombe.deliver``.
-
-    ``deliver()`` (issue 4) is being written alongside this module; until it
-    is importable every attempt is deferred with a clear reason, so mail
-    waits in the queue instead of being lost or bounced.
-    """
+    """Each recipient domain to its own exchangers, through ``txcolombe.deliver``."""
 
     def __init__(self, *, reactor: Any, domain: str | None = None, **options: Any) -> None:
         self.reactor = reactor
