@@ -16,7 +16,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IConsumer,
@@ -224,7 +224,7 @@ class SMTPClientProtocol(Protocol):
             the server.
         """
         if self._failure is not None:
-            return _failed(self._failure)
+            return fail(self._failure)
         item = _Send(envelope, body, Deferred(lambda _: self._cancel(item)))
         self._waiting.append(item)
         self._process()
@@ -447,12 +447,6 @@ def _fire(result: Deferred[Receipt], receipt: Receipt | None, error: SMTPError |
 
 
 _TLS_ERRORS = (SSL.Error, VerificationError, CertificateError)
-
-
-def _failed(error: SMTPError) -> Deferred[Receipt]:
-    d: Deferred[Receipt] = Deferred()
-    d.errback(error)
-    return d
 
 
 def _error_from(reason: Failure, step: Step | None) -> SMTPError | None:

@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Any
 
 from twisted.internet._sslverify import IOpenSSLTrustRoot
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import (
     IAddress,
     IOpenSSLClientConnectionCreator,
@@ -130,7 +130,7 @@ class Session:
                 reset_first=reset_first,
             )
         except SMTPError as error:
-            return _fail(error)
+            return fail(error)
         return self._protocol.send(envelope, producer)
 
     def quit(self) -> Deferred[None]:
@@ -196,12 +196,12 @@ def connect(
         masked); False saves its cost where volume is high (a relay).
     """
     if tls_mode is TLSMode.NONE and authentication is not None:
-        return _fail(UsageError("authentication is never sent without TLS"))
+        return fail(UsageError("authentication is never sent without TLS"))
     try:
         host = Host.parse(destination)
         ehlo = parse_domain(domain) if domain is not None else default_domain()
     except SMTPError as error:
-        return _fail(error)
+        return fail(error)
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -234,7 +234,7 @@ def connect(
         elif implicit is not None:
             endpoint = wrap_tls(implicit, endpoint, reactor)
     except SMTPError as error:
-        return _fail(error)
+        return fail(error)
     if authentication is not None and authentication.token_provider is not None:
         return _with_token(authentication, machine, endpoint, protocol, host, port)
     return _connect(endpoint, protocol, host, port)
@@ -303,9 +303,3 @@ def _connect(
     attempt = endpoint.connect(_ProtocolFactory(protocol))
     attempt.addCallbacks(on_connected, on_failed)
     return result
-
-
-def _fail(error: SMTPError) -> Deferred[Any]:
-    d: Deferred[Any] = Deferred()
-    d.errback(error)
-    return d
