@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import Clock, deferLater
 
 from txcolombe.relay.committer import (
+    REPLY_SIZE,
     UNLINK,
     WRITE,
     Committer,
@@ -146,15 +147,19 @@ def test_removals_wait_for_a_commit_and_are_made_durable(
 
 def test_frames_round_trip() -> None:
     ops = [(WRITE, "a.msg", (b"head", b"\n", b"data")), (UNLINK, "b.state", ())]
-    frame = encode_batch(ops)
+    frame = encode_batch(7, ops)
     assert int.from_bytes(frame[:4], "big") == len(frame) - 4
-    assert decode_batch(frame[4:]) == [(WRITE, "a.msg", b"head\ndata"), (UNLINK, "b.state", b"")]
+    assert decode_batch(frame[4:]) == (
+        7,
+        [(WRITE, "a.msg", b"head\ndata"), (UNLINK, "b.state", b"")],
+    )
     with pytest.raises(ValueError, match="bad file name"):
-        decode_batch(encode_batch([(WRITE, "../escape", (b"x",))])[4:])
-    for result in (True, False, OSError("disk full")):
-        raw = encode_reply(result)
-        status, length = reply_header(raw)
-        back = decode_reply(status, raw[3 : 3 + length])
+        decode_batch(encode_batch(1, [(WRITE, "../escape", (b"x",))])[4:])
+    for number, result in ((1, True), (2**32 - 1, False), (9, OSError("disk full"))):
+        raw = encode_reply(number, result)
+        echoed, status, length = reply_header(raw)
+        assert echoed == number
+        back = decode_reply(status, raw[REPLY_SIZE : REPLY_SIZE + length])
         assert back == result if not isinstance(result, OSError) else str(back) == "disk full"
 
 

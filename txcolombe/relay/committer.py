@@ -12,14 +12,15 @@ unlinks done first, then the fsync.
 The relay runs this in a child process (``python -m txcolombe.relay.committer
 DIRECTORY``, talking over its standard input, a socket), so that its system
 calls never contend for the relay's interpreter lock: one request frame per
-batch, one reply frame per batch, in order. Tests run it in process.
+batch, one reply frame per batch, carrying the batch's id, so that a reply is
+credited to its own batch and to no other. Tests run it in process.
 
 Frames (network byte order)::
 
-    request  := length:u32 op*                    (length of the ops that follow)
+    request  := length:u32 batch:u32 op*          (length of what follows it)
     op       := kind:u8 name_length:u16 data_length:u32 name data
-    reply    := status:u8 text_length:u16 text    (0: synced, 1: done, no fsync,
-                                                   2: failed, text says why)
+    reply    := batch:u32 status:u8 text_length:u16 text
+                                    (0: synced, 1: done, no fsync, 2: failed, text says why)
 
 The child ignores SIGINT and SIGTERM: it ends when its socket closes, after
 finishing the batch at hand, so a signal to the whole process group cannot
@@ -41,8 +42,9 @@ WRITE, UNLINK = 1, 2
 SYNCED, DONE, FAILED = 0, 1, 2
 
 _LENGTH = struct.Struct("!I")
+_BATCH = struct.Struct("!I")
 _OP = struct.Struct("!BHI")
-_REPLY = struct.Struct("!BH")
+_REPLY = struct.Struct("!IBH")
 REPLY_SIZE = _REPLY.size
 
 #: (kind, file name, data); data is empty for an unlink.
@@ -123,9 +125,10 @@ class Committer:
 # -- frames ---------------------------------------------------------------------
 
 
-def encode_batch(ops: Iterable[tuple[int, str, Sequence[bytes]]]) -> bytes:
-    """A request frame; each op's data given as parts, joined here."""
-    out = [b""]
+def encode_batch(batch: int, ops: Iterable[tuple[int, str, Sequence[bytes]]]) -> bytes:
+    """The request frame of batch number ``batch``; each op's data given as
+    parts, joined here."""
+    out = [b"", _BATCH.pack(batch)]
     for kind, name, parts in ops:
         raw = name.encode("utf-8")
         out.append(_OP.pack(kind, len(raw), sum(map(len, parts))))
@@ -136,11 +139,12 @@ def encode_batch(ops: Iterable[tuple[int, str, Sequence[bytes]]]) -> bytes:
     return b"".join(out)
 
 
-def decode_batch(body: bytes) -> list[Op]:
-    """The ops of a request frame's body."""
+def decode_batch(body: bytes) -> tuple[int, list[Op]]:
+    """The batch number and the ops of a request frame's body."""
     ops: list[Op] = []
     view = memoryview(body)
-    at = 0
+    (batch,) = _BATCH.unpack_from(view)
+    at = _BATCH.size
     while at < len(view):
         kind, name_length, data_length = _OP.unpack_from(view, at)
         at += _OP.size
@@ -150,14 +154,15 @@ def decode_batch(body: bytes) -> list[Op]:
         at += name_length
         ops.append((kind, name, bytes(view[at : at + data_length])))
         at += data_length
-    return ops
+    return batch, ops
 
 
-def encode_reply(result: bool | OSError) -> bytes:
+def encode_reply(batch: int, result: bool | OSError) -> bytes:
+    """The reply frame to batch number ``batch``."""
     if isinstance(result, OSError):
         text = str(result).encode("utf-8")[:4096]
-        return _REPLY.pack(FAILED, len(text)) + text
-    return _REPLY.pack(SYNCED if result else DONE, 0)
+        return _REPLY.pack(batch, FAILED, len(text)) + text
+    return _REPLY.pack(batch, SYNCED if result else DONE, 0)
 
 
 def decode_reply(status: int, text: bytes) -> bool | OSError:
@@ -166,10 +171,10 @@ def decode_reply(status: int, text: bytes) -> bool | OSError:
     return status == SYNCED
 
 
-def reply_header(data: bytes | bytearray) -> tuple[int, int]:
-    """(status, text length) of a reply frame's first :data:`REPLY_SIZE` octets."""
-    status, length = _REPLY.unpack_from(data)
-    return status, length
+def reply_header(data: bytes | bytearray) -> tuple[int, int, int]:
+    """(batch, status, text length) of a reply frame's first :data:`REPLY_SIZE` octets."""
+    batch, status, length = _REPLY.unpack_from(data)
+    return batch, status, length
 
 
 # -- the child process ------------------------------------------------------------
@@ -191,12 +196,14 @@ def serve(channel: socket.socket, committer: Committer) -> None:
         if body is None:
             return
         try:
-            ops = decode_batch(body)
+            batch, ops = decode_batch(body)
         except (ValueError, struct.error, UnicodeDecodeError) as bad:
-            channel.sendall(encode_reply(OSError(f"bad request: {bad}")))
-            continue
+            # Without a readable batch number there is no one to answer: the
+            # relay fails what it sent when the channel closes.
+            print(f"txcolombe committer: bad request: {bad}", file=sys.stderr)
+            return
         result = committer.commit(ops)
-        channel.sendall(encode_reply(result))
+        channel.sendall(encode_reply(batch, result))
         for error in committer.unlink_after(ops):
             print(f"txcolombe committer: {error}", file=sys.stderr)
 

@@ -18,8 +18,15 @@ durable by the one after; when no commit comes, a commit of the removals
 alone runs after :data:`REMOVAL_DELAY` seconds. A crash in between may bring
 a delivered message back, to be delivered twice; it never loses one.
 
-Commits run in one committer thread fed through a queue; the reactor thread
-only builds the bytes and hears back once per commit.
+Commits run in a committer child process; the reactor thread only builds
+the bytes and hears back once per commit. Each batch has a number, echoed in
+its reply, and each channel to a committer knows the batches it carries: a
+reply is credited to its own batch only, and when a committer dies exactly
+the batches it held fail (their clients hear 451), while later batches go to
+its replacement. A failed write of a new message is undone (its file is
+removed if the dead committer got as far as the rename), so that a message
+the client will send again is never kept twice; removals it held are tried
+again.
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ import secrets
 import socket
 import subprocess
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +65,7 @@ MAGIC = b"TXCOLOMBE-SPOOL 1\n"
 log = Logger(namespace="txcolombe.relay")
 
 #: Seconds after which removals not carried by a commit are done and made durable.
-REMOVAL_DELAY = 0.5
+REMOVAL_DELAY = 0.05
 
 #: Batches sent to the committer before its answer to the first: the next
 #: batch waits in its socket rather than for a turn of our reactor.
@@ -110,7 +116,9 @@ class Spool:
         self.inline = inline
         self._reactor = reactor
         self._pending: _Batch = []
-        self._inflight: deque[_Batch] = deque()
+        #: Batches sent and not yet answered, by number (inline: none).
+        self._inflight: dict[int, _Batch] = {}
+        self._batch_numbers = itertools.count(1)
         self._dirty = False  # unlinks done but not yet made durable
         self._timer: IDelayedCall | None = None
         self._drained: list[Deferred[None]] = []
@@ -220,7 +228,6 @@ class Spool:
 
     def _commit_pending(self) -> None:
         batch, self._pending = self._pending, []
-        self._inflight.append(batch)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -229,29 +236,51 @@ class Spool:
             result = self._committer.commit(ops)
             for error in self._committer.unlink_after(ops):
                 log.error("cannot remove a spool file: {error}", error=error)
-            self._answer(result)
+            self._finished(batch, result)
             return
         if self._channel is None and not self._stopping:
             self._spawn()
-        if self._channel is None:
-            self._answer(OSError("the spool is stopped"))
+        channel = self._channel
+        if channel is None:
+            self._finished(batch, OSError("the spool is stopped"))
             return
-        self._channel.send(encode_batch(_wire(op) for op, _ in batch))
+        number = next(self._batch_numbers) & 0xFFFFFFFF
+        self._inflight[number] = batch
+        channel.batches.add(number)
+        channel.send(encode_batch(number, (_wire(op) for op, _ in batch)))
 
-    def _answer(self, result: bool | OSError) -> None:
-        """The committer's reply to the oldest batch in flight."""
-        self._finished(self._inflight.popleft(), result)
+    def _answer(self, channel: _Channel, number: int, result: bool | OSError) -> None:
+        """The committer's reply to batch ``number``, sent on ``channel``."""
+        if number not in channel.batches:
+            # Never credit a reply to a batch it does not belong to.
+            log.error("the spool committer answered unknown batch {number}", number=number)
+            return
+        channel.batches.discard(number)
+        self._finished(self._inflight.pop(number), result)
 
-    def _channel_lost(self, reason: Failure) -> None:
-        self._channel = None
-        if self._child is not None and not self._stopping:
-            log.error("the spool committer stopped: {reason}", reason=reason.getErrorMessage())
-            if self._child.poll() is None:
-                self._child.kill()
-            self._child.wait()
-            self._child = None
-        while self._inflight:
-            self._answer(OSError("the spool committer stopped"))
+    def _channel_lost(self, channel: _Channel, reason: Failure) -> None:
+        """A committer died: fail exactly the batches it held."""
+        if self._channel is channel:
+            self._channel = None
+            if self._child is not None and not self._stopping:
+                log.error("the spool committer stopped: {reason}", reason=reason.getErrorMessage())
+                if self._child.poll() is None:
+                    self._child.kill()
+                self._child.wait()
+                self._child = None
+        lost = [self._inflight.pop(number) for number in sorted(channel.batches)]
+        channel.batches.clear()
+        for batch in lost:
+            # Undo what the dead committer may have done of new messages that
+            # are now refused, and try its removals again (both idempotent).
+            for op, _ in batch:
+                if isinstance(op, _Unlink):
+                    self._pending.append((op, None))
+                elif op.name.endswith(".msg"):
+                    self._pending.append((_Unlink(op.name), None))
+        error = OSError("the spool committer stopped")
+        for batch in lost:
+            self._finished(batch, error)
 
     def _finished(self, batch: _Batch, result: bool | OSError) -> None:
         self.commits += 1
@@ -336,6 +365,8 @@ class _Channel(Protocol):
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
+        #: The numbers of the batches sent on this channel and not answered.
+        self.batches: set[int] = set()
         self._buffer = bytearray()
         self._direct: socket.socket | None = None
         self._closing = False
@@ -367,21 +398,21 @@ class _Channel(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
         while len(self._buffer) >= REPLY_SIZE:
-            status, length = reply_header(self._buffer)
+            number, status, length = reply_header(self._buffer)
             if len(self._buffer) < REPLY_SIZE + length:
                 return
             text = bytes(self._buffer[REPLY_SIZE : REPLY_SIZE + length])
             del self._buffer[: REPLY_SIZE + length]
-            if self._direct is None and len(self.spool._inflight) == 1:
+            if self._direct is None and len(self.batches) == 1:
                 # The committer has read every request: Twisted's buffer is empty.
                 handle = self.transport.getHandle()  # type: ignore[union-attr]
                 self._direct = handle if isinstance(handle, socket.socket) else None
-            self.spool._answer(decode_reply(status, text))
+            self.spool._answer(self, number, decode_reply(status, text))
 
     def close(self) -> None:
         self._closing = True
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        if not self._closing:
-            self.spool._channel_lost(reason or Failure(ConnectionError("closed")))  # type: ignore[no-untyped-call]
+        if not self._closing or self.batches:
+            self.spool._channel_lost(self, reason or Failure(ConnectionError("closed")))  # type: ignore[no-untyped-call]
