@@ -235,6 +235,8 @@ class QueueManager:
         self.max_active = max_active
         self.log_format = log_format
         self.bounce_full = bounce_full
+        if postmaster:
+            parse_recipient(postmaster)  # InvalidAddress now, not when it is needed
         self.postmaster = postmaster
         self.restart_spread = restart_spread
         self.counters = Counters()
