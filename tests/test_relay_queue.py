@@ -163,6 +163,8 @@ def test_restart_resumes_with_state(tmp_path: Path) -> None:
     queue.spool.stop()
     # a new process: same spool, the busy recipient only, attempt count kept
     queue2, transport2, clock2 = make(tmp_path)
+    assert transport2.calls == []  # not before its stored retry time
+    clock2.advance(300)
     assert [c[2] for c in transport2.calls] == [["busy@y.test"]]
     assert qid not in queue2.messages
     clock2.advance(REMOVAL_DELAY)

@@ -58,6 +58,7 @@ class Options(usage.Options):
          "SASL mechanism for the smarthost (PLAIN, LOGIN, SCRAM-SHA-256...; "
          "default: the strongest it offers)."],
         ["smarthost-ca", None, None, "PEM CA to verify the smarthost with (default: system)."],
+        ["postmaster", None, None, "Where undeliverable bounces go (default: kept on hold)."],
         ["max-size", None, 10240000, "Largest message accepted, in octets (SIZE).", int],
         ["max-recipients", None, 100, "Most recipients per message (452 beyond).", int],
         ["min-backoff", None, 300, "First retry after this many seconds.", float],

@@ -7,9 +7,27 @@ temporary failure keeps the recipient pending until the next attempt, after
 a backoff that doubles from ``min_backoff`` to ``max_backoff`` (Postfix's
 300 s and 4000 s by default); after ``lifetime`` (5 days) it fails. Failed
 recipients are reported to the sender in one RFC 3464 bounce, sent from the
-null sender; a message from the null sender is never bounced. Time comes
-from the reactor (``IReactorTime.seconds``), so tests drive it with a
-``Clock``.
+null sender; a message from the null sender is never bounced.
+
+Nothing leaves the spool unaccounted for:
+
+- a failure that is the relay's own (its smarthost credentials, TLS, the
+  network, DNS, its configuration; see
+  :func:`~txcolombe.relay.transport.local_reason`) only defers the message,
+  is logged once when it starts and when it ends, and is counted
+  (``deferred_local``, per reason);
+- a message whose bounce (or delay warning) cannot be spooled, e.g. on a
+  full disk, stays in the queue and the notice is tried again at its next
+  attempt; a failed state write is retried too;
+- a null-sender message (a bounce) that cannot be delivered goes to the
+  ``postmaster`` address when one is set; else, at the end of its lifetime
+  it is kept on hold (``list`` shows it), and on a permanent refusal it is
+  discarded with a log line saying so.
+
+On start, deferred messages keep their stored retry time; those already due
+are spread over ``restart_spread`` seconds rather than all retried at once.
+Time comes from the reactor (``IReactorTime.seconds``), so tests drive it
+with a ``Clock``.
 """
 
 from __future__ import annotations
@@ -19,18 +37,19 @@ import heapq
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txcolombe.address import Mailbox, parse_recipient, parse_sender
 from txcolombe.relay.bounce import RecipientReport, build_dsn
 from txcolombe.relay.spool import Spool, new_queue_id
-from txcolombe.relay.transport import Outcome, Status, Transport
+from txcolombe.relay.transport import Outcome, Status, Transport, outcome_from_error
 from txcolombe.server.machine import Envelope
 from txcolombe.server.received import received_header
 
@@ -41,6 +60,15 @@ PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 #: Messages up to this size stay in memory until their first attempt, which
 #: then needs no read from the spool.
 KEEP_IN_MEMORY = 256 * 1024
+
+#: Seconds before a state write that failed (e.g. a full disk) is tried again.
+STATE_RETRY = 60.0
+
+#: The start of the last error of a recipient whose lifetime ran out.
+EXPIRED = "delivery time expired"
+
+#: Why deliveries in flight at shutdown did not finish.
+SHUTDOWN_TEXT = "delivery abandoned: relay shutting down"
 
 
 @dataclass(frozen=True)
@@ -65,6 +93,14 @@ class Counters:
     deferred: int = 0
     bounced: int = 0
     rejected: int = 0
+    deferred_local: int = 0
+    """Recipient attempts deferred for a failure of the relay's own."""
+    notices_held: int = 0
+    """Undeliverable null-sender messages kept on hold at the end of their lifetime."""
+    spool_errors: int = 0
+    """Bounces, warnings or states that could not be written (retried later)."""
+    local_reasons: dict[str, int] = field(default_factory=dict)
+    """``deferred_local`` by reason (:data:`~txcolombe.relay.transport.LOCAL_REASONS`)."""
 
 
 @dataclass
@@ -108,6 +144,11 @@ class Message:
     @property
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.status == PENDING]
+
+    @property
+    def unreported(self) -> list[RecipientState]:
+        """Failed recipients whose failure is not yet reported (nor disposed of)."""
+        return [r for r in self.recipients if r.status == FAILED and not r.reported]
 
     def state(self) -> dict[str, Any]:
         return {
@@ -178,7 +219,14 @@ class QueueManager:
         max_active: int = 1000,
         log_format: str = "kv",
         bounce_full: bool = False,
+        postmaster: str | None = None,
+        restart_spread: float = 60.0,
     ) -> None:
+        """:param postmaster: where undeliverable null-sender messages (bounces)
+            go; None: they are kept on hold at the end of their lifetime.
+        :param restart_spread: seconds over which the deferred messages that
+            are due at start are spread.
+        """
         self.spool = spool
         self.transport = transport
         self.reactor = reactor
@@ -187,12 +235,19 @@ class QueueManager:
         self.max_active = max_active
         self.log_format = log_format
         self.bounce_full = bounce_full
+        if postmaster:
+            parse_recipient(postmaster)  # InvalidAddress now, not when it is needed
+        self.postmaster = postmaster
+        self.restart_spread = restart_spread
         self.counters = Counters()
         self.messages: dict[str, Message] = {}
         self._due: list[tuple[float, str]] = []
         self._active: dict[str, Deferred[None]] = {}
         self._timer: IDelayedCall | None = None
         self._running = False
+        self._stopping = False
+        self._state_retries: dict[str, IDelayedCall] = {}
+        self._local_failure: tuple[str, str] | None = None
 
     # -- logging ----------------------------------------------------------------
 
@@ -205,19 +260,33 @@ class QueueManager:
     def start(self) -> None:
         """Load the spool and start delivering."""
         now = self.reactor.seconds()
+        due: list[Message] = []
         for queue_id in self.spool.queue_ids():
             try:
                 message = self._load(queue_id)
             except (OSError, ValueError) as error:
                 log.error("cannot load {id}: {error}", id=queue_id, error=error)
                 continue
-            if not message.pending:
+            if not message.pending and not message.unreported:
                 self.spool.remove(queue_id)
                 continue
             self.messages[queue_id] = message
-            message.next_attempt = min(message.next_attempt, now)
-            if not message.held:
-                self._push(message)
+            if message.held:
+                continue
+            if message.attempts > 0 and message.next_attempt <= now:
+                due.append(message)
+                continue
+            if message.attempts == 0:
+                message.next_attempt = now  # never tried: at once
+            else:  # as scheduled (bounded, should the clock have jumped)
+                message.next_attempt = min(message.next_attempt, now + self.policy.max_backoff)
+            self._push(message)
+        # The deferred messages that are due: in their order, spread out.
+        due.sort(key=lambda m: m.next_attempt)
+        for index, message in enumerate(due):
+            message.next_attempt = now + self.restart_spread * index / len(due)
+            self._push(message)
+        self._stopping = False
         self._running = True
         if self.messages:
             log.info("queue recovered: {count} messages", count=len(self.messages))
@@ -227,9 +296,14 @@ class QueueManager:
         """Stop scheduling; wait up to ``grace`` seconds for deliveries in flight,
         then abandon them (they stay pending in the spool)."""
         self._running = False
+        self._stopping = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        for retry in self._state_retries.values():
+            if retry.active():
+                retry.cancel()
+        self._state_retries.clear()
         active = list(self._active.values())
 
         async def run() -> None:
@@ -374,13 +448,18 @@ class QueueManager:
         message.in_flight = True
         data = message.data
         message.data = None
+        started = self.reactor.seconds()
         if data is None:
             try:
                 data = self.spool.read_data(message.id)
             except OSError as error:
-                log.error("cannot read {id}: {error}", id=message.id, error=error)
+                log.error("cannot read {id}: {error}; retrying later", id=message.id, error=error)
                 message.in_flight = False
+                self._reschedule(message, started)
                 return
+        if not message.pending:  # only its notices are left to queue
+            self._settle(message, data, abandoned=False)
+            return
         mailboxes = message.mailboxes
         sender = mailboxes[None]
         groups: dict[str, list[Mailbox]] = {}
@@ -388,42 +467,56 @@ class QueueManager:
             mailbox = mailboxes[rcpt.address]
             assert mailbox is not None
             groups.setdefault(self.transport.route(mailbox), []).append(mailbox)
-        attempts = [
-            self.transport.send(dest, sender, rcpts, data) for dest, rcpts in groups.items()
-        ]
-        started = self.reactor.seconds()
+        attempts = [self._send(dest, sender, rcpts, data) for dest, rcpts in groups.items()]
 
         def done(results: list[tuple[bool, Any]]) -> None:
             self._active.pop(message.id, None)
             outcomes: dict[str, Outcome] = {}
-            for ok, value in results:
+            for (ok, value), (dest, rcpts) in zip(results, groups.items(), strict=True):
                 if ok:
                     outcomes.update(value)
+                else:  # a transport that broke its promise never to fail
+                    error = value.value if isinstance(value, Failure) else None
+                    error = error if error is not None else RuntimeError(str(value))
+                    outcomes.update(dict.fromkeys(map(str, rcpts), outcome_from_error(error, dest)))
             self._finished(message, outcomes, data, started)
 
         finished: Deferred[Any] = DeferredList(attempts, consumeErrors=True)
         self._active[message.id] = finished
         finished.addCallback(done)
 
+    def _send(
+        self, destination: str, sender: Mailbox | None, rcpts: list[Mailbox], data: bytes
+    ) -> Deferred[dict[str, Outcome]]:
+        try:
+            return self.transport.send(destination, sender, rcpts, data)
+        except Exception:
+            return fail()
+
     def _finished(
         self, message: Message, outcomes: dict[str, Outcome], data: bytes, started: float
     ) -> None:
         now = self.reactor.seconds()
-        message.in_flight = False
-        message.attempts += 1
-        newly_failed: list[RecipientState] = []
+        abandoned = True  # by a shutdown, every one of them
         for rcpt in message.pending:
             outcome = outcomes.get(rcpt.address) or Outcome(
-                Status.DEFERRED, "delivery attempt abandoned", "4.3.0"
+                Status.DEFERRED, "delivery attempt abandoned", "4.3.0", local="software"
             )
-            rcpt.attempts += 1
+            if self._stopping and outcome.local in ("shutdown", "software"):
+                outcome = Outcome(
+                    Status.DEFERRED, SHUTDOWN_TEXT, "4.3.2", outcome.relay, "shutdown"
+                )
+            abandoned = abandoned and outcome.local == "shutdown"
+            if outcome.local != "shutdown":
+                rcpt.attempts += 1
+            self._note_local(outcome)
             rcpt.last_error = "" if outcome.status is Status.DELIVERED else outcome.text
             rcpt.status_code, rcpt.relay = outcome.status_code, outcome.relay
             status = outcome.status
             text = outcome.text
             if status is Status.DEFERRED and now - message.arrival >= self.policy.lifetime:
                 status = Status.FAILED
-                text = f"delivery time expired; last error: {outcome.text}"
+                text = f"{EXPIRED}; last error: {outcome.text}"
                 rcpt.last_error = text
             if status is Status.DELIVERED:
                 rcpt.status = DELIVERED
@@ -431,9 +524,12 @@ class QueueManager:
             elif status is Status.FAILED:
                 rcpt.status = FAILED
                 self.counters.bounced += 1
-                newly_failed.append(rcpt)
             else:
                 self.counters.deferred += 1
+                if outcome.local:
+                    self.counters.deferred_local += 1
+                    reasons = self.counters.local_reasons
+                    reasons[outcome.local] = reasons.get(outcome.local, 0) + 1
             self.event(
                 message.id, **{"to": rcpt.address, "relay": outcome.relay or "none",
                                "delay": round(now - message.arrival, 3),
@@ -441,17 +537,70 @@ class QueueManager:
                                "dsn": outcome.status_code, "status": status.value,
                                "reply": text},
             )  # fmt: skip
-        self._report(message, newly_failed, data, now)
-        if message.deleted or not message.pending:
-            self._forget(message)
+        if not abandoned:
+            message.attempts += 1
+        self._settle(message, data, abandoned=abandoned)
+
+    def _note_local(self, outcome: Outcome) -> None:
+        """Log when a failure of the relay's own starts, changes or ends (not
+        once per message: it meets every message alike)."""
+        if outcome.local in ("", "shutdown"):
+            if outcome.status is Status.DELIVERED and self._local_failure is not None:
+                log.info(
+                    "delivering again through {relay} after the relay's own failure ({reason})",
+                    relay=outcome.relay, reason=self._local_failure[0],
+                )  # fmt: skip
+                self._local_failure = None
             return
+        if self._local_failure != (outcome.local, outcome.text):
+            self._local_failure = (outcome.local, outcome.text)
+            log.error(
+                "the relay's own failure ({reason}) delivering through {relay}: {text}; "
+                "messages stay queued (deferred, not bounced) until it is fixed",
+                reason=outcome.local, relay=outcome.relay or "none", text=outcome.text,
+            )  # fmt: skip
+
+    def _settle(self, message: Message, data: bytes, *, abandoned: bool) -> None:
+        """Queue the notices an attempt calls for, then forget or reschedule the
+        message: not before its bounce is durable."""
+        if message.deleted:
+            self._done(message, abandoned=abandoned)
+            return
+        notices: list[Deferred[None]] = []
+        now = self.reactor.seconds()
+        if message.unreported:
+            notices.append(self._report(message, data, now))
         if (
             self.policy.delay_warning > 0
+            and message.pending
             and not message.warned
+            and not message.held
             and now - message.arrival >= self.policy.delay_warning
         ):
-            message.warned = True
-            self._warn(message, data, now)
+            notices.append(self._warn(message, data, now))
+        if not notices:
+            self._done(message, abandoned=abandoned)
+            return
+        waiting: Deferred[Any] = DeferredList(notices, consumeErrors=True)
+        waiting.addCallback(lambda _: self._done(message, abandoned=abandoned))
+
+    def _done(self, message: Message, *, abandoned: bool) -> None:
+        message.in_flight = False
+        if message.deleted or (not message.pending and not message.unreported):
+            self._forget(message)
+            return
+        now = self.reactor.seconds()
+        if abandoned or any(r.attempts == 0 for r in message.pending):
+            # Not really tried (a shutdown), or a new recipient (the postmaster).
+            message.next_attempt = now
+            self._write_state(message)
+            if not message.held:
+                self._push(message)
+            self._run_queue()
+            return
+        self._reschedule(message, now)
+
+    def _reschedule(self, message: Message, now: float) -> None:
         message.next_attempt = now + self.policy.backoff(message.attempts)
         self._write_state(message)
         if not message.held:
@@ -461,45 +610,109 @@ class QueueManager:
     def _write_state(self, message: Message) -> None:
         message.has_state = True
         d = self.spool.write_state(message.id, message.state())
-        d.addErrback(lambda f: log.failure("writing the state of {id}", f, id=message.id))
+        d.addErrback(self._state_failed, message)
+
+    def _state_failed(self, failure: Failure, message: Message) -> None:
+        """A state write failed: the message stays as it is (in memory and in
+        the spool) and the write is tried again."""
+        self.counters.spool_errors += 1
+        log.error(
+            "cannot write the state of {id}: {error}; the message stays queued, "
+            "retrying in {delay} s", id=message.id, error=failure.getErrorMessage(),
+            delay=STATE_RETRY,
+        )  # fmt: skip
+        if self._stopping or message.id in self._state_retries:
+            return
+
+        def retry() -> None:
+            del self._state_retries[message.id]
+            if self.messages.get(message.id) is message:
+                self._write_state(message)
+
+        self._state_retries[message.id] = self.reactor.callLater(STATE_RETRY, retry)
 
     def _forget(self, message: Message) -> None:
         self.messages.pop(message.id, None)
+        retry = self._state_retries.pop(message.id, None)
+        if retry is not None and retry.active():
+            retry.cancel()
         self.spool.remove(message.id, state=message.has_state)
         self._run_queue()
 
     # -- bounces ---------------------------------------------------------------------------
 
-    def _report(
-        self, message: Message, failed: list[RecipientState], data: bytes, now: float
-    ) -> None:
-        if not failed:
-            return
+    def _report(self, message: Message, data: bytes, now: float) -> Deferred[None]:
+        """Bounce the unreported failed recipients; they stay unreported (and
+        the message queued) if the bounce cannot be spooled."""
+        failed = message.unreported
         if message.sender is None:
-            self.event(message.id, status="no-bounce", reason="null sender")
-            return
+            self._undeliverable_notice(message, failed)
+            return succeed(None)
         reports = [
             RecipientReport(r.address, "failed", _as_class(r.status_code, "5"), r.last_error,
                             _host(r.relay))
             for r in failed
         ]  # fmt: skip
-        self._send_dsn(message, reports, data, now)
-        for r in failed:
-            r.reported = True
 
-    def _warn(self, message: Message, data: bytes, now: float) -> None:
+        def spooled() -> None:
+            for r in failed:
+                r.reported = True
+
+        return self._send_dsn(message, reports, data, now, spooled)
+
+    def _undeliverable_notice(self, message: Message, failed: list[RecipientState]) -> None:
+        """A null-sender message failed: to the postmaster, else on hold (expired)
+        or discarded (refused), never silently."""
+        postmaster = self.postmaster
+        for rcpt in failed:
+            addresses = {r.address.lower() for r in message.recipients}
+            if postmaster and postmaster.lower() not in addresses:
+                rcpt.reported = True
+                message.recipients.append(RecipientState(postmaster))
+                message.mailboxes[postmaster] = parse_recipient(postmaster)
+                self.event(
+                    message.id, status="redirected", to=postmaster,
+                    reason=f"null sender, undeliverable to <{rcpt.address}>: {rcpt.last_error}",
+                )  # fmt: skip
+            elif rcpt.last_error.startswith(EXPIRED):
+                rcpt.status = PENDING
+                message.held = True
+                self.counters.notices_held += 1
+                self.event(
+                    message.id, status="hold", to=rcpt.address,
+                    reason=f"null sender, kept on hold: {rcpt.last_error}",
+                )  # fmt: skip
+            else:
+                rcpt.reported = True
+                self.event(
+                    message.id, status="discarded", to=rcpt.address,
+                    reason=f"null sender, nobody to notify: {rcpt.last_error}",
+                )  # fmt: skip
+
+    def _warn(self, message: Message, data: bytes, now: float) -> Deferred[None]:
         if message.sender is None:
-            return
+            return succeed(None)
         reports = [
             RecipientReport(r.address, "delayed", _as_class(r.status_code, "4"), r.last_error,
                             _host(r.relay))
             for r in message.pending
         ]  # fmt: skip
-        self._send_dsn(message, reports, data, now)
+
+        def spooled() -> None:
+            message.warned = True
+
+        return self._send_dsn(message, reports, data, now, spooled)
 
     def _send_dsn(
-        self, message: Message, reports: list[RecipientReport], data: bytes, now: float
-    ) -> None:
+        self,
+        message: Message,
+        reports: list[RecipientReport],
+        data: bytes,
+        now: float,
+        spooled: Callable[[], None],
+    ) -> Deferred[None]:
+        """Queue a DSN; ``spooled`` runs once it is durable. A failure is logged
+        and swallowed: the caller's state says it is still to be sent."""
         assert message.sender is not None
         dsn = build_dsn(
             reporting_mta=self.hostname,
@@ -511,13 +724,21 @@ class QueueManager:
             original=data,
             attach_full=self.bounce_full,
         )
-        d = self.inject(None, [message.sender], dsn)
-        d.addCallback(
-            lambda bounce_id: self.event(
-                message.id, status="sender-notify", action=reports[0].action, notice=bounce_id
-            )
-        )
-        d.addErrback(lambda f: log.failure("queuing a bounce for {id}", f, id=message.id))
+        action = reports[0].action
+
+        def done(bounce_id: str) -> None:
+            spooled()
+            self.event(message.id, status="sender-notify", action=action, notice=bounce_id)
+
+        def failed(failure: Failure) -> None:
+            self.counters.spool_errors += 1
+            log.error(
+                "cannot queue the {action} notice for {id}: {error}; the message stays "
+                "queued and the notice is tried again",
+                action=action, id=message.id, error=failure.getErrorMessage(),
+            )  # fmt: skip
+
+        return self.inject(None, [message.sender], dsn).addCallbacks(done, failed)
 
     # -- queue commands ---------------------------------------------------------------------
 
@@ -582,7 +803,11 @@ class QueueManager:
         return True
 
     def stats(self) -> dict[str, int]:
+        """The counters, ``deferred_local`` also by reason (``deferred_local_auth``, ...)."""
         values = asdict(self.counters)
+        reasons: dict[str, int] = values.pop("local_reasons")
+        for reason, count in sorted(reasons.items()):
+            values[f"deferred_local_{reason}"] = count
         values["queue_size"] = len(self.messages)
         values["active"] = len(self._active)
         return values

@@ -199,6 +199,7 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
     queue = QueueManager(
         spool, transport, reactor=reactor, hostname=hostname, policy=policy,
         log_format=options["log-format"], bounce_full=options["bounce-full"],
+        postmaster=options.get("postmaster"),
     )  # fmt: skip
     relay = RelayService(spool, queue)
     config = ServerConfig(

@@ -15,14 +15,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txcolombe.address import Mailbox
 from txcolombe.auth import Authentication
-from txcolombe.errors import RecipientsRefused, SMTPError
+from txcolombe.errors import (
+    AuthenticationError,
+    ConnectionFailed,
+    EightBitUnsupported,
+    MessageTooLarge,
+    NameResolutionFailed,
+    RecipientsRefused,
+    RoutingError,
+    SMTPError,
+    Step,
+    TLSError,
+    UsageError,
+    UTF8Unsupported,
+)
 from txcolombe.machine import TLSMode
 from txcolombe.protocol import Timeouts
 from txcolombe.receipt import Receipt
@@ -44,12 +57,68 @@ class Outcome:
 
     :ivar text: the remote reply (``550 5.1.1 ...``) or our description.
     :ivar status_code: the RFC 3463 code for DSNs.
+    :ivar local: why the failure is the relay's own (one of :data:`LOCAL_REASONS`),
+        not the message's; "" when it is the message's (or no failure).
     """
 
     status: Status
     text: str
     status_code: str
     relay: str = ""
+    local: str = ""
+
+
+#: The relay's own failures, by reason, with the RFC 3463 code they defer with.
+LOCAL_REASONS = {
+    "auth": "4.7.0",  # our credentials or SASL set-up (534, 535, 538, 454, 530)
+    "tls": "4.7.0",  # TLS to the next hop
+    "dns": "4.4.3",  # resolving the next hop
+    "connection": "4.4.1",  # reaching the next hop
+    "session": "4.4.2",  # the smarthost refused the session (greeting, EHLO)
+    "config": "4.3.5",  # a configuration the relay cannot use (bad port, ...)
+    "shutdown": "4.3.2",  # abandoned because the relay is stopping
+    "software": "4.3.0",  # an unexpected error in the relay
+}
+
+#: Usage errors that are about the message, not about the relay: the next hop
+#: can never take this message as it is.
+_MESSAGE_ERRORS = (MessageTooLarge, EightBitUnsupported, UTF8Unsupported)
+
+#: Steps before the first transaction: a reply there is about the session.
+_SETUP_STEPS = (Step.CONNECT, Step.GREETING, Step.EHLO, Step.HELO, Step.STARTTLS, Step.TLS)
+
+
+def local_reason(error: BaseException, *, smarthost: bool = False) -> str:
+    """Why ``error`` is the relay's own failure rather than the message's;
+    "" when it is the message's.
+
+    The relay's own failures (its credentials, TLS, the network, DNS, its
+    configuration) must never bounce a message: they would bounce every
+    message, and then every bounce (Postfix's ``smtp_sasl_auth_soft_bounce``).
+    With ``smarthost``, a refusal of the session itself (greeting, EHLO) is
+    ours too: every message would meet it.
+    """
+    if isinstance(error, CancelledError):
+        return "shutdown"
+    if not isinstance(error, SMTPError):
+        return "software"
+    if isinstance(error, AuthenticationError) or error.step is Step.AUTH:
+        return "auth"
+    if isinstance(error, TLSError):
+        return "tls"
+    if isinstance(error, RoutingError) and not smarthost:
+        return ""  # about the recipients' domain: deliver() has classified it
+    if isinstance(error, NameResolutionFailed):
+        return "dns"
+    if isinstance(error, ConnectionFailed):
+        return "connection"
+    if isinstance(error, _MESSAGE_ERRORS):
+        return ""
+    if isinstance(error, UsageError):
+        return "config"
+    if smarthost and error.step in _SETUP_STEPS:
+        return "session"
+    return ""
 
 
 def outcome_from_reply(reply: Reply, relay: str) -> Outcome:
@@ -67,17 +136,29 @@ def outcome_from_reply(reply: Reply, relay: str) -> Outcome:
     return Outcome(status, str(reply), code, relay)
 
 
-def outcome_from_error(error: BaseException, relay: str) -> Outcome:
-    if isinstance(error, SMTPError):
-        if error.reply is not None:
-            out = outcome_from_reply(error.reply, relay)
-            if error.temporary and out.status is Status.FAILED:
-                return Outcome(Status.DEFERRED, out.text, "4" + out.status_code[1:], relay)
-            return out
-        if error.temporary:
-            return Outcome(Status.DEFERRED, str(error), "4.4.1", relay)
-        return Outcome(Status.FAILED, str(error), "5.3.0", relay)
-    return Outcome(Status.DEFERRED, f"local error: {error}", "4.3.0", relay)
+def outcome_from_error(error: BaseException, relay: str, *, smarthost: bool = False) -> Outcome:
+    """The outcome of an attempt that failed with ``error``: deferred when the
+    failure is temporary or the relay's own (:func:`local_reason`)."""
+    reason = local_reason(error, smarthost=smarthost)
+    if reason:
+        text = str(error) or type(error).__name__
+        if reason == "shutdown":
+            text = "delivery abandoned: cancelled"
+        elif reason == "software":
+            text = f"local error: {type(error).__name__}: {text}"
+        code = LOCAL_REASONS[reason]
+        if isinstance(error, SMTPError) and error.enhanced_status is not None:
+            code = "4." + ".".join(map(str, error.enhanced_status[1:]))
+        return Outcome(Status.DEFERRED, text, code, relay, local=reason)
+    assert isinstance(error, SMTPError)
+    if error.reply is not None:
+        out = outcome_from_reply(error.reply, relay)
+        if error.temporary and out.status is Status.FAILED:
+            return Outcome(Status.DEFERRED, out.text, "4" + out.status_code[1:], relay)
+        return out
+    if error.temporary:
+        return Outcome(Status.DEFERRED, str(error), "4.4.1", relay)
+    return Outcome(Status.FAILED, str(error), "5.3.0", relay)
 
 
 class Transport(Protocol):
@@ -187,10 +268,10 @@ class SmarthostTransport:
                 return {
                     name: outcome_from_reply(error.refused[name], relay)
                     if name in error.refused
-                    else outcome_from_error(error, relay)
+                    else outcome_from_error(error, relay, smarthost=True)
                     for name in names
                 }
-            return dict.fromkeys(names, outcome_from_error(error, relay))
+            return dict.fromkeys(names, outcome_from_error(error, relay, smarthost=True))
         out: dict[str, Outcome] = {}
         accepted = outcome_from_reply(result.reply, relay)
         for name in names:
