@@ -11,6 +11,7 @@ from txcolombe.server.machine import (
     AuthRequest,
     Close,
     MessageReceived,
+    Rejected,
     ServerConfig,
     ServerMachine,
     StartTLS,
@@ -19,7 +20,12 @@ from txcolombe.server.machine import (
 from txcolombe.server.received import received_header
 
 CONFIG = ServerConfig(
-    hostname="relay.test", max_size=2000, max_recipients=3, tls_available=True, auth_enabled=True
+    hostname="relay.test",
+    max_size=2000,
+    max_recipients=3,
+    tls_available=True,
+    auth_enabled=True,
+    error_sleep=0.0,
 )
 
 
@@ -192,7 +198,14 @@ def test_limits_size_and_recipients() -> None:
         354,
         552,
     ]
-    assert events(m) == []
+    # No message; each refusal is reported for the log, with its envelope.
+    rejected = events(m)
+    assert all(isinstance(e, Rejected) for e in rejected)
+    assert [(e.stage, e.reply.code, str(e.sender), str(e.recipient)) for e in rejected] == [
+        ("MAIL", 552, "a@x.test", "None"),
+        ("RCPT", 452, "a@x.test", "r3@y.test"),
+        ("END-OF-MESSAGE", 552, "a@x.test", "r0@y.test"),
+    ]
 
 
 def test_utf8_needs_smtputf8() -> None:
@@ -221,7 +234,9 @@ def test_data_rejections(body: bytes, status: str) -> None:
     m.receive_data(body + b".\r\n")
     (reply,) = replies(m)
     assert reply.code >= 550 and reply.lines[0].startswith(status), reply
-    assert events(m) == []
+    (rejected,) = events(m)  # no message: the refusal, for the log
+    assert isinstance(rejected, Rejected) and rejected.reply == reply
+    assert rejected.stage == "END-OF-MESSAGE" and str(rejected.recipient) == "b@y.test"
     assert m.state is State.COMMAND and not m.in_transaction
     assert codes(m, b"NOOP\r\n") == [250]
 
@@ -243,7 +258,7 @@ def test_smuggling_lf_dot_crlf_does_not_end_data() -> None:
     assert replies(m) == [] and m.state is State.DATA
     m.receive_data(b".\r\n")
     assert [r.code for r in replies(m)] == [550]
-    assert events(m) == []
+    assert [type(e) for e in events(m)] == [Rejected]
 
 
 def test_data_split_anywhere_gives_same_message() -> None:
