@@ -166,7 +166,7 @@ class SMTPServerProtocol(Protocol):
             log.info(
                 "NOQUEUE: reject: CONNECT from [{client}]: {reply}",
                 client=address,
-                reply=refusal.text,
+                reply=_reply_text(refusal),
             )
             self._count_rejection(Rejected("CONNECT", refusal, None, None, None))
             self._gone = True
@@ -353,7 +353,7 @@ class SMTPServerProtocol(Protocol):
             " helo=<{helo}>",
             stage=event.stage,
             client=self.client_address,
-            reply=event.reply.text,
+            reply=_reply_text(event.reply),
             sender="" if event.sender is None else str(event.sender),
             rcpt="" if event.recipient is None else str(event.recipient),
             helo=event.helo or "",
@@ -507,6 +507,11 @@ class SMTPServerFactory(Factory):
         whose message is being stored gets its reply first)."""
         for session in list(self.sessions):
             session.shutdown()
+
+
+def _reply_text(reply: Reply) -> str:
+    """A reply on one log line: code, enhanced status and text."""
+    return f"{reply.code} {' '.join(reply.lines)}"
 
 
 def _client_address(peer: object) -> str:
