@@ -365,12 +365,13 @@ class IncomingFile:
         ).encode("utf-8")
         head = head[:-1] + b',"size":'
         self._size_at = len(MAGIC) + len(head)
-        dir_fd = os.open(spool.queue_dir, os.O_RDONLY | os.O_DIRECTORY)
+        self._fd: int | None = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-            self._fd: int | None = os.open(self._tmp, flags, 0o600, dir_fd=dir_fd)
-        finally:
-            os.close(dir_fd)
+            self._fd = os.open(spool.queue_dir / self._tmp, flags, 0o600)
+        except OSError as error:
+            self.error = error  # given by finish(): the client hears 451
+            return
         self._write_all(MAGIC + head + b" " * _SIZE_WIDTH + b"}\n")
 
     def write(self, data: bytes) -> None:
