@@ -71,7 +71,8 @@ def test_starttls_auth_relays_byte_exact(
     received, rest = split_received(got.data)
     assert rest == on_the_wire(BODY)  # swaks' dot-stuffing undone, nothing else changed
     assert got.data.count(b"Received:") == 1
-    assert received.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby relay.test")
+    assert received.startswith(b"Received: from client.test ([127.0.0.1])\r\n\t(using TLSv1.")
+    assert b" with cipher " in received and b")\r\n\tby relay.test" in received
     assert b"with ESMTPSA id" in received and b"for <x@far.example>" in received
     assert b"bob" not in received
 

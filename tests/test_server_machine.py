@@ -9,8 +9,12 @@ import pytest
 from txcolombe.reply import Reply, ReplyParser
 from txcolombe.server.machine import (
     AuthRequest,
+    BodyData,
     Close,
+    DataAborted,
+    Delay,
     MessageReceived,
+    Rejected,
     ServerConfig,
     ServerMachine,
     StartTLS,
@@ -19,7 +23,12 @@ from txcolombe.server.machine import (
 from txcolombe.server.received import received_header
 
 CONFIG = ServerConfig(
-    hostname="relay.test", max_size=2000, max_recipients=3, tls_available=True, auth_enabled=True
+    hostname="relay.test",
+    max_size=2000,
+    max_recipients=3,
+    tls_available=True,
+    auth_enabled=True,
+    error_sleep=0.0,
 )
 
 
@@ -192,7 +201,14 @@ def test_limits_size_and_recipients() -> None:
         354,
         552,
     ]
-    assert events(m) == []
+    # No message; each refusal is reported for the log, with its envelope.
+    rejected = events(m)
+    assert all(isinstance(e, Rejected) for e in rejected)
+    assert [(e.stage, e.reply.code, str(e.sender), str(e.recipient)) for e in rejected] == [
+        ("MAIL", 552, "a@x.test", "None"),
+        ("RCPT", 452, "a@x.test", "r3@y.test"),
+        ("END-OF-MESSAGE", 552, "a@x.test", "r0@y.test"),
+    ]
 
 
 def test_utf8_needs_smtputf8() -> None:
@@ -221,7 +237,9 @@ def test_data_rejections(body: bytes, status: str) -> None:
     m.receive_data(body + b".\r\n")
     (reply,) = replies(m)
     assert reply.code >= 550 and reply.lines[0].startswith(status), reply
-    assert events(m) == []
+    (rejected,) = events(m)  # no message: the refusal, for the log
+    assert isinstance(rejected, Rejected) and rejected.reply == reply
+    assert rejected.stage == "END-OF-MESSAGE" and str(rejected.recipient) == "b@y.test"
     assert m.state is State.COMMAND and not m.in_transaction
     assert codes(m, b"NOOP\r\n") == [250]
 
@@ -243,7 +261,7 @@ def test_smuggling_lf_dot_crlf_does_not_end_data() -> None:
     assert replies(m) == [] and m.state is State.DATA
     m.receive_data(b".\r\n")
     assert [r.code for r in replies(m)] == [550]
-    assert events(m) == []
+    assert [type(e) for e in events(m)] == [Rejected]
 
 
 def test_data_split_anywhere_gives_same_message() -> None:
@@ -380,3 +398,102 @@ def test_data_path_agrees_with_the_line_model(pieces: list[bytes], cuts: list[in
         assert ok.code == 250
     if rest == b"NOOP\r\n":
         assert [r.code for r in after] == [250]
+
+
+# -- streaming, error sleep, shutdown, MAIL check ------------------------------------------
+
+
+def test_large_body_is_handed_over_in_parts_and_the_rest_at_the_end() -> None:
+    m = ServerMachine(
+        ServerConfig(hostname="relay.test", max_size=100_000),
+        client_address="192.0.2.7",
+        relay_allowed=True,
+        body_chunk=1000,
+    )
+    replies(m)
+    in_data(m)
+    body = b"".join(b"line %04d\r\n" % i for i in range(400))  # 4400 octets
+    for at in range(0, len(body), 700):
+        m.receive_data(body[at : at + 700])
+    m.receive_data(b".\r\n")
+    got = events(m)
+    parts = [e for e in got if isinstance(e, BodyData)]
+    (end,) = [e for e in got if isinstance(e, MessageReceived)]
+    assert len(parts) >= 3 and all(len(p.data) <= 1000 + 700 for p in parts)
+    assert b"".join(p.data for p in parts) + end.data == body
+    assert str(parts[0].envelope.recipients[0]) == "b@y.test"
+
+
+def test_refused_streamed_body_is_aborted() -> None:
+    m = ServerMachine(
+        ServerConfig(hostname="relay.test", max_size=3000),
+        client_address="192.0.2.7",
+        relay_allowed=True,
+        body_chunk=1000,
+    )
+    replies(m)
+    in_data(m)
+    m.receive_data(b"y" * 900 + b"\r\n" + b"z" * 900 + b"\r\n")  # a part handed over
+    assert [type(e) for e in events(m)] == [BodyData]
+    m.receive_data((b"w" * 900 + b"\r\n") * 3)  # over max_size
+    assert [type(e) for e in events(m)] == [DataAborted]
+    m.receive_data(b".\r\n")
+    assert [r.code for r in replies(m)] == [552]
+    assert [type(e) for e in events(m)] == [Rejected]
+
+
+def test_errors_past_the_soft_limit_are_delayed() -> None:
+    config = ServerConfig(hostname="relay.test", soft_error_limit=2, error_sleep=1.5, max_errors=5)
+    m = fresh(config=config)
+    assert codes(m, b"FOO\r\nFOO\r\nFOO\r\nNOOP\r\n") == [500, 500]  # the third waits
+    (delay,) = events(m)
+    assert isinstance(delay, Delay) and delay.seconds == 1.5
+    assert m.state is State.SLEEP and m.waiting
+    m.wake()
+    assert [r.code for r in replies(m)] == [500, 250]  # then the rest is read
+    m.receive_data(b"FOO\r\nFOO\r\n")
+    assert [r.code for r in replies(m)] == []
+    m.wake()
+    assert [r.code for r in replies(m)] == [500, 500, 421]  # the fifth: dropped
+    assert [type(e) for e in events(m)][-2:] == [Rejected, Close]
+
+
+def test_shutdown_closes_at_once_or_after_the_message_reply() -> None:
+    m = fresh()
+    m.receive_data(b"EHLO c.test\r\n")
+    replies(m)
+    m.shutdown(Reply.of(421, "4.3.2 Service shutting down"))
+    assert [r.code for r in replies(m)] == [421] and isinstance(events(m)[0], Close)
+    m = fresh()
+    in_data(m)
+    m.receive_data(b"x\r\n.\r\n")
+    assert isinstance(events(m)[0], MessageReceived)
+    m.shutdown(Reply.of(421, "4.3.2 Service shutting down"))
+    assert replies(m) == [] and events(m) == []  # the message's fate first
+    m.message_result(Reply.of(250, "2.0.0 Ok"))
+    assert [r.code for r in replies(m)] == [250, 421] and isinstance(events(m)[0], Close)
+
+
+def test_mail_check_refuses_mail() -> None:
+    full = Reply.of(452, "4.3.1 Insufficient system storage")
+    m = ServerMachine(
+        CONFIG, client_address="192.0.2.7", relay_allowed=True, mail_check=lambda s: full
+    )
+    replies(m)
+    assert codes(m, b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n") == [250, 452, 503]
+    (rejected,) = events(m)
+    assert isinstance(rejected, Rejected) and rejected.reply == full
+    assert str(rejected.sender) == "a@x.test" and not m.in_transaction
+
+
+def test_received_header_names_the_tls_cipher() -> None:
+    m = fresh(tls=True)
+    m.tls_details = "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"
+    in_data(m)
+    m.receive_data(b"x\r\n.\r\n")
+    (event,) = events(m)
+    assert isinstance(event, MessageReceived)
+    header = received_header(event.envelope, "relay.test", "QID1", 0.0)
+    assert header.split(b"\r\n")[1] == (
+        b"\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))"
+    )

@@ -566,8 +566,9 @@ async def _relayed_sends(reactor: Any, peer: AiosmtpdPeer, relay: DemoRelay) -> 
         header, rest = split_received(message.data)
         if rest != data:
             problems.append("the message bytes below the first header differ from those sent")
-        expected_start = f"Received: from {CLIENT_NAME} ([{HOST}])\r\n\tby {RELAY_HOSTNAME} "
-        if not header.startswith(expected_start.encode()):
+        expected_start = f"Received: from {CLIENT_NAME} ([{HOST}])\r\n"
+        by = f"\tby {RELAY_HOSTNAME} ".encode()  # after the TLS line, when TLS was used
+        if not header.startswith(expected_start.encode()) or by not in header:
             problems.append(f"the first header is not the relay's Received: {header[:80]!r}")
         elif f" id {receipt.queue_id}".encode() not in header:
             problems.append(f"the Received: header does not name queue id {receipt.queue_id}")

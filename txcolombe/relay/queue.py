@@ -48,7 +48,7 @@ from twisted.python.failure import Failure
 
 from txcolombe.address import Mailbox, parse_recipient, parse_sender
 from txcolombe.relay.bounce import RecipientReport, build_dsn
-from txcolombe.relay.spool import Spool, new_queue_id
+from txcolombe.relay.spool import IncomingFile, Spool, new_queue_id
 from txcolombe.relay.transport import Outcome, Status, Transport, outcome_from_error
 from txcolombe.server.machine import Envelope
 from txcolombe.server.received import received_header
@@ -183,6 +183,41 @@ class Message:
             "next_attempt": self.next_attempt,
             "last_error": errors[-1] if errors else "",
         }
+
+
+def _intake_record(envelope: Envelope) -> dict[str, Any]:
+    """What the spool keeps of an SMTP envelope besides sender and recipients."""
+    return {"client": envelope.client_address, "helo": envelope.helo,
+            "protocol": envelope.protocol, "auth": envelope.authenticated,
+            "body": envelope.body_type}  # fmt: skip
+
+
+class IncomingStream:
+    """A message from the SMTP server being spooled as it arrives
+    (:meth:`QueueManager.accept_stream`)."""
+
+    def __init__(
+        self, queue: QueueManager, file: IncomingFile, message: Message, extra: dict[str, Any]
+    ) -> None:
+        self.queue = queue
+        self.file = file
+        self.message = message
+        self.extra = extra
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+
+    def finish(self) -> Deferred[str]:
+        """Fires with the queue id once the message is durable and queued."""
+        self.message.size = self.file.size
+
+        def queued(_: object) -> str:
+            return self.queue._queued(self.message, self.extra)
+
+        return self.file.finish().addCallback(queued)
+
+    def abort(self) -> None:
+        self.file.abort()
 
 
 def event_text(log_format: str, queue_id: str, fields: dict[str, Any]) -> str:
@@ -355,10 +390,31 @@ class QueueManager:
             mailboxes[str(rcpt)] = rcpt
         return self._spool(
             queue_id, sender, [str(r) for r in envelope.recipients], header + data,
-            {"client": envelope.client_address, "helo": envelope.helo,
-             "protocol": envelope.protocol, "auth": envelope.authenticated},
-            mailboxes,
+            _intake_record(envelope), mailboxes,
         )  # fmt: skip
+
+    def accept_stream(self, envelope: Envelope) -> IncomingStream:
+        """Start spooling a large message from the SMTP server as it arrives
+        (our Received header first); it is queued once its end is durable."""
+        queue_id = new_queue_id()
+        header = received_header(envelope, self.hostname, queue_id, time.time())
+        sender = str(envelope.sender) if envelope.sender is not None else None
+        recipients = [str(r) for r in envelope.recipients]
+        mailboxes: dict[str | None, Mailbox | None] = {None: envelope.sender}
+        for rcpt in envelope.recipients:
+            mailboxes[str(rcpt)] = rcpt
+        extra = _intake_record(envelope)
+        arrival = self.reactor.seconds()
+        record = {"id": queue_id, "sender": sender, "recipients": recipients,
+                  "arrival": arrival, **extra}  # fmt: skip
+        message = Message(
+            id=queue_id, sender=sender, recipients=[RecipientState(r) for r in recipients],
+            arrival=arrival, size=0, next_attempt=arrival, client=envelope.client_address,
+            mailboxes=mailboxes,
+        )  # fmt: skip
+        incoming = self.spool.incoming(queue_id, record)
+        incoming.write(header)
+        return IncomingStream(self, incoming, message, extra)
 
     def inject(self, sender: str | None, recipients: Sequence[str], data: bytes) -> Deferred[str]:
         """Spool a locally made message (a bounce)."""
@@ -399,21 +455,25 @@ class QueueManager:
             mailboxes=mailboxes,
         )
 
-        def stored(_: object) -> str:
-            self.counters.received += 1
-            self.messages[queue_id] = message
-            self.event(
-                queue_id, **{"from": sender or "", "size": len(data),
-                             "nrcpt": len(recipients), "client": message.client},
-            )  # fmt: skip
-            if self._running and len(self._active) < self.max_active:
-                self._dispatch(message)  # the common case: straight out
-            else:
-                self._push(message)
-                self._run_queue()
-            return queue_id
+        return self.spool.write_message(queue_id, record, data).addCallback(
+            lambda _: self._queued(message, extra)
+        )
 
-        return self.spool.write_message(queue_id, record, data).addCallback(stored)
+    def _queued(self, message: Message, extra: dict[str, Any]) -> str:
+        """A new message is durable: log it and send it on."""
+        self.counters.received += 1
+        self.messages[message.id] = message
+        fields = {"from": message.sender or "", "size": message.size,
+                  "nrcpt": len(message.recipients), "client": message.client}  # fmt: skip
+        if extra.get("auth"):
+            fields["sasl_username"] = extra["auth"]
+        self.event(message.id, **fields)
+        if self._running and len(self._active) < self.max_active:
+            self._dispatch(message)  # the common case: straight out
+        else:
+            self._push(message)
+            self._run_queue()
+        return message.id
 
     # -- scheduling ---------------------------------------------------------------------
 

@@ -19,17 +19,17 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python import usage
 
-from txcolombe.address import parse_domain
+from txcolombe.address import Mailbox, parse_domain
 from txcolombe.auth import Authentication, Mechanism
 from txcolombe.errors import InvalidAddress
 from txcolombe.machine import TLSMode
 from txcolombe.relay.control import SOCKET_NAME, ControlFactory
 from txcolombe.relay.passwords import hash_password, load_users, verify_password
-from txcolombe.relay.queue import QueueManager, RetryPolicy
+from txcolombe.relay.queue import IncomingStream, QueueManager, RetryPolicy
 from txcolombe.relay.spool import Spool
 from txcolombe.relay.transport import MXTransport, Smarthost, SmarthostTransport, Transport
 from txcolombe.reply import Reply
-from txcolombe.server.machine import Envelope, ServerConfig
+from txcolombe.server.machine import Envelope, Rejected, ServerConfig
 from txcolombe.server.protocol import SMTPServerFactory
 
 log = Logger(namespace="txcolombe.relay")
@@ -46,17 +46,24 @@ def default_hostname() -> str:
 
 
 class RelayHandler:
-    """The SMTP server's link to the queue: relay permission, AUTH, storage."""
+    """The SMTP server's link to the queue: relay permission, AUTH, storage
+    (large messages streamed to the spool), free space, rejection counts.
+
+    :param min_free: octets of free space the spool keeps: a MAIL below it
+        gets ``452 4.3.1`` (Postfix's queue_minfree).
+    """
 
     def __init__(
         self,
         queue: QueueManager,
         networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
         users: dict[str, str],
+        min_free: int = 0,
     ) -> None:
         self.queue = queue
         self.networks = networks
         self.users = users
+        self.min_free = min_free
         self._allowed: dict[str, bool] = {}
 
     def relay_allowed(self, client_address: str) -> bool:
@@ -87,9 +94,45 @@ class RelayHandler:
         return result
 
     def store(self, envelope: Envelope, data: bytes) -> Deferred[Reply]:
-        return self.queue.accept(envelope, data).addCallback(
-            lambda queue_id: Reply.of(250, f"2.0.0 Ok: queued as {queue_id}")
-        )
+        return self.queue.accept(envelope, data).addCallback(_queued_reply)
+
+    def open_message(self, envelope: Envelope) -> _Streamed:
+        return _Streamed(self.queue.accept_stream(envelope))
+
+    def check_mail(self, client_address: str, sender: Mailbox | None) -> Reply | None:
+        if self.min_free <= 0:
+            return None
+        try:
+            fs = os.statvfs(self.queue.spool.queue_dir)
+        except OSError as error:
+            log.error("cannot check the spool's free space: {error}", error=error)
+            return None
+        if fs.f_bavail * fs.f_frsize < self.min_free:
+            return Reply.of(452, "4.3.1 Insufficient system storage")
+        return None
+
+    def rejected(self, client_address: str, event: Rejected) -> None:
+        self.queue.counters.rejected += 1
+
+
+def _queued_reply(queue_id: str) -> Reply:
+    return Reply.of(250, f"2.0.0 Ok: queued as {queue_id}")
+
+
+class _Streamed:
+    """An :class:`~txcolombe.server.protocol.IncomingMessage` on the queue's stream."""
+
+    def __init__(self, stream: IncomingStream) -> None:
+        self.stream = stream
+
+    def write(self, data: bytes) -> None:
+        self.stream.write(data)
+
+    def finish(self) -> Deferred[Reply]:
+        return self.stream.finish().addCallback(_queued_reply)
+
+    def abort(self) -> None:
+        self.stream.abort()
 
 
 class RelayService(service.MultiService):
@@ -99,6 +142,8 @@ class RelayService(service.MultiService):
         super().__init__()  # type: ignore[no-untyped-call]
         self.spool = spool
         self.queue = queue
+        #: The SMTP listeners' factories, whose sessions get 421 at stop.
+        self.factories: list[SMTPServerFactory] = []
 
     def startService(self) -> None:
         self.spool.start()
@@ -108,6 +153,8 @@ class RelayService(service.MultiService):
     def stopService(self) -> Deferred[None]:
         async def stop() -> None:
             await super(RelayService, self).stopService()  # type: ignore[no-untyped-call]
+            for factory in self.factories:
+                factory.close_sessions()
             await self.queue.stop()
             await self.spool.stop()
 
@@ -208,11 +255,18 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
         max_recipients=options["max-recipients"],
         tls_available=tls is not None,
         auth_enabled=bool(users),
+        max_errors=options["hard-error-limit"],
+        soft_error_limit=options["soft-error-limit"],
+        error_sleep=options["error-sleep"],
+        max_connections=options["max-connections"],
+        max_connections_per_client=options["max-connections-per-client"],
     )
+    min_free = max(options["queue-minfree"], options["max-size"] * 3 // 2)
     factory = SMTPServerFactory(
-        config, RelayHandler(queue, networks, users), reactor=reactor, tls=tls,
+        config, RelayHandler(queue, networks, users, min_free), reactor=reactor, tls=tls,
         idle_timeout=options["idle-timeout"],
     )  # fmt: skip
+    relay.factories.append(factory)
     for description in options["listen"]:
         if description.split(":")[0] in ("ssl", "tls") and "privateKey" not in description:
             if cert_key is None:

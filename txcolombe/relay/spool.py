@@ -5,6 +5,7 @@ Layout of the spool directory::
     queue/<id>.msg     the envelope (one JSON line after a magic line) and the message
     queue/<id>.state   per-recipient delivery state (JSON), rewritten atomically
     queue/*.tmp        files being written; never 250'd, removed at start
+                       (``<id>.in.tmp``: a message still arriving)
 
 Every write is write → fsync → rename → fsync(dir), so that after a crash a
 file is either entirely there or not at all. Writes are *group-committed*:
@@ -27,12 +28,19 @@ its replacement. A failed write of a new message is undone (its file is
 removed if the dead committer got as far as the rename), so that a message
 the client will send again is never kept twice; removals it held are tried
 again.
+
+A large message is not held in memory: :meth:`Spool.incoming` gives an
+:class:`IncomingFile` that writes it to ``<id>.in.tmp`` as it arrives; at its
+end the file is fsynced (in a thread), renamed to ``<id>.msg`` and the
+directory fsynced by a commit, before the caller hears that it is durable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 import secrets
 import socket
 import subprocess
@@ -42,9 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -196,6 +205,17 @@ class Spool:
         self._pending.append((_Unlink(f"{queue_id}.msg"), None))
         self._later()
 
+    def incoming(self, queue_id: str, envelope: dict[str, Any]) -> IncomingFile:
+        """Start writing a new message as it arrives (its ``size`` is filled
+        in at the end); see :class:`IncomingFile`."""
+        return IncomingFile(self, queue_id, envelope)
+
+    def sync_directory(self, name: str) -> Deferred[None]:
+        """Fires once the queue directory has been fsynced after now (a
+        rename done before the call is durable then). Carried by the next
+        commit as the unlink of ``name``, a file that must not exist."""
+        return self._submit(_Unlink(name))
+
     def drain(self) -> Deferred[None]:
         """Fires once every operation submitted so far is done and durable."""
         if not self._inflight and not self._pending and not self._dirty:
@@ -346,6 +366,105 @@ class Spool:
         except FileNotFoundError:
             return None
         return state
+
+
+#: The width of the ``size`` field of an incoming file's envelope, written
+#: as blanks first and filled in at the end (JSON allows the blanks).
+_SIZE_WIDTH = 20
+
+
+class IncomingFile:
+    """A message written to the spool as it arrives: ``<id>.in.tmp``, with
+    the spool file's head (magic line, envelope line) first.
+
+    A write error (a full disk) is kept and given by :meth:`finish`; nothing
+    is raised to the caller mid-message. :meth:`abort` removes the file.
+    """
+
+    def __init__(self, spool: Spool, queue_id: str, envelope: dict[str, Any]) -> None:
+        self.spool = spool
+        self.queue_id = queue_id
+        self.size = 0
+        self.error: OSError | None = None
+        self._tmp = f"{queue_id}.in.tmp"
+        head = json.dumps(
+            {k: v for k, v in envelope.items() if k != "size"},
+            ensure_ascii=False,
+            separators=(",", ":"),
+        ).encode("utf-8")
+        head = head[:-1] + b',"size":'
+        self._size_at = len(MAGIC) + len(head)
+        self._fd: int | None = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            self._fd = os.open(spool.queue_dir / self._tmp, flags, 0o600)
+        except OSError as error:
+            self.error = error  # given by finish(): the client hears 451
+            return
+        self._write_all(MAGIC + head + b" " * _SIZE_WIDTH + b"}\n")
+
+    def write(self, data: bytes) -> None:
+        """The next part of the message."""
+        self.size += len(data)
+        self._write_all(data)
+
+    def _write_all(self, data: bytes) -> None:
+        if self.error is not None or self._fd is None:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as error:
+            self.error = error
+
+    def finish(self) -> Deferred[None]:
+        """Make the message durable as ``<id>.msg``; fires once it would
+        survive a crash (the file is removed on any failure)."""
+        fd = self._fd
+        if fd is None or self.error is not None:
+            error = self.error or OSError("the message was aborted")
+            self.abort()
+            return fail(error)
+        try:
+            os.pwrite(fd, b"%*d" % (_SIZE_WIDTH, self.size), self._size_at)
+        except OSError as error:
+            self.abort()
+            return fail(error)
+        spool = self.spool
+        if not spool.fsync:
+            synced: Deferred[None] = succeed(None)
+        elif spool.inline:
+            synced = maybeDeferred(os.fsync, fd)
+        else:
+            reactor = spool._reactor
+            synced = deferToThreadPool(reactor, reactor.getThreadPool(), os.fsync, fd)
+        synced.addCallback(lambda _: self._rename())
+        synced.addErrback(self._failed)
+        return synced
+
+    def _rename(self) -> Deferred[None]:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        queue_dir = self.spool.queue_dir
+        os.rename(queue_dir / self._tmp, queue_dir / f"{self.queue_id}.msg")
+        return self.spool.sync_directory(self._tmp)
+
+    def _failed(self, failure: Failure) -> Failure:
+        """Nothing of a message that was not answered 250 stays behind."""
+        self.abort()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.spool.queue_dir / f"{self.queue_id}.msg")
+        return failure
+
+    def abort(self) -> None:
+        """Forget the message: close and remove its file."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.spool.queue_dir / self._tmp)
 
 
 def _wire(op: _Op) -> tuple[int, str, tuple[bytes, ...]]:

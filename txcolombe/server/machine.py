@@ -15,6 +15,13 @@ conversation, and no I/O. Its driver (the Twisted protocol, or a test):
      :meth:`~ServerMachine.auth_result`;
    - :class:`MessageReceived`: store the message, then call
      :meth:`~ServerMachine.message_result` with the reply to give;
+   - :class:`BodyData` (only with ``body_chunk``): the first part or the
+     next part of a message being received; :class:`MessageReceived` then
+     carries only what came after the last part. :class:`DataAborted`: the
+     message those parts belong to will not be completed (refused);
+   - :class:`Delay`: wait that long, then call :meth:`~ServerMachine.wake`
+     (a client making errors is slowed down);
+   - :class:`Rejected`: a policy refusal, for the log (nothing to do);
    - :class:`Close`: close the transport after writing what is pending.
 
 While an answer is awaited the machine reads no further command: pipelined
@@ -25,7 +32,12 @@ AUTH is offered and accepted only under TLS; recipients outside
 ``local_domains`` need relay permission (a trusted network or AUTH), else
 554 5.7.1; at most ``max_recipients`` (452) and ``max_size`` octets (552);
 in DATA, a bare CR or LF (SMTP smuggling), a line over 998 octets or
-``max_hops`` ``Received:`` headers reject the message. Every buffer is bounded.
+``max_hops`` ``Received:`` headers reject the message. Every buffer is bounded,
+and with ``body_chunk`` so is the body held: past that many octets it is
+handed to the driver as it comes. After ``soft_error_limit`` errors each
+error reply is delayed by ``error_sleep`` seconds; at ``max_errors`` the
+connection is closed (Postfix's smtpd_soft_error_limit, smtpd_error_sleep_time
+and smtpd_hard_error_limit).
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import binascii
 import enum
 import functools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from txcolombe.address import Mailbox, parse_domain
@@ -58,6 +71,12 @@ class ServerConfig:
     :ivar tls_available: STARTTLS may be offered (a certificate is configured).
     :ivar auth_enabled: AUTH PLAIN/LOGIN is offered (under TLS only).
     :ivar local_domains: recipient domains accepted from anyone.
+    :ivar max_errors: errors after which the connection is closed (421).
+    :ivar soft_error_limit: errors after which every error reply is delayed
+        by ``error_sleep`` seconds.
+    :ivar max_connections: concurrent connections in all (421 beyond).
+    :ivar max_connections_per_client: concurrent connections from one
+        address (421 beyond), except from clients that may relay.
     """
 
     hostname: str
@@ -69,6 +88,10 @@ class ServerConfig:
     auth_enabled: bool = False
     local_domains: frozenset[str] = frozenset()
     software: str = "txcolombe"
+    soft_error_limit: int = 10
+    error_sleep: float = 1.0
+    max_connections: int = 100
+    max_connections_per_client: int = 50
 
 
 class State(enum.Enum):
@@ -78,6 +101,7 @@ class State(enum.Enum):
     WAIT_TLS = "waiting for TLS"
     WAIT_AUTH = "waiting for the credentials check"
     WAIT_STORE = "waiting for the message to be stored"
+    SLEEP = "slowing down a client that makes errors"
     CLOSED = "closed"
 
 
@@ -87,6 +111,8 @@ class Envelope:
 
     :ivar protocol: the ``with`` keyword of the Received header (RFC 3848,
         RFC 6531): SMTP, ESMTP, ESMTPS, ESMTPSA, UTF8SMTPSA...
+    :ivar body_type: the client's BODY parameter (7BIT, 8BITMIME) or None.
+    :ivar tls_details: the TLS protocol and cipher, as the driver told them.
     """
 
     sender: Mailbox | None
@@ -98,6 +124,7 @@ class Envelope:
     authenticated: str | None
     smtputf8: bool = False
     body_type: str | None = None
+    tls_details: str | None = None
 
 
 # -- events -------------------------------------------------------------------
@@ -125,11 +152,48 @@ class AuthRequest(Event):
 class MessageReceived(Event):
     """A complete message: store it, then call ``message_result()``.
 
-    :ivar data: the message as received, dot-unstuffed, every line ending in CRLF.
+    :ivar data: the message as received, dot-unstuffed, every line ending in
+        CRLF; after :class:`BodyData` parts, only the rest.
     """
 
     envelope: Envelope
     data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class BodyData(Event):
+    """Part of the body of the message in DATA (dot-unstuffed, whole lines),
+    handed over because more than ``body_chunk`` octets are held."""
+
+    envelope: Envelope
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class DataAborted(Event):
+    """The message whose parts went out as :class:`BodyData` is refused:
+    forget those parts."""
+
+
+@dataclass(frozen=True)
+class Delay(Event):
+    """Wait ``seconds``, then call ``wake()``: a client making errors."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Rejected(Event):
+    """A policy refusal (Postfix's ``NOQUEUE: reject:``), for the log.
+
+    :ivar stage: the command refused (CONNECT, MAIL, RCPT, DATA, END-OF-MESSAGE).
+    """
+
+    stage: str
+    reply: Reply
+    sender: Mailbox | None
+    recipient: Mailbox | None
+    helo: str | None
 
 
 @dataclass(frozen=True)
@@ -160,6 +224,10 @@ class ServerMachine:
     :param client_address: the client's IP address (for Received).
     :param relay_allowed: the client may relay without AUTH (trusted network).
     :param tls: the connection is TLS from the start (implicit TLS).
+    :param body_chunk: hand the body over in :class:`BodyData` parts once
+        more than this many octets of it are held (None: hold it all).
+    :param mail_check: asked at each MAIL with the sender; a reply refuses it
+        (e.g. too little free space in the spool).
     """
 
     def __init__(
@@ -169,8 +237,13 @@ class ServerMachine:
         client_address: str,
         relay_allowed: bool = False,
         tls: bool = False,
+        body_chunk: int | None = None,
+        mail_check: Callable[[Mailbox | None], Reply | None] | None = None,
     ) -> None:
         self.config = config
+        self.body_chunk = body_chunk
+        self.mail_check = mail_check
+        self.tls_details: str | None = None
         self.client_address = client_address
         self.relay_allowed = relay_allowed
         self.tls = tls
@@ -186,6 +259,8 @@ class ServerMachine:
         self._auth_mechanism = ""
         self._auth_username: str | None = None
         self._skip_line = False
+        self._delayed: Reply | None = None
+        self._closing: Reply | None = None
         self._reply(_greeting(config.hostname, config.software))
 
     # -- the driver's side -------------------------------------------------------
@@ -214,7 +289,12 @@ class ServerMachine:
     @property
     def waiting(self) -> bool:
         """True while an answer from the driver is awaited (no client timeout then)."""
-        return self.state in (State.WAIT_TLS, State.WAIT_AUTH, State.WAIT_STORE)
+        return self.state in (State.WAIT_TLS, State.WAIT_AUTH, State.WAIT_STORE, State.SLEEP)
+
+    @property
+    def errors(self) -> int:
+        """Errors the client made so far."""
+        return self._errors
 
     def tls_started(self) -> None:
         """TLS is up: the session starts over (RFC 3207 §4.2)."""
@@ -248,7 +328,33 @@ class ServerMachine:
         self.state = State.COMMAND
         self._reset_transaction()
         self._reply(reply)
+        if self._closing is not None:
+            self._close(self._closing)
+            return
         self._run()
+
+    def wake(self) -> None:
+        """The :class:`Delay` is over: give the delayed reply, read on."""
+        if self.state is not State.SLEEP:
+            return
+        self.state = State.COMMAND
+        if self._delayed is not None:
+            self._reply(self._delayed)
+            self._delayed = None
+        self._run()
+
+    def shutdown(self, reply: Reply) -> None:
+        """The server is stopping: close with ``reply`` now, or, while a
+        message is being stored, right after its reply (so that the client
+        learns its fate)."""
+        if self.state is State.CLOSED:
+            return
+        if self.state is State.WAIT_STORE:
+            self._closing = reply
+            return
+        if self.state is State.DATA and self._chunked:
+            self._events.append(DataAborted())
+        self._close(reply)
 
     def timed_out(self) -> None:
         """The client was idle too long."""
@@ -270,6 +376,8 @@ class ServerMachine:
         self._smtputf8 = False
         self._body_type: str | None = None
         self._data: list[bytes] = []
+        self._held = 0
+        self._chunked = False
         self._data_size = 0
         self._data_problem: Reply | None = None
         self._in_headers = True
@@ -281,10 +389,25 @@ class ServerMachine:
         self._out.append(reply if isinstance(reply, bytes) else reply.to_bytes())
 
     def _error(self, reply: Reply) -> None:
-        self._reply(reply)
         self._errors += 1
-        if self._errors >= self.config.max_errors and self.state is not State.CLOSED:
-            self._close(_r(421, f"4.7.0 {self.config.hostname} Error: too many errors"))
+        cfg = self.config
+        if self._errors >= cfg.max_errors and self.state is not State.CLOSED:
+            self._reply(reply)
+            too_many = _r(421, f"4.7.0 {cfg.hostname} Error: too many errors")
+            self._reject("CONNECT", too_many, self._first_recipient())
+            self._close(too_many)
+        elif self._errors > cfg.soft_error_limit and cfg.error_sleep > 0:
+            self._delayed = reply
+            self.state = State.SLEEP
+            self._events.append(Delay(cfg.error_sleep))
+        else:
+            self._reply(reply)
+
+    def _first_recipient(self) -> Mailbox | None:
+        return self.recipients[0] if self.recipients else None
+
+    def _reject(self, stage: str, reply: Reply, recipient: Mailbox | None) -> None:
+        self._events.append(Rejected(stage, reply, self.sender, recipient, self.helo))
 
     def _close(self, reply: Reply) -> None:
         self._reply(reply)
@@ -391,6 +514,8 @@ class ServerMachine:
                 if value is None or not value.isdigit():
                     raise CommandSyntaxError(501, "5.5.4 Bad SIZE parameter")
                 if int(value) > self.config.max_size:
+                    too_big = _r(552, "5.3.4 Message size exceeds fixed limit")
+                    self._events.append(Rejected("MAIL", too_big, parsed.mailbox, None, self.helo))
                     raise CommandSyntaxError(552, "5.3.4 Message size exceeds fixed limit")
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
@@ -406,6 +531,12 @@ class ServerMachine:
                 raise CommandSyntaxError(555, f"5.5.4 Unsupported parameter {key}")
         if parsed.mailbox is not None and parsed.mailbox.needs_smtputf8 and not smtputf8:
             raise CommandSyntaxError(553, "5.6.7 Non-ASCII address needs SMTPUTF8")
+        if self.mail_check is not None:
+            refusal = self.mail_check(parsed.mailbox)
+            if refusal is not None:
+                self._events.append(Rejected("MAIL", refusal, parsed.mailbox, None, self.helo))
+                self._error(refusal)
+                return
         self.sender = parsed.mailbox
         self.in_transaction = True
         self._smtputf8 = smtputf8
@@ -423,9 +554,11 @@ class ServerMachine:
         if mailbox.needs_smtputf8 and not self._smtputf8:
             raise CommandSyntaxError(553, "5.6.7 Non-ASCII address needs SMTPUTF8")
         if len(self.recipients) >= self.config.max_recipients:
+            self._reject("RCPT", _r(452, "4.5.3 Error: too many recipients"), mailbox)
             raise CommandSyntaxError(452, "4.5.3 Error: too many recipients")
         local = mailbox.domain is None or mailbox.domain.lower() in self.config.local_domains
         if not local and not (self.relay_allowed or self.authenticated is not None):
+            self._reject("RCPT", _r(554, "5.7.1 Relay access denied"), mailbox)
             raise CommandSyntaxError(554, "5.7.1 Relay access denied")
         self.recipients.append(mailbox)
         self._reply(_RCPT_OK)
@@ -588,6 +721,9 @@ class ServerMachine:
     def _problem(self, reply: Reply) -> None:
         if self._data_problem is None:
             self._data_problem = reply
+            self._data = []
+            if self._chunked:
+                self._events.append(DataAborted())
 
     def _segment(self, seg: bytes, at_line_start: bool) -> None:
         """Complete body lines (each ending in LF), still dot-stuffed.
@@ -618,9 +754,16 @@ class ServerMachine:
         self._data_size += len(seg)
         if self._data_size > self.config.max_size:
             self._problem(_r(552, "5.3.4 Message size exceeds fixed limit"))
-            self._data = []
             return
         self._data.append(seg)
+        self._held += len(seg)
+        chunk = self.body_chunk
+        if chunk is not None and self._held > chunk:
+            self._chunked = True
+            data = b"".join(self._data)
+            self._data = []
+            self._held = 0
+            self._events.append(BodyData(self._envelope(), data))
 
     def _headers(self, seg: bytes, at_line_start: bool) -> None:
         """Count the Received fields of the header section; note where it ends."""
@@ -641,6 +784,7 @@ class ServerMachine:
             self._problem(_r(554, "5.4.6 Too many hops (mail loop?)"))
         if self._data_problem is not None:
             problem = self._data_problem
+            self._reject("END-OF-MESSAGE", problem, self._first_recipient())
             self._reset_transaction()
             self.state = State.COMMAND
             self._error(problem)
@@ -669,4 +813,5 @@ class ServerMachine:
             authenticated=self.authenticated,
             smtputf8=self._smtputf8,
             body_type=self._body_type,
+            tls_details=self.tls_details if self.tls else None,
         )

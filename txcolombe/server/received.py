@@ -15,13 +15,14 @@ def received_header(
     """One ``Received:`` field, folded, ending in CRLF.
 
     ``for <rcpt>`` names the recipient only when there is exactly one (the
-    others would learn of each other otherwise).
+    others would learn of each other otherwise). The TLS protocol and cipher,
+    when known, are named as Postfix does (``(using TLSv1.3 with cipher ...)``).
     """
     date = _date(int(when))
-    lines = [
-        f"Received: from {envelope.helo} ([{envelope.client_address}])",
-        f"\tby {hostname} ({software}) with {envelope.protocol} id {queue_id}",
-    ]
+    lines = [f"Received: from {envelope.helo} ([{envelope.client_address}])"]
+    if envelope.tls_details:
+        lines.append(f"\t(using {envelope.tls_details})")
+    lines.append(f"\tby {hostname} ({software}) with {envelope.protocol} id {queue_id}")
     if len(envelope.recipients) == 1:
         rcpt = str(envelope.recipients[0])
         if rcpt.isascii() or envelope.smtputf8:
