@@ -107,6 +107,16 @@ def test_group_reports_unroutable_recipients() -> None:
     assert [g.domain for g in grouping.domains] == ["example.org"]
 
 
+def test_group_refuses_what_utf8_or_a_reparse_cannot_keep() -> None:
+    """A lone surrogate used to escape as a bare UnicodeEncodeError and fail
+    deliver() as a whole; U+2028 used to be lost when the relay reparsed."""
+    bad = ["\udfff@example.com", "<\u2028bob@example.org>"]
+    grouping = group_recipients([*bad, "ok@example.org"])
+    assert set(grouping.invalid) == set(bad)
+    assert all(isinstance(e, InvalidAddress) for e in grouping.invalid.values())
+    assert [g.domain for g in grouping.domains] == ["example.org"]
+
+
 def test_domain_key() -> None:
     assert domain_key("MX.Example.org.") == "mx.example.org"
     assert domain_key("[IPv6:0:0::1]") == "[IPv6:::1]"
