@@ -38,7 +38,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl as twisted_ssl
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -522,6 +522,7 @@ class World:
             "reactor": reactor,
             "timeouts": QUICK,
             "trust_root": self.exchangers.trust_root,
+            "mta_sts_trust_root": self.exchangers.trust_root,
             "rng": random.Random(0),
         }
         options.update(kwargs)
@@ -1089,9 +1090,69 @@ async def test_sts_unusable_policy_is_no_policy(world: World, domain: str, why: 
 
 
 @pytest_twisted.ensureDeferred
+async def test_sts_silent_policy_host_costs_one_timeout_for_five_messages(world: World) -> None:
+    """mta-sts.sts-slow.test accepts and never answers: the failed fetch is
+    remembered (with a backoff), so the next messages wait for nothing."""
+    mta_sts = world.mta_sts(timeout=0.5)
+    started = reactor.seconds()
+    for _ in range(5):
+        assert only(await world.deliver(["bob@sts-slow.test"], mta_sts=mta_sts)).delivered
+    elapsed = reactor.seconds() - started
+    assert world.policies.hits["mta-sts.sts-slow.test"] == 1
+    assert elapsed < 0.5 + 0.4, elapsed  # one timeout, plus five quick deliveries
+
+
+@pytest_twisted.ensureDeferred
+async def test_sts_concurrent_lookups_share_one_fetch(world: World) -> None:
+    mta_sts = world.mta_sts(timeout=0.5)
+    started = reactor.seconds()
+    results = await DeferredList(
+        [world.deliver(["bob@sts-slow.test"], mta_sts=mta_sts) for _ in range(5)],
+        fireOnOneErrback=True,
+    )
+    assert all(ok and only(result).delivered for ok, result in results)
+    assert world.policies.hits["mta-sts.sts-slow.test"] == 1
+    assert reactor.seconds() - started < 0.5 + 0.4
+
+
+@pytest_twisted.ensureDeferred
+async def test_sts_failed_fetch_is_retried_after_the_backoff(world: World) -> None:
+    clock = Clock()
+    mta_sts = world.mta_sts(timeout=0.5, clock=clock, retry_after=60)
+    for _ in range(2):
+        await world.deliver(["bob@sts-slow.test"], mta_sts=mta_sts)
+    assert world.policies.hits["mta-sts.sts-slow.test"] == 1
+    clock.advance(61)
+    await world.deliver(["bob@sts-slow.test"], mta_sts=mta_sts)
+    assert world.policies.hits["mta-sts.sts-slow.test"] == 2
+    clock.advance(61)  # the backoff doubled to 120 s
+    await world.deliver(["bob@sts-slow.test"], mta_sts=mta_sts)
+    assert world.policies.hits["mta-sts.sts-slow.test"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_sts_trust_is_not_the_exchangers_trust_root(world: World) -> None:
+    """A private trust_root for the exchangers no longer stands in for the
+    policy hosts' roots: the test CA is given only as mta_sts_trust_root."""
+    enforced = only(
+        await world.deliver(["bob@sts-nomatch.test"], mta_sts=world.mta_sts(), trust_root=None)
+    )
+    assert enforced.permanent or enforced.temporary  # the policy was fetched and enforced
+    assert enforced.tls is None or enforced.tls.mta_sts is Mode.ENFORCE
+    ignored = only(
+        await world.deliver(
+            ["bob@sts-nomatch.test"], mta_sts=world.mta_sts(), mta_sts_trust_root=None
+        )
+    )
+    assert ignored.delivered
+
+
+@pytest_twisted.ensureDeferred
 async def test_sts_fetch_needs_a_trusted_certificate(world: World) -> None:
     mta_sts = world.mta_sts()
-    outcome = only(await world.deliver(["bob@sts-nomatch.test"], mta_sts=mta_sts, trust_root=None))
+    outcome = only(
+        await world.deliver(["bob@sts-nomatch.test"], mta_sts=mta_sts, mta_sts_trust_root=None)
+    )
     # The policy host's certificate is from the test CA, not trusted here:
     # no policy, so the exchanger is used (with opportunistic TLS).
     assert outcome.delivered

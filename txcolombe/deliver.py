@@ -123,6 +123,7 @@ class _Options:
     tls_policy: TLSPolicy
     mta_sts: MTASTS | None
     trust_root: IOpenSSLTrustRoot | None
+    mta_sts_trust_root: IOpenSSLTrustRoot | None
     authentication: Authentication | None
     ehlo: str | None
     timeouts: Timeouts
@@ -145,6 +146,7 @@ def deliver(
     tls_policy: TLSPolicy | str = TLSPolicy.MAY,
     mta_sts: bool | MTASTS = True,
     trust_root: IOpenSSLTrustRoot | None = None,
+    mta_sts_trust_root: IOpenSSLTrustRoot | None = None,
     authentication: Authentication | None = None,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     reactor: Any = None,
@@ -167,7 +169,12 @@ def deliver(
         ``"verify"`` (:class:`~txcolombe.tlspolicy.TLSPolicy`).
     :param mta_sts: apply MTA-STS policies (True: with a process-wide
         in-memory cache), or not, or through this :class:`~txcolombe.mtasts.MTASTS`.
-    :param trust_root: roots for certificate checks (default: the platform's).
+    :param trust_root: roots for the exchangers' certificates (default: the
+        platform's).
+    :param mta_sts_trust_root: roots for the MTA-STS policy hosts'
+        certificates (default: the platform's). Kept apart from
+        ``trust_root``: policy hosts are public web servers, so a private
+        ``trust_root`` must not make their policies unverifiable.
     :param authentication: credentials, if the exchangers want them; sent
         only under TLS (and then a failed handshake is never retried in
         plaintext).
@@ -204,6 +211,7 @@ def deliver(
             tls_policy=policy,
             mta_sts=(default_mta_sts() if mta_sts is True else mta_sts or None),
             trust_root=trust_root,
+            mta_sts_trust_root=mta_sts_trust_root,
             authentication=authentication,
             ehlo=parse_domain(domain) if domain is not None else None,
             timeouts=timeouts,
@@ -329,7 +337,7 @@ class _DomainDelivery:
                 self.domain,
                 resolver=options.resolver,
                 reactor=options.reactor,
-                trust_root=options.trust_root,
+                trust_root=options.mta_sts_trust_root,
                 dns_timeout=options.dns_timeout,
             )
         try:
