@@ -49,10 +49,12 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from txcolombe.auth import Authentication
 from txcolombe.deliver import DeliveryResult, DeliveryStatus, Outcome, default_mta_sts, deliver
+from txcolombe.dsn import DSN
 from txcolombe.errors import (
     ConnectionLost,
     ConnectionRefused,
     DNSFailure,
+    ExtensionUnavailable,
     InvalidAddress,
     MailboxBusy,
     MailboxUnavailable,
@@ -633,11 +635,30 @@ async def test_cname_of_an_exchanger_is_followed(world: World) -> None:
     assert (outcome.mx, outcome.address) == ("alias.mx.test", "127.0.0.2")
 
 
+@pytest.mark.parametrize(
+    ("options", "extension"),
+    [({"dsn": DSN(envid="q1", orcpt=True)}, "DSN"), ({"requiretls": True}, "REQUIRETLS")],
+)
+@pytest_twisted.ensureDeferred
+async def test_dsn_and_requiretls_reach_the_exchanger(
+    world: World, options: dict[str, Any], extension: str
+) -> None:
+    """deliver() passes dsn= and requiretls= to the transaction: the
+    exchangers (aiosmtpd) offer neither, so the message is not sent, rather
+    than sent without what was asked."""
+    outcome = only(await world.deliver(["bob@pref.test"], **options))
+    assert not outcome.delivered
+    assert isinstance(outcome.error, ExtensionUnavailable)
+    assert extension in str(outcome.error)
+    assert world.room.received == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_nxdomain_is_permanent(world: World) -> None:
     outcome = only(await world.deliver(["bob@nowhere.test"]))
     assert outcome.status is DeliveryStatus.PERMANENT
     assert isinstance(outcome.error, NoSuchDomain)
+    assert outcome.enhanced_status == (5, 1, 2)
     assert outcome.attempts == ()
 
 
@@ -646,6 +667,7 @@ async def test_servfail_is_temporary(world: World) -> None:
     outcome = only(await world.deliver(["bob@servfail.test"]))
     assert outcome.status is DeliveryStatus.TEMPORARY
     assert isinstance(outcome.error, DNSFailure)
+    assert outcome.enhanced_status == (4, 4, 3)
     assert "server failure" in str(outcome.error)
 
 
@@ -748,6 +770,7 @@ async def test_no_usable_exchanger(world: World) -> None:
     outcome = only(await world.deliver(["bob@onlyghost.test"]))
     assert outcome.status is DeliveryStatus.PERMANENT
     assert isinstance(outcome.error, NoMailExchanger)
+    assert outcome.enhanced_status == (5, 4, 4)
     assert "ghost.mx.test" in str(outcome.error)
 
 
@@ -1040,6 +1063,7 @@ async def test_sts_enforce_without_a_matching_exchanger(world: World) -> None:
     outcome = only(await world.deliver(["bob@sts-nomatch.test"]))
     assert outcome.status is DeliveryStatus.TEMPORARY
     assert isinstance(outcome.error, PolicyViolation)
+    assert outcome.enhanced_status == (4, 7, 5)
     assert outcome.attempts == ()
     assert world.room.received == []
 

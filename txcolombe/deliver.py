@@ -45,6 +45,7 @@ from txcolombe.address import Mailbox, parse_domain, parse_sender
 from txcolombe.auth import Authentication
 from txcolombe.body import Body
 from txcolombe.dns import DEFAULT_DNS_TIMEOUT, default_resolver, lookup_addresses, lookup_mx
+from txcolombe.dsn import DSN
 from txcolombe.errors import (
     NoMailExchanger,
     NullMX,
@@ -135,6 +136,8 @@ class _Options:
     address_preference: AddressPreference
     dns_timeout: Sequence[float]
     rng: random.Random | None
+    dsn: DSN | None
+    requiretls: bool
 
 
 def deliver(
@@ -158,6 +161,8 @@ def deliver(
     address_preference: AddressPreference | str = AddressPreference.IPV6,
     dns_timeout: Sequence[float] = DEFAULT_DNS_TIMEOUT,
     rng: random.Random | None = None,
+    dsn: DSN | None = None,
+    requiretls: bool = False,
 ) -> Deferred[DeliveryResult]:
     """Deliver a message to each recipient's domain, through its exchangers.
 
@@ -186,6 +191,9 @@ def deliver(
     :param address_preference: which family an exchanger's addresses start with.
     :param dns_timeout: the retransmission delays of each DNS query.
     :param rng: the randomness that orders MX records of equal preference.
+    :param dsn: delivery status notification options (RFC 3461: RET, ENVID,
+        NOTIFY, ORCPT for each recipient), as for ``Session.send``.
+    :param requiretls: ask each exchanger for REQUIRETLS (RFC 8689).
     :returns: a Deferred firing with a :class:`DeliveryResult`; it fails
         only for the caller's mistakes (:class:`~txcolombe.errors.UsageError`,
         e.g. an invalid sender or an unreadable body). Cancelling it aborts
@@ -223,6 +231,8 @@ def deliver(
             address_preference=preference,
             dns_timeout=tuple(dns_timeout),
             rng=rng,
+            dsn=dsn,
+            requiretls=requiretls,
         )
     except ValueError as error:
         usage = error if isinstance(error, UsageError) else UsageError(str(error))
@@ -523,7 +533,13 @@ class _DomainDelivery:
         options = self.options
         sent = list(self.pending.values())
         try:
-            receipt = await session.send(options.sender, sent, self.body.producer())
+            receipt = await session.send(
+                options.sender,
+                sent,
+                self.body.producer(),
+                dsn=options.dsn,
+                requiretls=options.requiretls,
+            )
         except SMTPError as error:
             self.attempts.append(Attempt(target.host, str(target.address), error, tls))
             self.last_error = error
