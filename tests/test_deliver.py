@@ -58,6 +58,7 @@ from txcolombe.errors import (
     InvalidAddress,
     MailboxBusy,
     MailboxUnavailable,
+    MailLoop,
     NoMailExchanger,
     NoSuchDomain,
     NullMX,
@@ -650,6 +651,38 @@ async def test_dsn_and_requiretls_reach_the_exchanger(
     assert not outcome.delivered
     assert isinstance(outcome.error, ExtensionUnavailable)
     assert extension in str(outcome.error)
+    assert world.room.received == []
+
+
+@pytest.mark.parametrize(
+    ("domain", "identities"),
+    [
+        ("pref.test", ["client.test", "A.MX.test."]),  # our name is the best MX
+        ("pref.test", ["127.0.0.2"]),  # the best MX's address is ours
+        ("implicit.test", ["implicit.test"]),  # no MX: the domain names us
+        ("[127.0.0.2]", ["[127.0.0.2]"]),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_mail_for_ourselves_is_a_loop(
+    world: World, domain: str, identities: list[str]
+) -> None:
+    outcome = only(await world.deliver([f"bob@{domain}"], local_identities=identities))
+    assert outcome.permanent
+    assert isinstance(outcome.error, MailLoop)
+    assert f"mail for {domain} loops back to myself" in str(outcome.error)
+    assert outcome.enhanced_status == (5, 4, 6)
+    assert outcome.attempts == ()
+    assert world.room.received == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_backup_mx_drops_itself_and_those_below(world: World) -> None:
+    """As the preference-20 MX of deadfirst.test, we only try the better one
+    (dead): the message is deferred, never handed to ourselves."""
+    outcome = only(await world.deliver(["bob@deadfirst.test"], local_identities=["a.mx.test"]))
+    assert outcome.temporary
+    assert [a.host for a in outcome.attempts] == ["dead.mx.test"]
     assert world.room.received == []
 
 
