@@ -40,7 +40,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet import ssl as twisted_ssl
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 from twisted.names import client, common, dns, server
 from twisted.names.authority import FileAuthority
@@ -1185,6 +1185,35 @@ async def test_sts_failed_fetch_is_retried_after_the_backoff(world: World) -> No
     clock.advance(61)  # the backoff doubled to 120 s
     await world.deliver(["bob@sts-slow.test"], mta_sts=mta_sts)
     assert world.policies.hits["mta-sts.sts-slow.test"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_sts_policy_is_refreshed_before_it_expires(world: World) -> None:
+    clock = Clock()
+    mta_sts = world.mta_sts(clock=clock)
+    host = "mta-sts.sts-cache.test"
+
+    async def lookup() -> Any:
+        return await mta_sts.lookup(
+            "sts-cache.test",
+            resolver=world.resolver,
+            reactor=reactor,
+            trust_root=world.exchangers.trust_root,
+        )
+
+    first = await lookup()
+    assert first is not None and world.policies.hits[host] == 1
+    clock.advance(80)  # max_age 100: in its last quarter
+    assert await lookup() == first  # answered from the cache at once...
+    for _ in range(50):  # ...while a fresh copy is fetched in the background
+        if world.policies.hits[host] == 2 and mta_sts.cache.get("sts-cache.test") != first:
+            break
+        await deferLater(reactor, 0.02)
+    refreshed = mta_sts.cache.get("sts-cache.test")
+    assert refreshed is not None and refreshed.fetched == clock.seconds()
+    clock.advance(30)  # the first copy would have expired by now
+    assert await lookup() == refreshed
+    assert world.policies.hits[host] == 2
 
 
 @pytest_twisted.ensureDeferred

@@ -498,24 +498,20 @@ class MTASTS:
                 log.info("MTA-STS record of {domain}: {error}", domain=domain, error=error)
             record_id = None
         if record_id is None or (valid is not None and valid.id == record_id):
-            # RFC 8461 §5.1: no record (or the same id) keeps a valid policy.
+            # RFC 8461 §5.1: no record (or the same id) keeps a valid policy;
+            # one in the last quarter of its life is refreshed meanwhile, in
+            # the background, so that it does not expire between messages.
+            if (
+                valid is not None
+                and record_id is not None
+                and valid.expires - clock.seconds() < valid.policy.max_age / 4
+                and self._may_fetch(domain, clock)
+            ):
+                self._start(domain, record_id, resolver, reactor, trust_root, dns_timeout)
             return valid
-        failed = self._failed.get(domain)
-        if failed is not None and clock.seconds() < failed[0]:
+        if not self._may_fetch(domain, clock):
             return valid  # a recent fetch failed: no new timeout to wait for
-        waiting = self._waiting.get(domain)
-        if waiting is None:
-            waiting = self._waiting[domain] = []
-            fetch_policy(
-                domain,
-                reactor=reactor,
-                resolver=resolver,
-                trust_root=self.trust_root if self.trust_root is not None else trust_root,
-                timeout=self.timeout,
-                max_size=self.max_size,
-                port=self.https_port,
-                dns_timeout=dns_timeout,
-            ).addBoth(self._fetched, domain, record_id, clock)
+        waiting = self._start(domain, record_id, resolver, reactor, trust_root, dns_timeout)
         # Each lookup waits on its own Deferred, so cancelling one (deliver()
         # abandons the policy of a domain with a null MX) leaves the others.
         shared: Deferred[Policy] = Deferred()
@@ -526,6 +522,38 @@ class MTASTS:
             return valid
         entry = self.cache.get(domain)
         return entry if entry is not None else CachedPolicy(policy, record_id, clock.seconds())
+
+    def _may_fetch(self, domain: str, clock: Any) -> bool:
+        """False while a failed fetch of ``domain`` is being backed off."""
+        failed = self._failed.get(domain)
+        return failed is None or clock.seconds() >= failed[0]
+
+    def _start(
+        self,
+        domain: str,
+        record_id: str,
+        resolver: IResolver,
+        reactor: Any,
+        trust_root: IOpenSSLTrustRoot | None,
+        dns_timeout: Sequence[float],
+    ) -> list[Deferred[Policy]]:
+        """The lookups waiting for ``domain``'s fetch, starting it if none is
+        under way (one fetch serves them all)."""
+        waiting = self._waiting.get(domain)
+        if waiting is None:
+            waiting = self._waiting[domain] = []
+            clock = self.clock if self.clock is not None else reactor
+            fetch_policy(
+                domain,
+                reactor=reactor,
+                resolver=resolver,
+                trust_root=self.trust_root if self.trust_root is not None else trust_root,
+                timeout=self.timeout,
+                max_size=self.max_size,
+                port=self.https_port,
+                dns_timeout=dns_timeout,
+            ).addBoth(self._fetched, domain, record_id, clock)
+        return waiting
 
     def _fetched(self, result: Policy | Failure, domain: str, record_id: str, clock: Any) -> Any:
         """Cache a fetched policy, or remember the failure with a backoff;
