@@ -38,9 +38,9 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl as twisted_ssl
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 from twisted.names import client, common, dns, server
 from twisted.names.authority import FileAuthority
@@ -49,13 +49,16 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from txcolombe.auth import Authentication
 from txcolombe.deliver import DeliveryResult, DeliveryStatus, Outcome, default_mta_sts, deliver
+from txcolombe.dsn import DSN
 from txcolombe.errors import (
     ConnectionLost,
     ConnectionRefused,
     DNSFailure,
+    ExtensionUnavailable,
     InvalidAddress,
     MailboxBusy,
     MailboxUnavailable,
+    MailLoop,
     NoMailExchanger,
     NoSuchDomain,
     NullMX,
@@ -522,6 +525,7 @@ class World:
             "reactor": reactor,
             "timeouts": QUICK,
             "trust_root": self.exchangers.trust_root,
+            "mta_sts_trust_root": self.exchangers.trust_root,
             "rng": random.Random(0),
         }
         options.update(kwargs)
@@ -632,11 +636,62 @@ async def test_cname_of_an_exchanger_is_followed(world: World) -> None:
     assert (outcome.mx, outcome.address) == ("alias.mx.test", "127.0.0.2")
 
 
+@pytest.mark.parametrize(
+    ("options", "extension"),
+    [({"dsn": DSN(envid="q1", orcpt=True)}, "DSN"), ({"requiretls": True}, "REQUIRETLS")],
+)
+@pytest_twisted.ensureDeferred
+async def test_dsn_and_requiretls_reach_the_exchanger(
+    world: World, options: dict[str, Any], extension: str
+) -> None:
+    """deliver() passes dsn= and requiretls= to the transaction: the
+    exchangers (aiosmtpd) offer neither, so the message is not sent, rather
+    than sent without what was asked."""
+    outcome = only(await world.deliver(["bob@pref.test"], **options))
+    assert not outcome.delivered
+    assert isinstance(outcome.error, ExtensionUnavailable)
+    assert extension in str(outcome.error)
+    assert world.room.received == []
+
+
+@pytest.mark.parametrize(
+    ("domain", "identities"),
+    [
+        ("pref.test", ["client.test", "A.MX.test."]),  # our name is the best MX
+        ("pref.test", ["127.0.0.2"]),  # the best MX's address is ours
+        ("implicit.test", ["implicit.test"]),  # no MX: the domain names us
+        ("[127.0.0.2]", ["[127.0.0.2]"]),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_mail_for_ourselves_is_a_loop(
+    world: World, domain: str, identities: list[str]
+) -> None:
+    outcome = only(await world.deliver([f"bob@{domain}"], local_identities=identities))
+    assert outcome.permanent
+    assert isinstance(outcome.error, MailLoop)
+    assert f"mail for {domain} loops back to myself" in str(outcome.error)
+    assert outcome.enhanced_status == (5, 4, 6)
+    assert outcome.attempts == ()
+    assert world.room.received == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_backup_mx_drops_itself_and_those_below(world: World) -> None:
+    """As the preference-20 MX of deadfirst.test, we only try the better one
+    (dead): the message is deferred, never handed to ourselves."""
+    outcome = only(await world.deliver(["bob@deadfirst.test"], local_identities=["a.mx.test"]))
+    assert outcome.temporary
+    assert [a.host for a in outcome.attempts] == ["dead.mx.test"]
+    assert world.room.received == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_nxdomain_is_permanent(world: World) -> None:
     outcome = only(await world.deliver(["bob@nowhere.test"]))
     assert outcome.status is DeliveryStatus.PERMANENT
     assert isinstance(outcome.error, NoSuchDomain)
+    assert outcome.enhanced_status == (5, 1, 2)
     assert outcome.attempts == ()
 
 
@@ -645,6 +700,7 @@ async def test_servfail_is_temporary(world: World) -> None:
     outcome = only(await world.deliver(["bob@servfail.test"]))
     assert outcome.status is DeliveryStatus.TEMPORARY
     assert isinstance(outcome.error, DNSFailure)
+    assert outcome.enhanced_status == (4, 4, 3)
     assert "server failure" in str(outcome.error)
 
 
@@ -747,6 +803,7 @@ async def test_no_usable_exchanger(world: World) -> None:
     outcome = only(await world.deliver(["bob@onlyghost.test"]))
     assert outcome.status is DeliveryStatus.PERMANENT
     assert isinstance(outcome.error, NoMailExchanger)
+    assert outcome.enhanced_status == (5, 4, 4)
     assert "ghost.mx.test" in str(outcome.error)
 
 
@@ -1039,6 +1096,7 @@ async def test_sts_enforce_without_a_matching_exchanger(world: World) -> None:
     outcome = only(await world.deliver(["bob@sts-nomatch.test"]))
     assert outcome.status is DeliveryStatus.TEMPORARY
     assert isinstance(outcome.error, PolicyViolation)
+    assert outcome.enhanced_status == (4, 7, 5)
     assert outcome.attempts == ()
     assert world.room.received == []
 
@@ -1089,9 +1147,98 @@ async def test_sts_unusable_policy_is_no_policy(world: World, domain: str, why: 
 
 
 @pytest_twisted.ensureDeferred
+async def test_sts_silent_policy_host_costs_one_timeout_for_five_messages(world: World) -> None:
+    """mta-sts.sts-slow.test accepts and never answers: the failed fetch is
+    remembered (with a backoff), so the next messages wait for nothing."""
+    mta_sts = world.mta_sts(timeout=0.5)
+    started = reactor.seconds()
+    for _ in range(5):
+        assert only(await world.deliver(["bob@sts-slow.test"], mta_sts=mta_sts)).delivered
+    elapsed = reactor.seconds() - started
+    assert world.policies.hits["mta-sts.sts-slow.test"] == 1
+    assert elapsed < 0.5 + 0.4, elapsed  # one timeout, plus five quick deliveries
+
+
+@pytest_twisted.ensureDeferred
+async def test_sts_concurrent_lookups_share_one_fetch(world: World) -> None:
+    mta_sts = world.mta_sts(timeout=0.5)
+    started = reactor.seconds()
+    results = await DeferredList(
+        [world.deliver(["bob@sts-slow.test"], mta_sts=mta_sts) for _ in range(5)],
+        fireOnOneErrback=True,
+    )
+    assert all(ok and only(result).delivered for ok, result in results)
+    assert world.policies.hits["mta-sts.sts-slow.test"] == 1
+    assert reactor.seconds() - started < 0.5 + 0.4
+
+
+@pytest_twisted.ensureDeferred
+async def test_sts_failed_fetch_is_retried_after_the_backoff(world: World) -> None:
+    clock = Clock()
+    mta_sts = world.mta_sts(timeout=0.5, clock=clock, retry_after=60)
+    for _ in range(2):
+        await world.deliver(["bob@sts-slow.test"], mta_sts=mta_sts)
+    assert world.policies.hits["mta-sts.sts-slow.test"] == 1
+    clock.advance(61)
+    await world.deliver(["bob@sts-slow.test"], mta_sts=mta_sts)
+    assert world.policies.hits["mta-sts.sts-slow.test"] == 2
+    clock.advance(61)  # the backoff doubled to 120 s
+    await world.deliver(["bob@sts-slow.test"], mta_sts=mta_sts)
+    assert world.policies.hits["mta-sts.sts-slow.test"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_sts_policy_is_refreshed_before_it_expires(world: World) -> None:
+    clock = Clock()
+    mta_sts = world.mta_sts(clock=clock)
+    host = "mta-sts.sts-cache.test"
+
+    async def lookup() -> Any:
+        return await mta_sts.lookup(
+            "sts-cache.test",
+            resolver=world.resolver,
+            reactor=reactor,
+            trust_root=world.exchangers.trust_root,
+        )
+
+    first = await lookup()
+    assert first is not None and world.policies.hits[host] == 1
+    clock.advance(80)  # max_age 100: in its last quarter
+    assert await lookup() == first  # answered from the cache at once...
+    for _ in range(50):  # ...while a fresh copy is fetched in the background
+        if world.policies.hits[host] == 2 and mta_sts.cache.get("sts-cache.test") != first:
+            break
+        await deferLater(reactor, 0.02)
+    refreshed = mta_sts.cache.get("sts-cache.test")
+    assert refreshed is not None and refreshed.fetched == clock.seconds()
+    clock.advance(30)  # the first copy would have expired by now
+    assert await lookup() == refreshed
+    assert world.policies.hits[host] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_sts_trust_is_not_the_exchangers_trust_root(world: World) -> None:
+    """A private trust_root for the exchangers no longer stands in for the
+    policy hosts' roots: the test CA is given only as mta_sts_trust_root."""
+    enforced = only(
+        await world.deliver(["bob@sts-nomatch.test"], mta_sts=world.mta_sts(), trust_root=None)
+    )
+    assert enforced.permanent or enforced.temporary  # the policy was fetched and enforced
+    assert enforced.tls is None or enforced.tls.mta_sts is Mode.ENFORCE
+    ignored = only(
+        await world.deliver(
+            ["bob@sts-nomatch.test"], mta_sts=world.mta_sts(), mta_sts_trust_root=None
+        )
+    )
+    assert ignored.delivered
+
+
+@pytest_twisted.ensureDeferred
 async def test_sts_fetch_needs_a_trusted_certificate(world: World) -> None:
     mta_sts = world.mta_sts()
-    outcome = only(await world.deliver(["bob@sts-nomatch.test"], mta_sts=mta_sts, trust_root=None))
+    outcome = only(
+        await world.deliver(["bob@sts-nomatch.test"], mta_sts=mta_sts, mta_sts_trust_root=None)
+    )
     # The policy host's certificate is from the test CA, not trusted here:
     # no policy, so the exchanger is used (with opportunistic TLS).
     assert outcome.delivered

@@ -51,12 +51,14 @@ from txcolombe.routing import (
     Target,
     after_session_error,
     after_transaction_error,
+    below_self,
     connected,
     domain_key,
     group_recipients,
     implicit_exchanger,
     is_null_mx,
     literal_address,
+    loop_reply,
     order_addresses,
     order_exchangers,
     split_refused,
@@ -105,6 +107,25 @@ def test_group_reports_unroutable_recipients() -> None:
     assert set(grouping.invalid) == {"Postmaster", "not an address"}
     assert all(isinstance(e, InvalidAddress) for e in grouping.invalid.values())
     assert [g.domain for g in grouping.domains] == ["example.org"]
+
+
+def test_group_refuses_what_utf8_or_a_reparse_cannot_keep() -> None:
+    """A lone surrogate used to escape as a bare UnicodeEncodeError and fail
+    deliver() as a whole; U+2028 used to be lost when the relay reparsed."""
+    bad = ["\udfff@example.com", "<\u2028bob@example.org>"]
+    grouping = group_recipients([*bad, "ok@example.org"])
+    assert set(grouping.invalid) == set(bad)
+    assert all(isinstance(e, InvalidAddress) for e in grouping.invalid.values())
+    assert [g.domain for g in grouping.domains] == ["example.org"]
+
+
+def test_below_self() -> None:
+    records = [MX(10, "a.test"), MX(20, "me.test"), MX(20, "b.test"), MX(30, "c.test")]
+    me = frozenset({"me.test"})
+    assert below_self(records, me) == [MX(10, "a.test")]
+    assert below_self(records, frozenset()) == records
+    assert below_self([MX(10, "me.test"), MX(20, "b.test")], me) is None
+    assert loop_reply("d.test").enhanced_status == (5, 4, 6)
 
 
 def test_domain_key() -> None:

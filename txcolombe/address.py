@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import idna
@@ -28,9 +29,28 @@ MAX_DOMAIN = 255
 MAX_PATH = 256
 
 
+#: Unicode categories refused in a local part: controls, lone surrogates
+#: (no UTF-8 form) and separators (which text tools strip or break lines at,
+#: so the address would not survive being written out and parsed again).
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Zs", "Zl", "Zp"})
+
+
 def _check_controls(value: str, what: str) -> None:
     if _FORBIDDEN.search(value):
         raise InvalidAddress(f"{what} {value!r} contains CR, LF or NUL")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidAddress(f"{what} {value!r} is not encodable as UTF-8") from None
+
+
+def _check_local(local: str, value: str) -> None:
+    """Refuse a local part that could not be kept as given (see above)."""
+    if local.isascii():
+        return
+    for char in local:
+        if not char.isascii() and unicodedata.category(char) in _REFUSED_CATEGORIES:
+            raise InvalidAddress(f"address {value!r} has the character {char!r} in its local part")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -94,7 +114,10 @@ class Mailbox:
         :raises InvalidAddress: anything else.
         """
         _check_controls(value, "address")
-        text = value.strip()
+        # Only ASCII blanks are trimmed: str.strip() would also take Unicode
+        # separators off a local part, so parsing a mailbox's own wire form
+        # could give another mailbox.
+        text = value.strip(" \t")
         if text.startswith("<") and text.endswith(">"):
             text = text[1:-1]
         if text.lower() == "postmaster":
@@ -105,6 +128,7 @@ class Mailbox:
         local, domain = text[:at], text[at + 1 :]
         if not (_DOT_STRING.fullmatch(local) or _QUOTED.fullmatch(local)):
             raise InvalidAddress(f"invalid local part in address {value!r}")
+        _check_local(local, value)
         mailbox = cls(local, parse_domain(domain))
         if len(str(mailbox).encode("utf-8")) + 2 > MAX_PATH:
             raise InvalidAddress(f"address {value!r} is longer than {MAX_PATH} octets")
@@ -123,7 +147,7 @@ def parse_sender(value: str | Mailbox | None) -> Mailbox | None:
     """A reverse-path: a mailbox, or None for the null path ``<>``."""
     if value is None or isinstance(value, Mailbox):
         return value
-    if value.strip() in ("", "<>"):
+    if value.strip(" \t") in ("", "<>"):
         _check_controls(value, "address")
         return None
     mailbox = Mailbox.parse(value)

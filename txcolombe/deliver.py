@@ -23,6 +23,7 @@ copied, in constant memory, to an anonymous temporary file.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,7 +46,9 @@ from txcolombe.address import Mailbox, parse_domain, parse_sender
 from txcolombe.auth import Authentication
 from txcolombe.body import Body
 from txcolombe.dns import DEFAULT_DNS_TIMEOUT, default_resolver, lookup_addresses, lookup_mx
+from txcolombe.dsn import DSN
 from txcolombe.errors import (
+    MailLoop,
     NoMailExchanger,
     NullMX,
     PolicyViolation,
@@ -76,11 +79,13 @@ from txcolombe.routing import (
     Target,
     after_session_error,
     after_transaction_error,
+    below_self,
     connected,
     group_recipients,
     implicit_exchanger,
     is_null_mx,
     literal_address,
+    loop_reply,
     order_addresses,
     order_exchangers,
     split_refused,
@@ -123,6 +128,7 @@ class _Options:
     tls_policy: TLSPolicy
     mta_sts: MTASTS | None
     trust_root: IOpenSSLTrustRoot | None
+    mta_sts_trust_root: IOpenSSLTrustRoot | None
     authentication: Authentication | None
     ehlo: str | None
     timeouts: Timeouts
@@ -134,6 +140,10 @@ class _Options:
     address_preference: AddressPreference
     dns_timeout: Sequence[float]
     rng: random.Random | None
+    dsn: DSN | None
+    requiretls: bool
+    local_names: frozenset[str]
+    local_addresses: frozenset[IPAddress]
 
 
 def deliver(
@@ -145,6 +155,7 @@ def deliver(
     tls_policy: TLSPolicy | str = TLSPolicy.MAY,
     mta_sts: bool | MTASTS = True,
     trust_root: IOpenSSLTrustRoot | None = None,
+    mta_sts_trust_root: IOpenSSLTrustRoot | None = None,
     authentication: Authentication | None = None,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     reactor: Any = None,
@@ -156,6 +167,9 @@ def deliver(
     address_preference: AddressPreference | str = AddressPreference.IPV6,
     dns_timeout: Sequence[float] = DEFAULT_DNS_TIMEOUT,
     rng: random.Random | None = None,
+    dsn: DSN | None = None,
+    requiretls: bool = False,
+    local_identities: Iterable[str] = (),
 ) -> Deferred[DeliveryResult]:
     """Deliver a message to each recipient's domain, through its exchangers.
 
@@ -167,7 +181,12 @@ def deliver(
         ``"verify"`` (:class:`~txcolombe.tlspolicy.TLSPolicy`).
     :param mta_sts: apply MTA-STS policies (True: with a process-wide
         in-memory cache), or not, or through this :class:`~txcolombe.mtasts.MTASTS`.
-    :param trust_root: roots for certificate checks (default: the platform's).
+    :param trust_root: roots for the exchangers' certificates (default: the
+        platform's).
+    :param mta_sts_trust_root: roots for the MTA-STS policy hosts'
+        certificates (default: the platform's). Kept apart from
+        ``trust_root``: policy hosts are public web servers, so a private
+        ``trust_root`` must not make their policies unverifiable.
     :param authentication: credentials, if the exchangers want them; sent
         only under TLS (and then a failed handshake is never retried in
         plaintext).
@@ -179,6 +198,13 @@ def deliver(
     :param address_preference: which family an exchanger's addresses start with.
     :param dns_timeout: the retransmission delays of each DNS query.
     :param rng: the randomness that orders MX records of equal preference.
+    :param dsn: delivery status notification options (RFC 3461: RET, ENVID,
+        NOTIFY, ORCPT for each recipient), as for ``Session.send``.
+    :param requiretls: ask each exchanger for REQUIRETLS (RFC 8689).
+    :param local_identities: our own host names and IP addresses (RFC 5321
+        §5.1): MX records at or below our own preference are dropped, and
+        when we are the best exchanger the domain fails with
+        :class:`~txcolombe.errors.MailLoop` (554 5.4.6) instead of looping.
     :returns: a Deferred firing with a :class:`DeliveryResult`; it fails
         only for the caller's mistakes (:class:`~txcolombe.errors.UsageError`,
         e.g. an invalid sender or an unreadable body). Cancelling it aborts
@@ -204,6 +230,7 @@ def deliver(
             tls_policy=policy,
             mta_sts=(default_mta_sts() if mta_sts is True else mta_sts or None),
             trust_root=trust_root,
+            mta_sts_trust_root=mta_sts_trust_root,
             authentication=authentication,
             ehlo=parse_domain(domain) if domain is not None else None,
             timeouts=timeouts,
@@ -215,6 +242,9 @@ def deliver(
             address_preference=preference,
             dns_timeout=tuple(dns_timeout),
             rng=rng,
+            dsn=dsn,
+            requiretls=requiretls,
+            **_identities(local_identities),
         )
     except ValueError as error:
         usage = error if isinstance(error, UsageError) else UsageError(str(error))
@@ -222,6 +252,26 @@ def deliver(
         failed.errback(usage)
         return failed
     return Deferred.fromCoroutine(_deliver(options, recipient_list, body, max_concurrency))
+
+
+def _identities(identities: Iterable[str]) -> dict[str, Any]:
+    """Split our identities into host names and IP addresses."""
+    names: set[str] = set()
+    addresses: set[IPAddress] = set()
+    for identity in identities:
+        literal = literal_address(identity) or _ip(identity)
+        if literal is not None:
+            addresses.add(literal)
+        else:
+            names.add(parse_domain(identity).lower())
+    return {"local_names": frozenset(names), "local_addresses": frozenset(addresses)}
+
+
+def _ip(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 def _default_reactor() -> Any:
@@ -309,7 +359,9 @@ class _DomainDelivery:
 
     async def _run(self) -> None:
         literal = literal_address(self.domain)
-        if literal is not None:
+        if literal is not None and literal in self.options.local_addresses:
+            self._loop()
+        elif literal is not None:
             await self._try_targets([(str(literal), [literal])])
         else:
             hosts = await self._exchangers()
@@ -329,7 +381,7 @@ class _DomainDelivery:
                 self.domain,
                 resolver=options.resolver,
                 reactor=options.reactor,
-                trust_root=options.trust_root,
+                trust_root=options.mta_sts_trust_root,
                 dns_timeout=options.dns_timeout,
             )
         try:
@@ -347,7 +399,12 @@ class _DomainDelivery:
                 NullMX(f"{self.domain} accepts no mail (null MX)", reply=NULL_MX_REPLY)
             )
             return None
-        hosts = order_exchangers(records, options.rng) or implicit_exchanger(self.domain)
+        kept = below_self(records, options.local_names)
+        if kept is None or (not records and self.domain in options.local_names):
+            _abandon(sts)
+            self._loop()
+            return None
+        hosts = order_exchangers(kept, options.rng) or implicit_exchanger(self.domain)
         self.sts = await sts
         return self._apply_sts(hosts)
 
@@ -400,6 +457,12 @@ class _DomainDelivery:
                 log.info("skipping exchanger {host}: it has no address", host=host)
                 continue
             addresses = order_addresses(answer.ipv6, answer.ipv4, options.address_preference)
+            if options.local_addresses.intersection(addresses):
+                # This exchanger is us: the rest are no more preferred.
+                log.info("{host} of {domain} is this host", host=host, domain=self.domain)
+                if host == hosts[0]:
+                    self._loop()
+                return
             if await self._try_targets([(host, addresses)]):
                 return
 
@@ -515,7 +578,13 @@ class _DomainDelivery:
         options = self.options
         sent = list(self.pending.values())
         try:
-            receipt = await session.send(options.sender, sent, self.body.producer())
+            receipt = await session.send(
+                options.sender,
+                sent,
+                self.body.producer(),
+                dsn=options.dsn,
+                requiretls=options.requiretls,
+            )
         except SMTPError as error:
             self.attempts.append(Attempt(target.host, str(target.address), error, tls))
             self.last_error = error
@@ -596,6 +665,10 @@ class _DomainDelivery:
             receipt=receipt,
             attempts=tuple(self.attempts),
         )
+
+    def _loop(self) -> None:
+        reply = loop_reply(self.domain)
+        self._settle_all(MailLoop(f"mail for {self.domain} loops back to myself", reply=reply))
 
     def _settle_all(self, error: SMTPError, status: DeliveryStatus | None = None) -> None:
         if status is None:

@@ -40,6 +40,7 @@ __all__ = [
     "InvalidBody",
     "InvalidChallenge",
     "MTASTSError",
+    "MailLoop",
     "MailboxBusy",
     "MailboxNameInvalid",
     "MailboxUnavailable",
@@ -477,6 +478,13 @@ class NoMailExchanger(RoutingError):
     Temporary when a lookup failed for now, permanent when every lookup
     answered that the names have no address.
     """
+
+
+class MailLoop(RoutingError):
+    """We are the domain's best mail exchanger, so sending would mail
+    ourselves (RFC 5321 §5.1). Carries a synthesised ``554 5.4.6`` reply."""
+
+    temporary = False
 
 
 class PolicyViolation(RoutingError):

@@ -72,7 +72,7 @@ MAX_MAX_AGE = 31_557_600
 DEFAULT_FETCH_TIMEOUT = 20.0
 
 _RECORD_ID = re.compile(r"[A-Za-z0-9]{1,32}")
-_FIELD = re.compile(r"([A-Za-z0-9_]+)\s*:\s*(.*?)\s*")
+_KEY = re.compile(r"[A-Za-z0-9_]+")
 
 
 class Mode(enum.Enum):
@@ -141,10 +141,13 @@ def parse_policy(data: bytes) -> Policy:
     for line in re.split(r"\r?\n", text):
         if not line.strip():
             continue
-        match = _FIELD.fullmatch(line)
-        if match is None:
+        # partition and strip, not a regex with lazy groups: a hostile line
+        # of many blanks must cost linear time on the reactor thread.
+        key, colon, rest = line.partition(":")
+        key = key.rstrip()
+        if not colon or not _KEY.fullmatch(key):
             raise MTASTSError(f"malformed policy line {line[:80]!r}")
-        key, value = match.groups()
+        value = rest.strip()
         if key == "mx":
             mx.append(value.rstrip(".").lower())
         else:
@@ -421,11 +424,16 @@ class MTASTS:
 
     :param cache: where policies are kept (default: in memory only).
     :param trust_root: roots for the policy hosts' certificates (default: the
-        caller's ``trust_root``, else the platform's trust store).
+        lookup's ``trust_root`` (deliver()'s ``mta_sts_trust_root``), else the
+        platform's trust store; never the exchangers' ``trust_root``).
     :param timeout: seconds for one policy fetch.
     :param max_size: the largest policy body accepted, in octets.
     :param clock: the time for cache ages (default: the reactor's).
     :param https_port: the policy server's port; only tests change it.
+    :param retry_after: seconds a domain's failed fetch is remembered before
+        the next try; doubled after each further failure, up to
+        ``max_retry_after``. Meanwhile the domain has its cached policy, if
+        still valid, else none (RFC 8461 §5.1), and costs no fetch timeout.
     """
 
     def __init__(
@@ -437,8 +445,17 @@ class MTASTS:
         max_size: int = MAX_POLICY_SIZE,
         clock: Any = None,
         https_port: int = 443,
+        retry_after: float = 300.0,
+        max_retry_after: float = 86400.0,
     ) -> None:
         self.cache = cache if cache is not None else PolicyCache()
+        self.retry_after = retry_after
+        self.max_retry_after = max_retry_after
+        #: domain -> (time of the next allowed fetch, current backoff).
+        self._failed: dict[str, tuple[float, float]] = {}
+        #: domain -> the lookups waiting for the fetch under way (one fetch
+        #: for all of them).
+        self._waiting: dict[str, list[Deferred[Policy]]] = {}
         self.trust_root = trust_root
         self.timeout = timeout
         self.max_size = max_size
@@ -481,10 +498,52 @@ class MTASTS:
                 log.info("MTA-STS record of {domain}: {error}", domain=domain, error=error)
             record_id = None
         if record_id is None or (valid is not None and valid.id == record_id):
-            # RFC 8461 §5.1: no record (or the same id) keeps a valid policy.
+            # RFC 8461 §5.1: no record (or the same id) keeps a valid policy;
+            # one in the last quarter of its life is refreshed meanwhile, in
+            # the background, so that it does not expire between messages.
+            if (
+                valid is not None
+                and record_id is not None
+                and valid.expires - clock.seconds() < valid.policy.max_age / 4
+                and self._may_fetch(domain, clock)
+            ):
+                self._start(domain, record_id, resolver, reactor, trust_root, dns_timeout)
             return valid
+        if not self._may_fetch(domain, clock):
+            return valid  # a recent fetch failed: no new timeout to wait for
+        waiting = self._start(domain, record_id, resolver, reactor, trust_root, dns_timeout)
+        # Each lookup waits on its own Deferred, so cancelling one (deliver()
+        # abandons the policy of a domain with a null MX) leaves the others.
+        shared: Deferred[Policy] = Deferred()
+        waiting.append(shared)
         try:
-            policy = await fetch_policy(
+            policy = await shared
+        except MTASTSError:
+            return valid
+        entry = self.cache.get(domain)
+        return entry if entry is not None else CachedPolicy(policy, record_id, clock.seconds())
+
+    def _may_fetch(self, domain: str, clock: Any) -> bool:
+        """False while a failed fetch of ``domain`` is being backed off."""
+        failed = self._failed.get(domain)
+        return failed is None or clock.seconds() >= failed[0]
+
+    def _start(
+        self,
+        domain: str,
+        record_id: str,
+        resolver: IResolver,
+        reactor: Any,
+        trust_root: IOpenSSLTrustRoot | None,
+        dns_timeout: Sequence[float],
+    ) -> list[Deferred[Policy]]:
+        """The lookups waiting for ``domain``'s fetch, starting it if none is
+        under way (one fetch serves them all)."""
+        waiting = self._waiting.get(domain)
+        if waiting is None:
+            waiting = self._waiting[domain] = []
+            clock = self.clock if self.clock is not None else reactor
+            fetch_policy(
                 domain,
                 reactor=reactor,
                 resolver=resolver,
@@ -493,15 +552,37 @@ class MTASTS:
                 max_size=self.max_size,
                 port=self.https_port,
                 dns_timeout=dns_timeout,
-            )
-        except MTASTSError as error:
-            log.warn(
-                "MTA-STS policy of {domain} (id {id}) not used: {error}",
-                domain=domain,
-                id=record_id,
-                error=error,
-            )
-            return valid
-        entry = CachedPolicy(policy, record_id, clock.seconds())
-        self.cache.put(domain, entry)
-        return entry
+            ).addBoth(self._fetched, domain, record_id, clock)
+        return waiting
+
+    def _fetched(self, result: Policy | Failure, domain: str, record_id: str, clock: Any) -> Any:
+        """Cache a fetched policy, or remember the failure with a backoff;
+        then wake the waiting lookups."""
+        waiting = self._waiting.pop(domain, [])
+        if isinstance(result, Policy):
+            self._failed.pop(domain, None)
+            self.cache.put(domain, CachedPolicy(result, record_id, clock.seconds()))
+        else:
+            self._failure(domain, record_id, clock, result)
+        for waiter in waiting:
+            if waiter.called:
+                continue
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+        return None
+
+    def _failure(self, domain: str, record_id: str, clock: Any, result: Failure) -> None:
+        previous = self._failed.get(domain)
+        backoff = (
+            self.retry_after if previous is None else min(previous[1] * 2, self.max_retry_after)
+        )
+        self._failed[domain] = (clock.seconds() + backoff, backoff)
+        log.warn(
+            "MTA-STS policy of {domain} (id {id}) not used: {error}; next try in {backoff}s",
+            domain=domain,
+            id=record_id,
+            error=result.value,
+            backoff=backoff,
+        )

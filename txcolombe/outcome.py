@@ -8,7 +8,13 @@ import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from txcolombe.errors import SMTPError
+from txcolombe.errors import (
+    DNSFailure,
+    NoMailExchanger,
+    NoSuchDomain,
+    PolicyViolation,
+    SMTPError,
+)
 from txcolombe.mtasts import Mode
 from txcolombe.receipt import Receipt, TLSInfo
 from txcolombe.reply import Reply
@@ -102,6 +108,26 @@ class Outcome:
     @property
     def permanent(self) -> bool:
         return self.status is DeliveryStatus.PERMANENT
+
+    @property
+    def enhanced_status(self) -> tuple[int, int, int] | None:
+        """The RFC 3463 status for bounces and logs: the server's, else the
+        one of a routing failure (RFC 3463 §3.5, RFC 8461 §5: 5.1.2 no such
+        domain, 4.4.3 DNS failure, 4.4.4/5.4.4 unroutable, 4.7.5 MTA-STS)."""
+        if self.reply is not None and self.reply.enhanced_status is not None:
+            return self.reply.enhanced_status
+        error = self.error
+        if error is None:
+            return (2, 0, 0) if self.delivered else None
+        if isinstance(error, NoSuchDomain):
+            return (5, 1, 2)
+        if isinstance(error, DNSFailure):
+            return (4, 4, 3)
+        if isinstance(error, NoMailExchanger):
+            return (4, 4, 4) if error.temporary else (5, 4, 4)
+        if isinstance(error, PolicyViolation):
+            return (4, 7, 5)
+        return error.enhanced_status
 
     @property
     def queue_id(self) -> str | None:

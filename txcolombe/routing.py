@@ -179,6 +179,24 @@ def order_exchangers(records: Sequence[MX], rng: random.Random | None = None) ->
     return ordered
 
 
+def loop_reply(domain: str) -> Reply:
+    """The reply a mail loop amounts to, worded as Postfix words it."""
+    return Reply.of(554, f"5.4.6 mail for {domain} loops back to myself")
+
+
+def below_self(records: Sequence[MX], local_names: frozenset[str]) -> list[MX] | None:
+    """RFC 5321 §5.1: keep only the MX records more preferred than our own.
+
+    ``local_names`` are our own host names (lower case, no final dot). None
+    when we are (one of) the best exchangers: sending would loop.
+    """
+    ours = [record.preference for record in records if record.exchange in local_names]
+    if not ours:
+        return list(records)
+    kept = [record for record in records if record.preference < min(ours)]
+    return kept or None
+
+
 def implicit_exchanger(domain: str) -> list[str]:
     """RFC 5321 §5.1: without MX records the domain itself is the exchanger,
     as if it had an MX of preference 0."""
