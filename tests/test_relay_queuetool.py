@@ -39,8 +39,19 @@ def peer(tmp_path: Path) -> Iterator[AiosmtpdPeer]:
 
 @pytest.fixture
 def relay(tmp_path: Path, peer: AiosmtpdPeer, intake_ca: trustme.CA) -> Iterator[RelayProcess]:
-    """A relay holding the three deferred MESSAGES."""
-    with RelayProcess(tmp_path, free_port(), relay_args(tmp_path, peer)) as running:
+    """A relay holding the three deferred MESSAGES, retried every few seconds."""
+    yield from queued_on(RelayProcess(tmp_path, free_port(), relay_args(tmp_path, peer)))
+
+
+@pytest.fixture
+def slow_relay(tmp_path: Path, peer: AiosmtpdPeer, intake_ca: trustme.CA) -> Iterator[RelayProcess]:
+    """The same with a 10 minute backoff: after the first try, only a flush retries."""
+    args = [*relay_args(tmp_path, peer), "--min-backoff=600"]
+    yield from queued_on(RelayProcess(tmp_path, free_port(), args))
+
+
+def queued_on(relay: RelayProcess) -> Iterator[RelayProcess]:
+    with relay as running:
         with smtplib.SMTP("127.0.0.1", running.port, timeout=10) as client:
             for sender, rcpts in MESSAGES:
                 client.sendmail(sender, rcpts, BODY)
@@ -134,6 +145,28 @@ def test_stopped_relay_is_read_from_the_spool(relay: RelayProcess) -> None:
     result = queue(relay, "release", "--all")
     assert result.returncode == 1 and "not running" in result.stderr
     assert len(held(relay)) == 3
+
+
+def attempts(relay: RelayProcess) -> dict[str, int]:
+    """Each message's attempts, by its first recipient's local part."""
+    return {
+        str(i["recipients"][0]).split("@")[0]: int(i["attempts"])  # type: ignore[index, call-overload]
+        for i in listing(relay)
+    }
+
+
+def test_flush_and_requeue_selected_messages(slow_relay: RelayProcess) -> None:
+    assert attempts(slow_relay) == {"later1": 1, "later2": 1, "later4": 1}
+    result = queue(slow_relay, "flush", "--domain", "two.example")
+    assert result.returncode == 0 and result.stdout.endswith("flushed 2 messages\n")
+    wait_for(lambda: attempts(slow_relay)["later4"] == 2, 10, "a retry of the flushed")
+    wait_for(lambda: attempts(slow_relay)["later2"] == 2, 10, "a retry of the flushed")
+    assert attempts(slow_relay)["later1"] == 1  # not selected: still waiting
+    (qid,) = ids_to(slow_relay, "later4@two.example")
+    assert queue(slow_relay, "requeue", qid).stdout == f"{qid}: requeued\nrequeued 1 messages\n"
+    # attempts reset to 0, then the immediate retry makes it 1
+    wait_for(lambda: attempts(slow_relay)["later4"] == 1, 10, "the requeued retried afresh")
+    assert queue(slow_relay, "requeue").returncode == 2
 
 
 def test_a_held_lock_means_running(tmp_path: Path) -> None:

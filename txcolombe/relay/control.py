@@ -20,6 +20,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +57,15 @@ class ControlProtocol(LineOnlyReceiver):
             return queue.list()
         if cmd == "stats":
             return queue.stats()
-        if cmd == "flush":
+        if cmd == "flush" and not queue_id:
             return queue.flush()
-        actions = {
+        actions: dict[str, Callable[[str], Any]] = {
             "show": queue.show,
             "hold": queue.hold,
             "release": queue.release,
             "delete": queue.delete,
+            "flush": queue.retry,
+            "requeue": partial(queue.retry, reset=True),
         }
         if cmd not in actions:
             raise ValueError(f"unknown command {cmd!r}")
@@ -227,7 +231,13 @@ def _print_show(info: dict[str, Any], body: bytes | None) -> None:
         sys.stdout.buffer.write(body)  # byte-exact, as spooled
 
 
-PAST = {"hold": "held", "release": "released", "delete": "deleted"}
+PAST = {
+    "hold": "held",
+    "release": "released",
+    "delete": "deleted",
+    "flush": "flushed",
+    "requeue": "requeued",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-s", "--spool", type=Path, default=Path("smtprelay-spool"))
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
     parser.add_argument(
-        "command", choices=["list", "stats", "flush", "show", "hold", "release", "delete"]
+        "command",
+        choices=["list", "stats", "flush", "show", "hold", "release", "delete", "requeue"],
     )
     parser.add_argument("ids", nargs="*", help="queue ids; - reads them from stdin")
     parser.add_argument("--all", action="store_true", help="every queued message")
@@ -253,10 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     filtered = args.all or any(v is not None for v in (args.sender, args.recipient, args.domain))
     if args.command == "show" and len(ids) != 1:
         parser.error("show needs exactly one queue id")
-    if args.command in PAST and not ids and not filtered:
+    if args.command in PAST and args.command != "flush" and not ids and not filtered:
         parser.error(f"{args.command} needs queue ids, -, --all, --sender, --recipient or --domain")
     if args.command in PAST and ids and filtered:
         parser.error("give either queue ids or a selection, not both")
+    args.selected = bool(ids) or filtered or "-" in args.ids
     try:
         return _run(args, ids)
     except OSError as error:
@@ -273,7 +285,7 @@ def _run(args: argparse.Namespace, ids: list[str]) -> int:
     if not up:
         print(f"the relay for {args.spool} is not running; {cmd} needs it", file=sys.stderr)
         return 1
-    if cmd in ("list", "stats", "flush"):
+    if cmd in ("list", "stats") or (cmd == "flush" and not args.selected):
         answer = request(args.spool, cmd)
         result = answer["result"]
         if args.json:
@@ -292,7 +304,7 @@ def _run(args: argparse.Namespace, ids: list[str]) -> int:
             print(answer.get("error", "error"), file=sys.stderr)
             return 1
         return _emit_show(args, answer["result"])
-    if not ids:
+    if not ids and "-" not in args.ids:
         ids = select(request(args.spool, "list")["result"], [], args)
     done: list[str] = []
     missing: list[str] = []
