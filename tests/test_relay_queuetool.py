@@ -142,6 +142,9 @@ def test_stopped_relay_is_read_from_the_spool(relay: RelayProcess) -> None:
     assert [{k: i[k] for k in keys} for i in offline] == [{k: i[k] for k in keys} for i in running]
     assert "450 4.2.1" in queue(relay, "list").stdout
     assert queue(relay, "show", qid, "--body").stdout.endswith("keep me around\n")
+    stats = json.loads(queue(relay, "--json", "stats").stdout)
+    assert stats == {"queue_size": 3, "incoming": 0, "deferred": 0, "held": 3}
+    assert "held: 3" in queue(relay, "stats").stdout
     result = queue(relay, "release", "--all")
     assert result.returncode == 1 and "not running" in result.stderr
     assert len(held(relay)) == 3

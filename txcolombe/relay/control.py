@@ -2,13 +2,10 @@
 
 The running relay listens on ``<spool>/control.sock`` (mode 0600). Each
 request is one JSON object per line (``{"cmd": "list"}``), each answer one
-JSON object (``{"ok": true, "result": ...}``). The command line::
-
-    python -m txcolombe.relay.control -s SPOOL list|stats|flush
-    python -m txcolombe.relay.control -s SPOOL show|hold|release|delete ID
-
-``list`` prints id, age, size, sender, recipients, state and last error, like
-``postqueue -p``; with ``--json`` every command prints the raw answer.
+JSON object (``{"ok": true, "result": ...}``). The command line,
+``smtprelay-queue``, is documented in docs/relay.md ("Inspect the queue"):
+bulk selections, flush/requeue, ``show --body``, human output or ``--json``,
+and ``list``/``show`` from the spool files while the relay is stopped.
 """
 
 from __future__ import annotations
@@ -280,7 +277,7 @@ def _run(args: argparse.Namespace, ids: list[str]) -> int:
     """Carry out a parsed command, against the relay or, if it is stopped, the files."""
     up = relay_running(args.spool)
     cmd = args.command
-    if not up and cmd in ("list", "show"):
+    if not up and cmd in ("list", "show", "stats"):
         return _run_offline(args, ids)
     if not up:
         print(f"the relay for {args.spool} is not running; {cmd} needs it", file=sys.stderr)
@@ -333,7 +330,17 @@ def _emit_show(args: argparse.Namespace, info: dict[str, Any]) -> int:
 
 
 def _run_offline(args: argparse.Namespace, ids: list[str]) -> int:
-    """list and show while the relay is stopped: straight from the spool files."""
+    """list, show and stats (queue counts only) while the relay is stopped, from the files."""
+    if args.command == "stats":
+        states = [str(i["state"]) for i in offline_list(args.spool)]
+        counts = {"queue_size": len(states)}
+        counts.update({s: states.count(s) for s in ("incoming", "deferred", "held")})
+        if args.json:
+            print(json.dumps(counts))
+        else:
+            for key, value in counts.items():
+                print(f"{key}: {value}")
+        return 0
     if args.command == "list":
         items = offline_list(args.spool)
         if args.json:
