@@ -108,7 +108,7 @@ def test_smtplib_in_aiosmtpd_out_byte_exact(relay: RelayProcess, peer: AiosmtpdP
     assert b"with ESMTP id " in received and b"for <" not in received  # two recipients
     assert got.data.count(b"Received:") == 1
     wait_for(lambda: "Mail queue is empty" in relay.control("list").stdout, 10, "an empty queue")
-    stats = json.loads(relay.control("stats").stdout)
+    stats = json.loads(relay.control("--json", "stats").stdout)
     assert stats["received"] == 1 and stats["delivered"] == 2 and stats["queue_size"] == 0
     lines = [
         json.loads(line.split("] ", 1)[1])
@@ -246,7 +246,7 @@ def test_queue_commands_on_a_deferred_message(relay: RelayProcess, peer: Aiosmtp
     (item,) = listing
     qid = item["id"]
     assert item["sender"] == "a@example.com" and item["recipients"] == ["later@example.org"]
-    shown = json.loads(relay.control("show", qid).stdout)
+    shown = json.loads(relay.control("--json", "show", qid).stdout)
     assert "Subject:" in shown["headers"] and shown["recipient_state"][0]["status"] == "pending"
     assert relay.control("hold", qid).returncode == 0
     assert json.loads(relay.control("--json", "list").stdout)[0]["state"] == "held"

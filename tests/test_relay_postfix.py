@@ -238,7 +238,7 @@ def test_smarthost_587_starttls_auth_login_pipelined_on_one_session(
         _, ours, rest = split_stored(stored)
         assert rest == on_the_wire(message).replace(b"\r\n", b"\n")
         assert b"\tfor <b@example.org>; " in ours
-    stats = json.loads(relay_587.control("stats").stdout)
+    stats = json.loads(relay_587.control("--json", "stats").stdout)
     assert stats["delivered"] == 12 and stats["received"] == 12
     # one session carried them (the relay pipelines its transactions)
     log = postfix_log_after(postfix, start)

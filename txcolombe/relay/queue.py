@@ -880,6 +880,29 @@ class QueueManager:
             lambda _: None
         )
 
+    def retry(self, queue_id: str, *, reset: bool = False) -> bool:
+        """Make one message due now (``flush ID``); held messages stay held.
+
+        With ``reset`` (``requeue``) its attempt counts and last errors are
+        cleared too, for a fresh start once the cause is fixed; its arrival
+        time, and so its maximal lifetime, are kept. False if not queued.
+        """
+        message = self.messages.get(queue_id)
+        if message is None or message.deleted:
+            return False
+        if reset:
+            message.attempts = 0
+            for rcpt in message.pending:
+                rcpt.attempts = 0
+                rcpt.last_error = ""
+        message.next_attempt = self.reactor.seconds()
+        self._write_state(message)
+        self.event(queue_id, status="requeue" if reset else "flush")
+        if not message.held and not message.in_flight:
+            self._push(message)
+            self._run_queue()
+        return True
+
 
 def _as_class(code: str, klass: str) -> str:
     if code and code[0] == klass:
