@@ -54,7 +54,7 @@ def send(relay: RelayProcess, count: int, rcpt: str = "b@example.org", body: byt
 
 
 def stats(relay: RelayProcess) -> dict[str, Any]:
-    answer = relay.control("stats")
+    answer = relay.control("stats", "--json")
     assert answer.returncode == 0, answer.stderr
     result: dict[str, Any] = json.loads(answer.stdout)
     return result

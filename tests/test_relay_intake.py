@@ -104,7 +104,7 @@ def server_lines(relay: RelayProcess, text: str) -> list[str]:
 
 
 def stats(relay: RelayProcess) -> dict[str, int]:
-    result: dict[str, int] = json.loads(relay.control("stats").stdout)
+    result: dict[str, int] = json.loads(relay.control("stats", "--json").stdout)
     return result
 
 
