@@ -4,6 +4,7 @@ spool, queue manager, transport, SMTP listeners, control socket, metrics."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import os
 import socket
@@ -35,6 +36,38 @@ from txcolombe.server.protocol import SMTPServerFactory
 log = Logger(namespace="txcolombe.relay")
 
 _DUMMY_HASH = hash_password("not a password", log_n=14)
+
+#: The file in the spool directory that one running relay holds locked.
+LOCK_NAME = "lock"
+
+_held_locks: dict[Path, int] = {}
+
+
+def lock_spool(spool: Path) -> None:
+    """Create ``spool`` if need be and lock it exclusively for this process's life.
+
+    Two relays on one spool would deliver every message twice and fight over
+    the control socket, so the second one must stop before touching anything.
+    The lock (``flock``) survives twistd's daemonising fork and is released by
+    the kernel when the process ends, however it ends.
+
+    :raises usage.UsageError: the spool is not a usable directory, or another
+        process holds its lock.
+    """
+    key = spool.resolve()
+    if key in _held_locks:
+        return
+    try:
+        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(spool / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise usage.UsageError(f"--spool {spool}: {error.strerror or error}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise usage.UsageError(f"--spool {spool}: another relay is running on it") from None
+    _held_locks[key] = fd
 
 
 def default_hostname() -> str:
@@ -179,6 +212,7 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    lock_spool(Path(options["spool"]))
     hostname = options["hostname"] or default_hostname()
     tls = None
     cert_key = None
@@ -219,7 +253,6 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
             description += f":certKey={_escape(cert_key[0])}:privateKey={_escape(cert_key[1])}"
         strports.service(description, factory, reactor=reactor).setServiceParent(relay)  # type: ignore[no-untyped-call]
     control_path = Path(options["spool"]) / SOCKET_NAME
-    Path(options["spool"]).mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(control_path)
     control = StreamServerEndpointService(  # type: ignore[no-untyped-call]
