@@ -33,11 +33,16 @@ class TwistdOptions(Options):
     """
 
     def parseOptions(self, options: list[str] | None = None) -> None:
+        from txcolombe.relay.options import check_free, listen_description
         from txcolombe.relay.service import lock_spool
 
         try:
             super().parseOptions(options)  # type: ignore[no-untyped-call]
             lock_spool(Path(self["spool"]))
+            for description in self["listen"]:
+                check_free(listen_description(self, description), "--listen")
+            if self["metrics"]:
+                check_free(self["metrics"], "--metrics")
         except usage.UsageError as error:
             _fail(error)
 

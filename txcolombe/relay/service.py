@@ -25,6 +25,7 @@ from txcolombe.auth import Authentication, Mechanism
 from txcolombe.errors import InvalidAddress
 from txcolombe.machine import TLSMode
 from txcolombe.relay.control import SOCKET_NAME, ControlFactory
+from txcolombe.relay.options import listen_description, parse_host_port
 from txcolombe.relay.passwords import hash_password, load_users, verify_password
 from txcolombe.relay.queue import QueueManager, RetryPolicy
 from txcolombe.relay.spool import Spool
@@ -161,15 +162,7 @@ def _read_credentials(path: str, mechanism: str | None = None) -> Authentication
 
 def smarthost_from_options(options: Any, hostname: str) -> Smarthost:
     """The :class:`Smarthost` of ``--smarthost`` and its companions."""
-    text: str = options["smarthost"]
-    host, port = text, 587
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest.startswith(":"):
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-        port = int(port_text)
+    host, port = parse_host_port(options["smarthost"], 587, "--smarthost")
     mode_name = options["smarthost-tls"] or ("implicit" if port == 465 else "starttls")
     mode = {
         "implicit": TLSMode.IMPLICIT,
@@ -215,11 +208,9 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
     lock_spool(Path(options["spool"]))
     hostname = options["hostname"] or default_hostname()
     tls = None
-    cert_key = None
     if options["tls-cert"]:
         pem = Path(options["tls-cert"]).read_bytes() + b"\n" + Path(options["tls-key"]).read_bytes()
         tls = ssl.PrivateCertificate.loadPEM(pem).options()  # type: ignore[no-untyped-call]
-        cert_key = (options["tls-cert"], options["tls-key"])
     users = load_users(Path(options["users"])) if options["users"] else {}
     networks = [ipaddress.ip_network(n, strict=False) for n in options["relay-network"]]
     transport = build_transport(options, hostname, reactor)
@@ -247,10 +238,7 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
         idle_timeout=options["idle-timeout"],
     )  # fmt: skip
     for description in options["listen"]:
-        if description.split(":")[0] in ("ssl", "tls") and "privateKey" not in description:
-            if cert_key is None:
-                raise usage.UsageError(f"{description}: implicit TLS needs --tls-cert/--tls-key")
-            description += f":certKey={_escape(cert_key[0])}:privateKey={_escape(cert_key[1])}"
+        description = listen_description(options, description)
         strports.service(description, factory, reactor=reactor).setServiceParent(relay)  # type: ignore[no-untyped-call]
     control_path = Path(options["spool"]) / SOCKET_NAME
     with contextlib.suppress(FileNotFoundError):
@@ -267,7 +255,3 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
             relay
         )
     return relay
-
-
-def _escape(path: str) -> str:
-    return path.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
