@@ -17,6 +17,7 @@ import trustme
 
 from tools.peers.aiosmtpd_peer import free_port
 from tools.peers.relay_process import ROOT, TWISTD, RelayProcess, port_open
+from txcolombe.relay.options import Options
 
 
 def run_twistd(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -176,3 +177,13 @@ def test_password_tool_missing_directory(tmp_path: Path) -> None:
         input="s3cret\n", capture_output=True, text=True, timeout=30, cwd=ROOT,
     )  # fmt: skip
     assert_one_line_exit_2(result)
+
+
+def test_command_line_wins_over_the_file_even_at_the_default(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text('max_size = 20000000\nidle_timeout = 60\nhostname = "file.test"\n')
+    options = Options()
+    options.parseOptions([f"--config={config}", "--max-size=10240000", "--hostname=cli.test"])
+    assert options["max-size"] == 10240000  # the built-in default, given on the command line
+    assert options["hostname"] == "cli.test"
+    assert options["idle-timeout"] == 60  # not on the command line: the file's value
