@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, ClassVar
@@ -96,6 +97,11 @@ class Options(usage.Options):
     def opt_relay_network(self, network: str) -> None:
         """Clients of this CIDR network may relay without AUTH (repeatable; default 127.0.0.0/8 and ::1/128)."""  # noqa: E501
         self["relay-network"].append(network)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse, and keep the arguments: a reload (SIGHUP) parses them again."""
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(self.argv)  # type: ignore[no-untyped-call]
 
     def postOptions(self) -> None:
         if self["config"]:

@@ -7,10 +7,14 @@ import contextlib
 import fcntl
 import ipaddress
 import os
+import signal
 import socket
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from OpenSSL import SSL, crypto
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import ssl
@@ -25,7 +29,7 @@ from txcolombe.auth import Authentication, Mechanism
 from txcolombe.errors import InvalidAddress
 from txcolombe.machine import TLSMode
 from txcolombe.relay.control import SOCKET_NAME, ControlFactory
-from txcolombe.relay.options import listen_description, parse_host_port
+from txcolombe.relay.options import Options, listen_description, parse_host_port
 from txcolombe.relay.passwords import hash_password, load_users, verify_password
 from txcolombe.relay.queue import QueueManager, RetryPolicy
 from txcolombe.relay.spool import Spool
@@ -93,6 +97,11 @@ class RelayHandler:
         self.users = users
         self._allowed: dict[str, bool] = {}
 
+    def set_networks(self, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        """Trust these networks from now on (a reload): forget the cached answers."""
+        self.networks = networks
+        self._allowed.clear()
+
     def relay_allowed(self, client_address: str) -> bool:
         allowed = self._allowed.get(client_address)
         if allowed is None:
@@ -133,13 +142,31 @@ class RelayService(service.MultiService):
         super().__init__()  # type: ignore[no-untyped-call]
         self.spool = spool
         self.queue = queue
+        #: Re-reads what can change live; run on SIGHUP (see :func:`make_service`).
+        self.reload: Callable[[], None] | None = None
+        self._previous_hup: Any = None
 
     def startService(self) -> None:
         self.spool.start()
         self.queue.start()
         super().startService()  # type: ignore[no-untyped-call]
+        if self.reload is not None:
+            self._previous_hup = signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        # A signal handler may interrupt the reactor anywhere: hand over.
+        from twisted.internet import reactor
+
+        reactor.callFromThread(self._reload)  # type: ignore[attr-defined]
+
+    def _reload(self) -> None:
+        if self.reload is not None:
+            self.reload()
 
     def stopService(self) -> Deferred[None]:
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+
         async def stop() -> None:
             await super(RelayService, self).stopService()  # type: ignore[no-untyped-call]
             await self.queue.stop()
@@ -199,6 +226,52 @@ def build_transport(options: Any, hostname: str, reactor: Any) -> Transport:
     return MXTransport(reactor=reactor, domain=hostname, **mx)
 
 
+def _server_tls(options: Any) -> Any:
+    """The STARTTLS context of ``--tls-cert``/``--tls-key``, or None."""
+    if not options["tls-cert"]:
+        return None
+    pem = Path(options["tls-cert"]).read_bytes() + b"\n" + Path(options["tls-key"]).read_bytes()
+    return ssl.PrivateCertificate.loadPEM(pem).options()  # type: ignore[no-untyped-call]
+
+
+def reload_settings(options: Any, factory: SMTPServerFactory, handler: RelayHandler) -> None:
+    """Apply what can change live (SIGHUP): STARTTLS certificate and key, users,
+    relay networks, size and recipient limits, idle timeout.
+
+    The arguments are parsed again (so a ``--config`` file is read again) and
+    every file checked first: on any mistake, one error line and the old
+    settings stay. Sessions already open keep what they started with; new
+    ones get the new settings, so no connection is dropped.
+    """
+    argv = getattr(options, "argv", None)
+    fresh = options
+    try:
+        if argv is not None:
+            fresh = Options()
+            fresh.parseOptions(argv)
+        tls = _server_tls(fresh)
+        users = load_users(Path(fresh["users"])) if fresh["users"] else {}
+        networks = [ipaddress.ip_network(n, strict=False) for n in fresh["relay-network"]]
+    except (usage.UsageError, OSError, ValueError, SSL.Error, crypto.Error) as error:
+        log.error("reload failed, keeping the old settings: {error}", error=str(error))
+        return
+    factory.tls = tls
+    factory.idle_timeout = fresh["idle-timeout"]
+    factory.config = replace(
+        factory.config,
+        max_size=fresh["max-size"],
+        max_recipients=fresh["max-recipients"],
+        tls_available=tls is not None,
+        auth_enabled=bool(users),
+    )
+    handler.users = users
+    handler.set_networks(networks)
+    log.info(
+        "reloaded: {users} users, relay networks {networks}, max size {max_size}",
+        users=len(users), networks=" ".join(fresh["relay-network"]), max_size=fresh["max-size"],
+    )  # fmt: skip
+
+
 def make_service(options: Any, reactor: Any = None) -> RelayService:
     """The relay described by ``options`` (a parsed :class:`Options`)."""
     if reactor is None:
@@ -207,10 +280,7 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
         reactor = default_reactor
     lock_spool(Path(options["spool"]))
     hostname = options["hostname"] or default_hostname()
-    tls = None
-    if options["tls-cert"]:
-        pem = Path(options["tls-cert"]).read_bytes() + b"\n" + Path(options["tls-key"]).read_bytes()
-        tls = ssl.PrivateCertificate.loadPEM(pem).options()  # type: ignore[no-untyped-call]
+    tls = _server_tls(options)
     users = load_users(Path(options["users"])) if options["users"] else {}
     networks = [ipaddress.ip_network(n, strict=False) for n in options["relay-network"]]
     transport = build_transport(options, hostname, reactor)
@@ -233,10 +303,11 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
         tls_available=tls is not None,
         auth_enabled=bool(users),
     )
+    handler = RelayHandler(queue, networks, users)
     factory = SMTPServerFactory(
-        config, RelayHandler(queue, networks, users), reactor=reactor, tls=tls,
-        idle_timeout=options["idle-timeout"],
+        config, handler, reactor=reactor, tls=tls, idle_timeout=options["idle-timeout"],
     )  # fmt: skip
+    relay.reload = lambda: reload_settings(options, factory, handler)
     for description in options["listen"]:
         description = listen_description(options, description)
         strports.service(description, factory, reactor=reactor).setServiceParent(relay)  # type: ignore[no-untyped-call]
