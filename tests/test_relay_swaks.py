@@ -178,7 +178,7 @@ def test_bad_file_is_a_clean_usage_error(
     )  # fmt: skip
     assert done.returncode != 0
     assert "Traceback" not in done.stdout + done.stderr
-    last = done.stdout.strip().splitlines()[-1]
+    last = done.stderr.strip().splitlines()[-1]
     assert last.endswith(f"--{option} {path}: cannot read: " + {
         "missing": "No such file or directory",
         "directory": "Is a directory",

@@ -6,9 +6,15 @@ the long option names, with ``-`` or ``_``); the command line wins.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+import sys
 import tomllib
+from pathlib import Path
 from typing import Any, ClassVar
 
+from OpenSSL import SSL, crypto
+from twisted.internet import endpoints
 from twisted.python import usage
 
 DEFAULT_LISTEN = "tcp:port=10025:interface=127.0.0.1"
@@ -90,6 +96,10 @@ class Options(usage.Options):
         super().__init__()  # type: ignore[no-untyped-call]
         self["listen"] = []
         self["relay-network"] = []
+        #: The options given on the command line: they win over the file.
+        self._given: set[str] = set()
+        for name in [p[0] for p in self.optParameters] + [f[0] for f in self.optFlags]:
+            self._dispatch[name] = _Recorder(self._dispatch[name], name, self._given)
 
     def opt_listen(self, description: str) -> None:
         """Listen on this endpoint description (repeatable; tcp: plain+STARTTLS, ssl: implicit TLS; default tcp:port=10025:interface=127.0.0.1)."""  # noqa: E501
@@ -98,6 +108,11 @@ class Options(usage.Options):
     def opt_relay_network(self, network: str) -> None:
         """Clients of this CIDR network may relay without AUTH (repeatable; default 127.0.0.0/8 and ::1/128)."""  # noqa: E501
         self["relay-network"].append(network)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse, and keep the arguments: a reload (SIGHUP) parses them again."""
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(self.argv)  # type: ignore[no-untyped-call]
 
     def postOptions(self) -> None:
         if self["config"]:
@@ -117,6 +132,34 @@ class Options(usage.Options):
         for option in FILES:
             if self[option]:
                 _check_readable(option, self[option])
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Everything make_service would trip on later, as one usage error now."""
+        if self["tls-cert"]:
+            check_tls(self["tls-cert"], self["tls-key"])
+        if self["users"]:
+            check_users(self["users"])
+        if self["smarthost-ca"]:
+            _check_ca(self["smarthost-ca"])
+        if self["smarthost"]:
+            parse_host_port(self["smarthost"], 587, "--smarthost")
+        if self["dns-server"]:
+            parse_host_port(self["dns-server"], 53, "--dns-server")
+        if self["mx-port"] is not None:
+            _check_port(self["mx-port"], "--mx-port")
+        for network in self["relay-network"]:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as error:
+                raise usage.UsageError(f"--relay-network {network}: {error}") from None
+        for name in ("max-size", "max-recipients", "concurrency"):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
+        for description in self["listen"]:
+            check_endpoint(listen_description(self, description), "--listen")
+        if self["metrics"]:
+            check_endpoint(self["metrics"], "--metrics")
 
     def _apply_config(self, path: str) -> None:
         try:
@@ -130,15 +173,138 @@ class Options(usage.Options):
         for raw_key, value in config.items():
             key = raw_key.replace("_", "-")
             if key in MULTI:
+                values = value if isinstance(value, list) else [value]
+                if not all(isinstance(v, str) for v in values):
+                    raise usage.UsageError(f"{path}: {raw_key} is a string or a list of strings")
                 if not self[key]:
-                    self[key] = list(value) if isinstance(value, list) else [str(value)]
+                    self[key] = list(values)
             elif key in flags:
-                self[key] = self[key] or bool(value)
+                if not isinstance(value, bool):
+                    raise usage.UsageError(f"{path}: {raw_key} is true or false")
+                if key not in self._given:
+                    self[key] = value
             elif key in defaults and key != "config":
-                if self[key] == _coerced(defaults[key], coerce.get(key)):
-                    self[key] = _coerced(value, coerce.get(key))
+                kind = coerce.get(key)
+                if kind is None and not isinstance(value, str):
+                    raise usage.UsageError(f"{path}: {raw_key} is a string")
+                if kind is not None and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))
+                ):
+                    raise usage.UsageError(f"{path}: {raw_key} is a number")
+                if key not in self._given:
+                    self[key] = _coerced(value, kind)
             else:
                 raise usage.UsageError(f"{path}: unknown option {raw_key!r}")
+
+
+def check_tls(cert: str, key: str) -> None:
+    """A PEM certificate (chain) and the private key that matches it."""
+    try:
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.use_certificate_chain_file(cert)
+    except (SSL.Error, crypto.Error):
+        raise usage.UsageError(f"--tls-cert {cert}: not a PEM certificate") from None
+    try:
+        context.use_privatekey_file(key)
+    except (SSL.Error, crypto.Error):
+        raise usage.UsageError(f"--tls-key {key}: not a PEM private key") from None
+    try:
+        context.check_privatekey()
+    except SSL.Error:
+        raise usage.UsageError(f"--tls-key {key} does not match --tls-cert {cert}") from None
+
+
+def check_users(path: str) -> dict[str, str]:
+    """The users file's entries, or a usage error saying what is wrong with it."""
+    from txcolombe.relay.passwords import load_users
+
+    try:
+        return load_users(Path(path))
+    except UnicodeDecodeError:
+        raise usage.UsageError(f"--users {path}: not a text file") from None
+    except (OSError, ValueError) as error:
+        raise usage.UsageError(f"--users {error}") from None
+
+
+def _check_ca(path: str) -> None:
+    try:
+        crypto.load_certificate(crypto.FILETYPE_PEM, Path(path).read_bytes())
+    except crypto.Error:
+        raise usage.UsageError(f"--smarthost-ca {path}: not a PEM certificate") from None
+
+
+def _check_port(port: object, what: str) -> int:
+    try:
+        number = int(str(port))
+    except ValueError:
+        raise usage.UsageError(f"{what}: port {port!r} is not a number") from None
+    if not 0 < number < 65536:
+        raise usage.UsageError(f"{what}: port {number} is not between 1 and 65535")
+    return number
+
+
+def parse_host_port(text: str, default_port: int, what: str) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT``, ``[IPv6]`` or ``[IPv6]:PORT``, the port checked."""
+    host, port = text, str(default_port)
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise usage.UsageError(f"{what} {text}: expected [ADDRESS]:PORT")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host:
+        raise usage.UsageError(f"{what} {text}: no host")
+    return host, _check_port(port, f"{what} {text}")
+
+
+def listen_description(options: Any, description: str) -> str:
+    """``description`` with ``--tls-cert``/``--tls-key`` added to an implicit TLS one."""
+    if description.split(":")[0] not in ("ssl", "tls") or "privateKey" in description:
+        return description
+    if not options["tls-cert"]:
+        raise usage.UsageError(f"{description}: implicit TLS needs --tls-cert/--tls-key")
+    cert, key = _escape(options["tls-cert"]), _escape(options["tls-key"])
+    return f"{description}:certKey={cert}:privateKey={key}"
+
+
+def _escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def check_endpoint(description: str, what: str) -> None:
+    """A server endpoint description twistd can listen on (type, port range)."""
+    from twisted.internet import reactor
+
+    try:
+        endpoint = endpoints.serverFromString(reactor, description)  # type: ignore[no-untyped-call]
+    except Exception as error:
+        raise usage.UsageError(f"{what} {description}: {error}") from None
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int):
+        _check_port(port, f"{what} {description}")
+
+
+def check_free(description: str, what: str) -> None:
+    """Fail now, before twistd daemonises, if a TCP endpoint's port is taken.
+
+    A probe (bind, then close): a port taken in the instant between this and
+    the real listen still fails, but as a logged start-up error.
+    """
+    from twisted.internet import reactor
+
+    endpoint = endpoints.serverFromString(reactor, description)  # type: ignore[no-untyped-call]
+    port, interface = getattr(endpoint, "_port", None), getattr(endpoint, "_interface", None)
+    if not isinstance(port, int) or not isinstance(interface, str):
+        return
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((interface, port))
+        except OSError as error:
+            raise usage.UsageError(f"{what} {description}: {error.strerror or error}") from None
 
 
 def _check_readable(option: str, path: str) -> None:
@@ -148,6 +314,22 @@ def _check_readable(option: str, path: str) -> None:
     except OSError as error:
         reason = error.strerror or str(error)
         raise usage.UsageError(f"--{option} {path}: cannot read: {reason}") from None
+
+
+class _Recorder:
+    """Wraps one option's handler to note that the command line gave it."""
+
+    def __init__(self, handler: Any, name: str, given: set[str]) -> None:
+        self.handler = handler
+        self.name = name
+        self.given = given
+
+    def __call__(self, name: str, value: Any) -> None:
+        self.given.add(self.name)
+        if isinstance(self.handler, usage.CoerceParameter):
+            self.handler.dispatch(name, value)  # type: ignore[no-untyped-call]
+        else:
+            self.handler(name, value)
 
 
 def _coerced(value: Any, kind: Any) -> Any:

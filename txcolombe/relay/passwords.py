@@ -94,11 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("user")
     parser.add_argument("--stdin", action="store_true", help="read the password from stdin")
     args = parser.parse_args(argv)
+    if not args.file.parent.is_dir():
+        return _usage_error(f"{args.file}: no directory {args.file.parent}")
     if args.stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
+        if sys.stdin is None:
+            return _usage_error("--stdin: standard input is closed")
+        line = sys.stdin.readline()
+        if not line:
+            return _usage_error("--stdin: no password on standard input")
+        password = line.rstrip("\r\n")
     else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
+        try:
+            password = getpass.getpass("Password: ")
+            again = getpass.getpass("Again: ")
+        except EOFError:
+            return _usage_error("no password given (end of input)")
+        if again != password:
             print("the passwords differ", file=sys.stderr)
             return 1
     if not password:
@@ -106,10 +117,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         set_user(args.file, args.user, password)
+    except UnicodeDecodeError:
+        return _usage_error(f"{args.file}: not a text file")
     except ValueError as error:
         print(error, file=sys.stderr)
         return 1
+    except OSError as error:
+        return _usage_error(f"{args.file}: {error.strerror or error}")
     return 0
+
+
+def _usage_error(message: str) -> int:
+    """One line on stderr; the exit status of a usage mistake."""
+    print(f"passwords: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -4,12 +4,17 @@ spool, queue manager, transport, SMTP listeners, control socket, metrics."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import os
+import signal
 import socket
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from OpenSSL import SSL, crypto
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import ssl
@@ -24,6 +29,7 @@ from txcolombe.auth import Authentication, Mechanism
 from txcolombe.errors import InvalidAddress
 from txcolombe.machine import TLSMode
 from txcolombe.relay.control import SOCKET_NAME, ControlFactory
+from txcolombe.relay.options import Options, listen_description, parse_host_port
 from txcolombe.relay.passwords import hash_password, load_users, verify_password
 from txcolombe.relay.queue import IncomingStream, QueueManager, RetryPolicy
 from txcolombe.relay.spool import Spool
@@ -35,6 +41,38 @@ from txcolombe.server.protocol import SMTPServerFactory
 log = Logger(namespace="txcolombe.relay")
 
 _DUMMY_HASH = hash_password("not a password", log_n=14)
+
+#: The file in the spool directory that one running relay holds locked.
+LOCK_NAME = "lock"
+
+_held_locks: dict[Path, int] = {}
+
+
+def lock_spool(spool: Path) -> None:
+    """Create ``spool`` if need be and lock it exclusively for this process's life.
+
+    Two relays on one spool would deliver every message twice and fight over
+    the control socket, so the second one must stop before touching anything.
+    The lock (``flock``) survives twistd's daemonising fork and is released by
+    the kernel when the process ends, however it ends.
+
+    :raises usage.UsageError: the spool is not a usable directory, or another
+        process holds its lock.
+    """
+    key = spool.resolve()
+    if key in _held_locks:
+        return
+    try:
+        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(spool / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise usage.UsageError(f"--spool {spool}: {error.strerror or error}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise usage.UsageError(f"--spool {spool}: another relay is running on it") from None
+    _held_locks[key] = fd
 
 
 def default_hostname() -> str:
@@ -65,6 +103,11 @@ class RelayHandler:
         self.users = users
         self.min_free = min_free
         self._allowed: dict[str, bool] = {}
+
+    def set_networks(self, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        """Trust these networks from now on (a reload): forget the cached answers."""
+        self.networks = networks
+        self._allowed.clear()
 
     def relay_allowed(self, client_address: str) -> bool:
         allowed = self._allowed.get(client_address)
@@ -144,13 +187,31 @@ class RelayService(service.MultiService):
         self.queue = queue
         #: The SMTP listeners' factories, whose sessions get 421 at stop.
         self.factories: list[SMTPServerFactory] = []
+        #: Re-reads what can change live; run on SIGHUP (see :func:`make_service`).
+        self.reload: Callable[[], None] | None = None
+        self._previous_hup: Any = None
 
     def startService(self) -> None:
         self.spool.start()
         self.queue.start()
         super().startService()  # type: ignore[no-untyped-call]
+        if self.reload is not None:
+            self._previous_hup = signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        # A signal handler may interrupt the reactor anywhere: hand over.
+        from twisted.internet import reactor
+
+        reactor.callFromThread(self._reload)  # type: ignore[attr-defined]
+
+    def _reload(self) -> None:
+        if self.reload is not None:
+            self.reload()
 
     def stopService(self) -> Deferred[None]:
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+
         async def stop() -> None:
             await super(RelayService, self).stopService()  # type: ignore[no-untyped-call]
             for factory in self.factories:
@@ -175,15 +236,7 @@ def _read_credentials(path: str, mechanism: str | None = None) -> Authentication
 
 def smarthost_from_options(options: Any, hostname: str) -> Smarthost:
     """The :class:`Smarthost` of ``--smarthost`` and its companions."""
-    text: str = options["smarthost"]
-    host, port = text, 587
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest.startswith(":"):
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-        port = int(port_text)
+    host, port = parse_host_port(options["smarthost"], 587, "--smarthost")
     mode_name = options["smarthost-tls"] or ("implicit" if port == 465 else "starttls")
     mode = {
         "implicit": TLSMode.IMPLICIT,
@@ -220,19 +273,68 @@ def build_transport(options: Any, hostname: str, reactor: Any) -> Transport:
     return MXTransport(reactor=reactor, domain=hostname, **mx)
 
 
+def _server_tls(options: Any) -> Any:
+    """The STARTTLS context of ``--tls-cert``/``--tls-key``, or None."""
+    if not options["tls-cert"]:
+        return None
+    pem = Path(options["tls-cert"]).read_bytes() + b"\n" + Path(options["tls-key"]).read_bytes()
+    return ssl.PrivateCertificate.loadPEM(pem).options()  # type: ignore[no-untyped-call]
+
+
+def reload_settings(options: Any, factory: SMTPServerFactory, handler: RelayHandler) -> None:
+    """Apply what can change live (SIGHUP): STARTTLS certificate and key, users,
+    relay networks, size, recipient, connection and error limits, the free-space
+    reserve, idle timeout.
+
+    The arguments are parsed again (so a ``--config`` file is read again) and
+    every file checked first: on any mistake, one error line and the old
+    settings stay. Sessions already open keep what they started with; new
+    ones get the new settings, so no connection is dropped.
+    """
+    argv = getattr(options, "argv", None)
+    fresh = options
+    try:
+        if argv is not None:
+            fresh = Options()
+            fresh.parseOptions(argv)
+        tls = _server_tls(fresh)
+        users = load_users(Path(fresh["users"])) if fresh["users"] else {}
+        networks = [ipaddress.ip_network(n, strict=False) for n in fresh["relay-network"]]
+    except (usage.UsageError, OSError, ValueError, SSL.Error, crypto.Error) as error:
+        log.error("reload failed, keeping the old settings: {error}", error=str(error))
+        return
+    factory.tls = tls
+    factory.idle_timeout = fresh["idle-timeout"]
+    factory.config = replace(
+        factory.config,
+        max_size=fresh["max-size"],
+        max_recipients=fresh["max-recipients"],
+        tls_available=tls is not None,
+        auth_enabled=bool(users),
+        max_errors=fresh["hard-error-limit"],
+        soft_error_limit=fresh["soft-error-limit"],
+        error_sleep=fresh["error-sleep"],
+        max_connections=fresh["max-connections"],
+        max_connections_per_client=fresh["max-connections-per-client"],
+    )
+    handler.users = users
+    handler.min_free = max(fresh["queue-minfree"], fresh["max-size"] * 3 // 2)
+    handler.set_networks(networks)
+    log.info(
+        "reloaded: {users} users, relay networks {networks}, max size {max_size}",
+        users=len(users), networks=" ".join(fresh["relay-network"]), max_size=fresh["max-size"],
+    )  # fmt: skip
+
+
 def make_service(options: Any, reactor: Any = None) -> RelayService:
     """The relay described by ``options`` (a parsed :class:`Options`)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    lock_spool(Path(options["spool"]))
     hostname = options["hostname"] or default_hostname()
-    tls = None
-    cert_key = None
-    if options["tls-cert"]:
-        pem = Path(options["tls-cert"]).read_bytes() + b"\n" + Path(options["tls-key"]).read_bytes()
-        tls = ssl.PrivateCertificate.loadPEM(pem).options()  # type: ignore[no-untyped-call]
-        cert_key = (options["tls-cert"], options["tls-key"])
+    tls = _server_tls(options)
     users = load_users(Path(options["users"])) if options["users"] else {}
     networks = [ipaddress.ip_network(n, strict=False) for n in options["relay-network"]]
     transport = build_transport(options, hostname, reactor)
@@ -262,19 +364,16 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
         max_connections_per_client=options["max-connections-per-client"],
     )
     min_free = max(options["queue-minfree"], options["max-size"] * 3 // 2)
+    handler = RelayHandler(queue, networks, users, min_free)
     factory = SMTPServerFactory(
-        config, RelayHandler(queue, networks, users, min_free), reactor=reactor, tls=tls,
-        idle_timeout=options["idle-timeout"],
+        config, handler, reactor=reactor, tls=tls, idle_timeout=options["idle-timeout"],
     )  # fmt: skip
     relay.factories.append(factory)
+    relay.reload = lambda: reload_settings(options, factory, handler)
     for description in options["listen"]:
-        if description.split(":")[0] in ("ssl", "tls") and "privateKey" not in description:
-            if cert_key is None:
-                raise usage.UsageError(f"{description}: implicit TLS needs --tls-cert/--tls-key")
-            description += f":certKey={_escape(cert_key[0])}:privateKey={_escape(cert_key[1])}"
+        description = listen_description(options, description)
         strports.service(description, factory, reactor=reactor).setServiceParent(relay)  # type: ignore[no-untyped-call]
     control_path = Path(options["spool"]) / SOCKET_NAME
-    Path(options["spool"]).mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(control_path)
     control = StreamServerEndpointService(  # type: ignore[no-untyped-call]
@@ -289,7 +388,3 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
             relay
         )
     return relay
-
-
-def _escape(path: str) -> str:
-    return path.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
