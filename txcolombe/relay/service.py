@@ -28,7 +28,7 @@ from txcolombe.address import Mailbox, parse_domain
 from txcolombe.auth import Authentication, Mechanism
 from txcolombe.errors import InvalidAddress
 from txcolombe.machine import TLSMode
-from txcolombe.relay.control import SOCKET_NAME, ControlFactory
+from txcolombe.relay.control import LOCK_NAME, SOCKET_NAME, ControlFactory
 from txcolombe.relay.options import Options, listen_description, parse_host_port
 from txcolombe.relay.passwords import hash_password, load_users, verify_password
 from txcolombe.relay.queue import IncomingStream, QueueManager, RetryPolicy
@@ -42,9 +42,8 @@ log = Logger(namespace="txcolombe.relay")
 
 _DUMMY_HASH = hash_password("not a password", log_n=14)
 
-#: The file in the spool directory that one running relay holds locked.
-LOCK_NAME = "lock"
-
+#: The spool lock files (:data:`~txcolombe.relay.control.LOCK_NAME`) this
+#: process holds, by spool directory.
 _held_locks: dict[Path, int] = {}
 
 
