@@ -11,8 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 
 from txcolombe.address import Mailbox
@@ -20,10 +19,11 @@ from txcolombe.auth import Authentication
 from txcolombe.body import Body
 from txcolombe.connect import Destination
 from txcolombe.dsn import DSN, Recipient
+from txcolombe.errors import SMTPError
 from txcolombe.machine import TLSMode
 from txcolombe.protocol import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.receipt import Receipt
-from txcolombe.session import Session, connect
+from txcolombe.session import Session, TrustRoot, check_message, connect
 
 SMTP_PORT = 25
 SUBMISSIONS_PORT = 465
@@ -39,7 +39,7 @@ def sendmail(
     port: int = SMTP_PORT,
     domain: str | None = None,
     tls: IOpenSSLClientConnectionCreator | None = None,
-    trust_root: IOpenSSLTrustRoot | None = None,
+    trust_root: TrustRoot | None = None,
     authentication: Authentication | None = None,
     starttls: bool = True,
     all_or_nothing: bool = False,
@@ -87,7 +87,7 @@ def submit(
     starttls: bool | None = None,
     domain: str | None = None,
     tls: IOpenSSLClientConnectionCreator | None = None,
-    trust_root: IOpenSSLTrustRoot | None = None,
+    trust_root: TrustRoot | None = None,
     authentication: Authentication | None = None,
     all_or_nothing: bool = False,
     dsn: DSN | None = None,
@@ -136,6 +136,11 @@ def _send_one(
     send: _SendOptions,
     **options: Any,
 ) -> Deferred[Receipt]:
+    try:
+        recipients = check_message(sender, recipients, body, dsn=send.dsn)
+    except SMTPError as error:
+        return fail(error)
+
     async def run() -> Receipt:
         session: Session = await connect(destination, **options)
         try:
