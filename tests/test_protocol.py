@@ -407,12 +407,30 @@ def test_quit_gets_a_grace_period(fake: MemorySMTP) -> None:
     fake.server.script("QUIT", None)
     d = send(fake, starttls=False)
     fake.flush()
-    assert fake.server.transactions and not d.called
-    fake.advance(T.quit - 1)
-    assert not d.called
-    fake.advance(1)
+    # The receipt fires on the final 250: the unanswered QUIT does not delay it.
+    assert fake.server.transactions
     assert isinstance(result_of(d), Receipt)
-    assert fake.connections[0].client.aborted
+    connection = fake.connections[0]
+    assert connection.client.writes[-1] == b"QUIT\r\n"
+    fake.advance(T.quit - 1)
+    assert not connection.closed  # QUIT still waits in the background...
+    fake.advance(1)
+    assert connection.closed and connection.client.aborted  # ...for its grace only
+    assert fake.reactor.getDelayedCalls() == []
+
+
+def test_an_error_does_not_wait_for_quit_either(fake: MemorySMTP) -> None:
+    fake.server.script("RCPT", Reply.of(550, "5.1.1 No such user"))
+    fake.server.script("QUIT", None)
+    d = send(fake, starttls=False)
+    fake.flush()
+    error = failure_of(d, RecipientsRefused)
+    assert error.refused["b@example.org"].code == 550
+    connection = fake.connections[0]
+    assert connection.client.writes[-1] == b"QUIT\r\n" and not connection.closed
+    fake.advance(T.quit)
+    assert connection.closed
+    assert fake.reactor.getDelayedCalls() == []
 
 
 def test_each_rcpt_reply_restarts_the_timer(network: Callable[..., MemorySMTP]) -> None:

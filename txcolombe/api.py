@@ -1,8 +1,10 @@
 """The two functions most users need: :func:`sendmail` and :func:`submit`.
 
 Each is a thin layer over :func:`txcolombe.session.connect`: connect, send
-one message, QUIT. Keep a :class:`~txcolombe.session.Session` instead to
-send several messages over one connection.
+one message, QUIT. The result fires on the reply that decides the outcome
+(the final 250, or the error); QUIT and close follow in the background.
+Keep a :class:`~txcolombe.session.Session` instead to send several messages
+over one connection.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txcolombe.address import Mailbox
 from txcolombe.auth import Authentication
@@ -24,6 +28,8 @@ from txcolombe.machine import TLSMode
 from txcolombe.protocol import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.receipt import Receipt
 from txcolombe.session import Session, TrustRoot, check_message, connect
+
+log = Logger(namespace="txcolombe")
 
 SMTP_PORT = 25
 SUBMISSIONS_PORT = 465
@@ -155,6 +161,18 @@ def _send_one(
                 binary=send.binary,
             )
         finally:
-            await session.quit()
+            # The reply that decided the outcome is in: report it now. QUIT
+            # and close go on in the background, bounded by the quit timeout.
+            session.quit().addErrback(_quit_failed, session)
 
     return Deferred.fromCoroutine(run())
+
+
+def _quit_failed(failure: Failure, session: Session) -> None:
+    """A QUIT that failed after the outcome was known changes nothing: log it."""
+    log.debug(
+        "QUIT to {host}:{port} failed after the message's outcome: {error}",
+        host=session.host.name,
+        port=session.port,
+        error=failure.value,
+    )
