@@ -111,6 +111,11 @@ class Session:
         stays usable unless the error says the connection is gone. Several
         sends may be queued at once: they run in order, pipelined.
 
+        Cancelling the Deferred: a send still queued just leaves the queue;
+        one started ends with RSET if its DATA has not left yet (the session
+        stays usable for the next); one whose DATA or body is under way can
+        only be stopped by aborting the connection.
+
         :param dsn: delivery status notification options (RFC 3461); a
             :class:`~txcolombe.dsn.Recipient` sets them for one recipient.
         :param requiretls: ask for REQUIRETLS (RFC 8689).
