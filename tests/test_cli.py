@@ -157,6 +157,15 @@ def test_submit_implicit_tls_auth_login(peer: AiosmtpdPeer, password_file: Path)
     assert got.login == "alice" and got.tls
 
 
+def test_implicit_tls_on_a_starttls_port_suggests_starttls(peer: AiosmtpdPeer) -> None:
+    result = send(
+        peer, "--mode", "submit", "--from", "alice@example.com", "--to", "bob@example.org"
+    )
+    assert result.returncode != 0
+    assert "wrong version number" in result.stderr
+    assert "hint: " in result.stderr and "--starttls" in result.stderr
+
+
 def test_submit_with_starttls(peer: AiosmtpdPeer, password_file: Path) -> None:
     tag = unique()
     result = send(

@@ -455,6 +455,14 @@ async def _send(
         if args.verbose and not isinstance(error, SMTPError):
             traceback.print_exc(file=sys.stderr)
         print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
+        if isinstance(error, TLSFailure) and "wrong version number" in error.message:
+            # Implicit TLS met a server that speaks plaintext first.
+            print(
+                "hint: this port seems to expect STARTTLS, not implicit TLS:"
+                " add --starttls (or use port 587)",
+                file=sys.stderr,
+                flush=True,
+            )
         raise SystemExit(_exit_code(error)) from None
     finally:
         if body is not sys.stdin.buffer:
