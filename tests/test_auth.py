@@ -30,7 +30,7 @@ from txcolombe.auth import (
     resolve_token,
     saslprep,
 )
-from txcolombe.errors import InvalidAddress, InvalidChallenge, Step, UsageError
+from txcolombe.errors import InvalidChallenge, InvalidCredentials, Step, UsageError
 
 SCRAM = Mechanism.SCRAM_SHA_256
 
@@ -64,25 +64,25 @@ def server_first(
 
 @pytest.mark.parametrize("bad", ["\r", "\n", "\x00", "a\r\nb", "x\x00"])
 def test_credentials_refuse_controls(bad: str) -> None:
-    with pytest.raises(InvalidAddress, match="username"):
+    with pytest.raises(InvalidCredentials, match="username"):
         Authentication(f"us{bad}er", "pass")
-    with pytest.raises(InvalidAddress, match="password"):
+    with pytest.raises(InvalidCredentials, match="password"):
         Authentication("user", f"pa{bad}ss")
-    with pytest.raises(InvalidAddress, match="username"):
+    with pytest.raises(InvalidCredentials, match="username"):
         Authentication(f"us{bad}er", token="tok")
-    with pytest.raises(InvalidAddress, match="token"):
+    with pytest.raises(InvalidCredentials, match="token"):
         Authentication("user", token=f"to{bad}k")
 
 
 def test_lone_surrogates_refused() -> None:
-    with pytest.raises(InvalidAddress, match="username"):
+    with pytest.raises(InvalidCredentials, match="username"):
         Authentication("us\ud800er", "pass")
-    with pytest.raises(InvalidAddress, match="password"):
+    with pytest.raises(InvalidCredentials, match="password"):
         Authentication("user", "pa\udfffss")
 
 
 def test_empty_username_refused() -> None:
-    with pytest.raises(InvalidAddress, match="empty"):
+    with pytest.raises(InvalidCredentials, match="empty"):
         Authentication("", "pass")
 
 
@@ -116,27 +116,27 @@ def test_token_not_in_repr() -> None:
 
 
 def test_a_password_or_a_token() -> None:
-    with pytest.raises(InvalidAddress, match="a password or a token"):
+    with pytest.raises(InvalidCredentials, match="a password or a token"):
         Authentication("user")
-    with pytest.raises(InvalidAddress, match="not both"):
+    with pytest.raises(InvalidCredentials, match="not both"):
         Authentication("user", "pass", token="tok")
 
 
 @pytest.mark.parametrize("mechanism", [Mechanism.XOAUTH2, Mechanism.OAUTHBEARER])
 def test_oauth_mechanisms_need_a_token(mechanism: Mechanism) -> None:
-    with pytest.raises(InvalidAddress, match="needs a token"):
+    with pytest.raises(InvalidCredentials, match="needs a token"):
         Authentication("user", "pass", mechanism)
 
 
 @pytest.mark.parametrize("mechanism", [SCRAM, Mechanism.PLAIN, Mechanism.LOGIN, Mechanism.CRAM_MD5])
 def test_password_mechanisms_need_a_password(mechanism: Mechanism) -> None:
-    with pytest.raises(InvalidAddress, match="needs a password"):
+    with pytest.raises(InvalidCredentials, match="needs a password"):
         Authentication("user", token="tok", mechanism=mechanism)
 
 
 @pytest.mark.parametrize("token", ["", "a b", "tok\x01en", "jeton-é", "tab\tbed", "\x7f"])
 def test_malformed_tokens_refused(token: str) -> None:
-    with pytest.raises(InvalidAddress, match="token"):
+    with pytest.raises(InvalidCredentials, match="token"):
         Authentication("user", token=token)
 
 
@@ -148,12 +148,12 @@ def test_token_with_padding_and_punctuation_accepted() -> None:
 
 
 def test_token_username_cannot_hold_the_separator() -> None:
-    with pytest.raises(InvalidAddress, match="0x01"):
+    with pytest.raises(InvalidCredentials, match="0x01"):
         Authentication("us\x01er", token="tok")
 
 
 def test_token_must_be_str_or_callable() -> None:
-    with pytest.raises(InvalidAddress, match="neither"):
+    with pytest.raises(InvalidCredentials, match="neither"):
         Authentication("user", token=42)  # type: ignore[arg-type]
 
 
@@ -167,11 +167,11 @@ def test_token_provider_property() -> None:
 
 
 def test_named_scram_checks_saslprep_at_once() -> None:
-    with pytest.raises(InvalidAddress, match="password is not valid for SCRAM"):
+    with pytest.raises(InvalidCredentials, match="password is not valid for SCRAM"):
         Authentication("user", "pa\x07ss", SCRAM)
-    with pytest.raises(InvalidAddress, match="username is not valid for SCRAM"):
+    with pytest.raises(InvalidCredentials, match="username is not valid for SCRAM"):
         Authentication("us\u200eer", "pass", SCRAM)
-    with pytest.raises(InvalidAddress, match="empty after SASLprep"):
+    with pytest.raises(InvalidCredentials, match="empty after SASLprep"):
         Authentication("\u00ad", "pass", SCRAM)
     # The same credentials are fine for PLAIN: its server does any SASLprep.
     Authentication("user", "pa\x07ss", Mechanism.PLAIN)
@@ -239,7 +239,7 @@ def test_resolve_token_with_a_fired_deferred() -> None:
 @pytest.mark.parametrize("value", [b"bytes", None, "", "with space", "a\r\nMAIL FROM:<x>"])
 def test_resolve_token_checks_what_the_provider_gives(value: object) -> None:
     auth = Authentication("user", token=lambda: value)  # type: ignore[arg-type, return-value]
-    with pytest.raises(InvalidAddress):
+    with pytest.raises(InvalidCredentials):
         run(resolve_token(auth))
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +23,14 @@ import pytest
 import trustme
 
 from tools.peers.aiosmtpd_peer import AiosmtpdPeer, Received, free_port
-from txcolombe.cli import EXIT_PARTIAL, EXIT_PERMANENT, EXIT_TEMPORARY, EXIT_USAGE, describe_error
+from txcolombe.cli import (
+    EXIT_INTERRUPTED,
+    EXIT_PARTIAL,
+    EXIT_PERMANENT,
+    EXIT_TEMPORARY,
+    EXIT_USAGE,
+    describe_error,
+)
 from txcolombe.errors import AuthenticationFailed, ConnectionRefused, Step
 from txcolombe.reply import Reply
 
@@ -147,6 +157,15 @@ def test_submit_implicit_tls_auth_login(peer: AiosmtpdPeer, password_file: Path)
     assert got.login == "alice" and got.tls
 
 
+def test_implicit_tls_on_a_starttls_port_suggests_starttls(peer: AiosmtpdPeer) -> None:
+    result = send(
+        peer, "--mode", "submit", "--from", "alice@example.com", "--to", "bob@example.org"
+    )
+    assert result.returncode != 0
+    assert "wrong version number" in result.stderr
+    assert "hint: " in result.stderr and "--starttls" in result.stderr
+
+
 def test_submit_with_starttls(peer: AiosmtpdPeer, password_file: Path) -> None:
     tag = unique()
     result = send(
@@ -243,7 +262,8 @@ def test_untrusted_certificate_is_a_tls_failure(peer: AiosmtpdPeer) -> None:
         "send", "--server", "127.0.0.1", "--port", str(peer.starttls_port), "--timeout", "5",
         "--helo", "client.example.com", "--from", "alice@example.com", "--to", "bob@example.org",
     )  # fmt: skip
-    assert result.returncode == EXIT_TEMPORARY
+    # Not temporary: retrying changes nothing until the certificate or the CA does.
+    assert result.returncode == EXIT_PERMANENT
     assert "error: TLSFailure at " in result.stderr
     assert "certificate verify failed" in result.stderr
 
@@ -276,6 +296,63 @@ def test_large_body_is_streamed_intact(peer: AiosmtpdPeer, tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     [got] = received(peer, tag)
     assert got.data == data
+
+
+def _silent_listener() -> socket.socket:
+    """A loopback server that accepts connections and never says a word."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    return listener
+
+
+def test_timeout_covers_a_silent_server() -> None:
+    listener = _silent_listener()
+    try:
+        started = time.monotonic()
+        result = run(
+            "send", "--server", "127.0.0.1", "--port", str(listener.getsockname()[1]),
+            "--timeout", "1", "--helo", "client.example.com",
+            "--from", "alice@example.com", "--to", "bob@example.org",
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+    finally:
+        listener.close()
+    assert result.returncode == EXIT_TEMPORARY
+    assert "error: ResponseTimeout at greeting" in result.stderr
+    assert elapsed < 20  # the greeting's own default is 5 minutes
+
+
+def test_ctrl_c_reports_an_interruption() -> None:
+    listener = _silent_listener()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "txcolombe", "send", "--server", "127.0.0.1",
+         "--port", str(listener.getsockname()[1]), "--helo", "client.example.com",
+         "--from", "alice@example.com", "--to", "bob@example.org"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env,
+    )  # fmt: skip
+    try:
+        listener.settimeout(TIMEOUT)
+        connection, _ = listener.accept()  # the send is under way: its handler is set
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=TIMEOUT)
+        connection.close()
+    finally:
+        listener.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == EXIT_INTERRUPTED == 130
+    assert b"interrupted" in stderr
+    assert b"Traceback" not in stderr
+
+
+def test_an_overlong_line_is_a_usage_error(peer: AiosmtpdPeer) -> None:
+    body = message(unique()) + b"x" * 2000 + b"\r\n"
+    result = send(peer, "--from", "alice@example.com", "--to", "bob@example.org", stdin=body)
+    assert result.returncode == EXIT_USAGE
+    assert "InvalidBody" in result.stderr
 
 
 # -- usage errors: exit 2, nothing sent --------------------------------------------

@@ -50,7 +50,7 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 
 from txcolombe.reply import Reply
-from txcolombe.testing import DEFAULT_EXTENSIONS, MemorySMTP, MemorySMTPServer
+from txcolombe.testing import MemorySMTP, MemorySMTPServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -105,11 +105,9 @@ def blocks(text: str, page: str = "<text>") -> list[Block]:
 
 def docs_server() -> MemorySMTPServer:
     """The server every documentation example talks to."""
-    server = MemorySMTPServer(
-        name="mx.example.org",
-        users={"alice": "s3cret"},
-        extensions=[e for e in DEFAULT_EXTENSIONS if not e.startswith("SIZE")] + ["SIZE 52428800"],
-    )
+    # The server's defaults (SIZE 10485760 among them): an example that only
+    # works with a larger limit would mislead its readers.
+    server = MemorySMTPServer(name="mx.example.org", users={"alice": "s3cret"})
 
     def refusals(command: str, argument: str) -> Reply | None:
         if command != "RCPT":

@@ -407,12 +407,30 @@ def test_quit_gets_a_grace_period(fake: MemorySMTP) -> None:
     fake.server.script("QUIT", None)
     d = send(fake, starttls=False)
     fake.flush()
-    assert fake.server.transactions and not d.called
-    fake.advance(T.quit - 1)
-    assert not d.called
-    fake.advance(1)
+    # The receipt fires on the final 250: the unanswered QUIT does not delay it.
+    assert fake.server.transactions
     assert isinstance(result_of(d), Receipt)
-    assert fake.connections[0].client.aborted
+    connection = fake.connections[0]
+    assert connection.client.writes[-1] == b"QUIT\r\n"
+    fake.advance(T.quit - 1)
+    assert not connection.closed  # QUIT still waits in the background...
+    fake.advance(1)
+    assert connection.closed and connection.client.aborted  # ...for its grace only
+    assert fake.reactor.getDelayedCalls() == []
+
+
+def test_an_error_does_not_wait_for_quit_either(fake: MemorySMTP) -> None:
+    fake.server.script("RCPT", Reply.of(550, "5.1.1 No such user"))
+    fake.server.script("QUIT", None)
+    d = send(fake, starttls=False)
+    fake.flush()
+    error = failure_of(d, RecipientsRefused)
+    assert error.refused["b@example.org"].code == 550
+    connection = fake.connections[0]
+    assert connection.client.writes[-1] == b"QUIT\r\n" and not connection.closed
+    fake.advance(T.quit)
+    assert connection.closed
+    assert fake.reactor.getDelayedCalls() == []
 
 
 def test_each_rcpt_reply_restarts_the_timer(network: Callable[..., MemorySMTP]) -> None:
@@ -708,6 +726,53 @@ def test_session_queues_transactions_and_pipelines_them(fake: MemorySMTP) -> Non
     quit = session.quit()
     fake.flush()
     assert quit.called and not fake.connections[0].client.aborted
+
+
+@pytest.mark.parametrize(
+    ("extensions", "options"),
+    [
+        (["8BITMIME"], {}),  # no PIPELINING: cancelled while a RCPT reply is due
+        (["8BITMIME", "PIPELINING"], {"all_or_nothing": True}),  # DATA waits for RCPT
+    ],
+)
+def test_cancel_before_the_body_ends_with_rset_and_keeps_the_session(
+    network: Callable[..., MemorySMTP], extensions: list[str], options: dict[str, Any]
+) -> None:
+    fake = network(extensions=extensions)
+    connecting = connect(fake, tls_mode=txcolombe.TLSMode.NONE)
+    fake.flush()
+    session = result_of(connecting)
+    fake.server.script("RCPT", Reply.of(250, "2.1.5 Ok, slowly"), delay=5)
+    first = session.send("a@example.com", ["b@example.org", "c@example.org"], b"one\r\n", **options)
+    second = session.send("a@example.com", ["d@example.org"], b"two\r\n")
+    fake.flush()
+    assert not first.called
+    first.cancel()
+    failure_of(first, CancelledError)
+    fake.advance(5)
+    assert "RSET" in fake.server.commands and "DATA" in fake.server.commands
+    assert fake.server.commands.index("RSET") < fake.server.commands.index("DATA")
+    assert result_of(second).accepted.keys() == {"d@example.org"}
+    assert [t.recipients for t in fake.server.transactions] == [("d@example.org",)]
+    assert session.usable and not fake.connections[0].client.aborted
+    quit = session.quit()
+    fake.flush()
+    result_of(quit)
+
+
+def test_cancel_after_a_pipelined_data_still_aborts(fake: MemorySMTP) -> None:
+    connecting = connect(fake, tls_mode=txcolombe.TLSMode.NONE)
+    fake.flush()
+    session = result_of(connecting)
+    fake.server.script("DATA", Reply.of(354, "Go ahead"), delay=5)
+    d = session.send("a@example.com", ["b@example.org"], b"one\r\n")
+    fake.flush()
+    d.cancel()  # DATA has left with MAIL and RCPT: a 354 cannot be taken back
+    fake.flush()
+    failure_of(d, CancelledError)
+    assert fake.connections[0].client.aborted
+    assert fake.server.transactions == []
+    fake.advance(5)
 
 
 # -- the transport --------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The two functions most users need: :func:`sendmail` and :func:`submit`.
 
 Each is a thin layer over :func:`txcolombe.session.connect`: connect, send
-one message, QUIT. Keep a :class:`~txcolombe.session.Session` instead to
-send several messages over one connection.
+one message, QUIT. The result fires on the reply that decides the outcome
+(the final 250, or the error); QUIT and close follow in the background.
+Keep a :class:`~txcolombe.session.Session` instead to send several messages
+over one connection.
 """
 
 from __future__ import annotations
@@ -11,19 +13,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txcolombe.address import Mailbox
 from txcolombe.auth import Authentication
 from txcolombe.body import Body
 from txcolombe.connect import Destination
 from txcolombe.dsn import DSN, Recipient
+from txcolombe.errors import SMTPError
 from txcolombe.machine import TLSMode
 from txcolombe.protocol import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.receipt import Receipt
-from txcolombe.session import Session, connect
+from txcolombe.session import Session, TrustRoot, check_message, connect
+
+log = Logger(namespace="txcolombe")
 
 SMTP_PORT = 25
 SUBMISSIONS_PORT = 465
@@ -39,7 +45,7 @@ def sendmail(
     port: int = SMTP_PORT,
     domain: str | None = None,
     tls: IOpenSSLClientConnectionCreator | None = None,
-    trust_root: IOpenSSLTrustRoot | None = None,
+    trust_root: TrustRoot | None = None,
     authentication: Authentication | None = None,
     starttls: bool = True,
     all_or_nothing: bool = False,
@@ -87,7 +93,7 @@ def submit(
     starttls: bool | None = None,
     domain: str | None = None,
     tls: IOpenSSLClientConnectionCreator | None = None,
-    trust_root: IOpenSSLTrustRoot | None = None,
+    trust_root: TrustRoot | None = None,
     authentication: Authentication | None = None,
     all_or_nothing: bool = False,
     dsn: DSN | None = None,
@@ -136,6 +142,11 @@ def _send_one(
     send: _SendOptions,
     **options: Any,
 ) -> Deferred[Receipt]:
+    try:
+        recipients = check_message(sender, recipients, body, dsn=send.dsn)
+    except SMTPError as error:
+        return fail(error)
+
     async def run() -> Receipt:
         session: Session = await connect(destination, **options)
         try:
@@ -150,6 +161,18 @@ def _send_one(
                 binary=send.binary,
             )
         finally:
-            await session.quit()
+            # The reply that decided the outcome is in: report it now. QUIT
+            # and close go on in the background, bounded by the quit timeout.
+            session.quit().addErrback(_quit_failed, session)
 
     return Deferred.fromCoroutine(run())
+
+
+def _quit_failed(failure: Failure, session: Session) -> None:
+    """A QUIT that failed after the outcome was known changes nothing: log it."""
+    log.debug(
+        "QUIT to {host}:{port} failed after the message's outcome: {error}",
+        host=session.host.name,
+        port=session.port,
+        error=failure.value,
+    )

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from txcolombe.errors import InvalidAddress, InvalidChallenge, Step, UsageError
+from txcolombe.errors import InvalidChallenge, InvalidCredentials, Step, UsageError
 
 __all__ = [
     "COMMAND_LINE_LIMIT",
@@ -106,13 +106,21 @@ class Authentication:
     token: str | TokenProvider | None = field(default=None, repr=False, kw_only=True)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.username, str):
+            raise InvalidCredentials(
+                f"the username must be a str, not {type(self.username).__name__}"
+            )
+        if self.password is not None and not isinstance(self.password, str):
+            raise InvalidCredentials(
+                f"the password must be a str, not {type(self.password).__name__}"
+            )
         _check_line("username", self.username)
         if not self.username:
-            raise InvalidAddress("the username is empty")
+            raise InvalidCredentials("the username is empty")
         if self.password is not None:
             _check_line("password", self.password)
         if (self.password is None) == (self.token is None):
-            raise InvalidAddress(
+            raise InvalidCredentials(
                 "give a password or a token"
                 if self.password is None
                 else "give a password or a token, not both"
@@ -122,13 +130,13 @@ class Authentication:
             if isinstance(self.token, str):
                 _check_token(self.token)
             elif not callable(self.token):
-                raise InvalidAddress("the token is neither a str nor a callable")
+                raise InvalidCredentials("the token is neither a str nor a callable")
             if "\x01" in self.username:
-                raise InvalidAddress("the username contains a ^A (0x01) character")
+                raise InvalidCredentials("the username contains a ^A (0x01) character")
             if mechanism is not None and not mechanism.uses_token:
-                raise InvalidAddress(f"{mechanism.value} needs a password, not a token")
+                raise InvalidCredentials(f"{mechanism.value} needs a password, not a token")
         elif mechanism is not None and mechanism.uses_token:
-            raise InvalidAddress(f"{mechanism.value} needs a token, not a password")
+            raise InvalidCredentials(f"{mechanism.value} needs a token, not a password")
         if mechanism is Mechanism.SCRAM_SHA_256:
             _scram_credentials(self, strict=True)
 
@@ -140,20 +148,20 @@ class Authentication:
 
 def _check_line(name: str, value: str) -> None:
     if any(c in value for c in "\r\n\x00"):
-        raise InvalidAddress(f"the {name} contains CR, LF or NUL")
+        raise InvalidCredentials(f"the {name} contains CR, LF or NUL")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidAddress(f"the {name} is not valid Unicode (a lone surrogate)") from None
+        raise InvalidCredentials(f"the {name} is not valid Unicode (a lone surrogate)") from None
 
 
 def _check_token(token: str) -> None:
     # RFC 6750 §2.1 b64token is narrower; any visible ASCII keeps the framing
     # of both OAuth mechanisms intact (no space, no ^A, no CR/LF/NUL).
     if not token:
-        raise InvalidAddress("the token is empty")
+        raise InvalidCredentials("the token is empty")
     if not all("\x21" <= c <= "\x7e" for c in token):
-        raise InvalidAddress("the token holds a character other than visible ASCII")
+        raise InvalidCredentials("the token holds a character other than visible ASCII")
 
 
 async def resolve_token(authentication: Authentication) -> Authentication:
@@ -164,7 +172,7 @@ async def resolve_token(authentication: Authentication) -> Authentication:
     ``Deferred.fromCoroutine``. Credentials without a provider come back as
     they are.
 
-    :raises InvalidAddress: the provider gave something that is not a usable token.
+    :raises InvalidCredentials: the provider gave something that is not a usable token.
     """
     provider = authentication.token_provider
     if provider is None:
@@ -173,7 +181,9 @@ async def resolve_token(authentication: Authentication) -> Authentication:
     if inspect.isawaitable(result):
         result = await result
     if not isinstance(result, str):
-        raise InvalidAddress(f"the token provider returned a {type(result).__name__}, not a str")
+        raise InvalidCredentials(
+            f"the token provider returned a {type(result).__name__}, not a str"
+        )
     _check_token(result)
     return dataclasses.replace(authentication, token=result)
 
@@ -274,27 +284,27 @@ def _scram_credentials(
 ) -> tuple[str, str] | None:
     """The SASLprep'd username (a query) and password (a stored string), or None.
 
-    :raises InvalidAddress: with *strict*, what SASLprep refuses and why.
+    :raises InvalidCredentials: with *strict*, what SASLprep refuses and why.
     """
     if authentication.password is None:
         if strict:
-            raise InvalidAddress("SCRAM-SHA-256 needs a password")
+            raise InvalidCredentials("SCRAM-SHA-256 needs a password")
         return None
     try:
         username = saslprep(authentication.username, allow_unassigned=True)
     except ValueError as error:
         if strict:
-            raise InvalidAddress(f"the username is not valid for SCRAM: {error}") from None
+            raise InvalidCredentials(f"the username is not valid for SCRAM: {error}") from None
         return None
     if not username:
         if strict:
-            raise InvalidAddress("the username is empty after SASLprep")
+            raise InvalidCredentials("the username is empty after SASLprep")
         return None
     try:
         password = saslprep(authentication.password)
     except ValueError as error:
         if strict:
-            raise InvalidAddress(f"the password is not valid for SCRAM: {error}") from None
+            raise InvalidCredentials(f"the password is not valid for SCRAM: {error}") from None
         return None
     return username, password
 

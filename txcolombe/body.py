@@ -15,6 +15,7 @@ import contextlib
 import email.message
 import email.policy
 import inspect
+import io
 import os
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
 from typing import IO, Any, Union
@@ -26,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from txcolombe.errors import UsageError
+from txcolombe.errors import InvalidArgument
 
 #: Bytes handed to the transport at a time.
 CHUNK = 256 * 1024
@@ -250,6 +251,7 @@ def body_producer(body: Body, *, cooperator: Cooperator | None = None) -> IBodyP
 
     :raises UsageError: ``body`` is of no supported kind (e.g. ``str``).
     """
+    check_body(body)
     if IBodyProducer.providedBy(body):
         return body
     if isinstance(body, bytes | bytearray | memoryview | email.message.Message):
@@ -257,8 +259,6 @@ def body_producer(body: Body, *, cooperator: Cooperator | None = None) -> IBodyP
         if len(data) <= CHUNK:
             return SmallBodyProducer(data)
         return IterableProducer(_slices(data), len(data), cooperator)
-    if isinstance(body, str):
-        raise UsageError("the body must be bytes, not str: encode it first")
     if hasattr(body, "read"):
         file: IO[bytes] = body  # type: ignore[assignment]
         return IterableProducer(_read_chunks(file), _file_length(file), cooperator)
@@ -266,9 +266,29 @@ def body_producer(body: Body, *, cooperator: Cooperator | None = None) -> IBodyP
         return PullProducer(_anext(body))
     if isinstance(body, Iterable):
         return IterableProducer(iter(body), UNKNOWN_LENGTH, cooperator)
-    if callable(body):
-        return PullProducer(_pull(body))
-    raise UsageError(f"unsupported body type {type(body).__name__}")
+    return PullProducer(_pull(body))
+
+
+def check_body(body: object) -> None:
+    """Refuse, before anything is sent, a body of no supported kind.
+
+    Nothing is read: a stream or iterator is left as it was.
+
+    :raises UsageError: a ``str``, a text-mode file or another unsupported type.
+    """
+    if isinstance(body, str):
+        raise InvalidArgument("the body must be bytes, not str: encode it first")
+    if isinstance(body, io.TextIOBase):
+        raise InvalidArgument("the body file is open in text mode; open it in binary mode")
+    supported = (
+        IBodyProducer.providedBy(body)
+        or isinstance(body, bytes | bytearray | memoryview | email.message.Message)
+        or hasattr(body, "read")
+        or isinstance(body, AsyncIterable | Iterable)
+        or callable(body)
+    )
+    if not supported:
+        raise InvalidArgument(f"unsupported body type {type(body).__name__}")
 
 
 def known_length(producer: IBodyProducer) -> int | None:

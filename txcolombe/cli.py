@@ -18,7 +18,9 @@ error; 75 (``EX_TEMPFAIL``) on a temporary error (retrying later may work);
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn, cast
 
 from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.defer import CancelledError
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import (
     FilteringLogObserver,
@@ -42,7 +45,13 @@ from zope.interface import provider
 from txcolombe.address import parse_domain, parse_recipient, parse_sender
 from txcolombe.api import SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, sendmail, submit
 from txcolombe.auth import Authentication, Mechanism
-from txcolombe.errors import InvalidAddress, RecipientsRefused, SMTPError
+from txcolombe.errors import (
+    InvalidAddress,
+    RecipientsRefused,
+    SMTPError,
+    TLSFailure,
+    UsageError,
+)
 from txcolombe.protocol import Timeouts
 from txcolombe.receipt import Receipt
 from txcolombe.reply import Reply
@@ -64,6 +73,7 @@ EXIT_PERMANENT = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_TEMPORARY = 75  # sysexits.h EX_TEMPFAIL
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 _EPILOG = """\
 exit status:
@@ -72,7 +82,8 @@ exit status:
       (each refused recipient is listed with the server's reply)
   1   permanent error: retrying will fail again
   75  temporary error (EX_TEMPFAIL): retrying later may succeed
-  2   usage error: bad options, unreadable file, malformed address
+  2   usage error: bad options, unreadable file, malformed address or message
+  130 interrupted (Ctrl-C)
 
 The message is read as bytes (headers, blank line, body) and streamed.
 The password is read from the first line of --password-file, or prompted
@@ -144,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_seconds,
         metavar="SECONDS",
-        help="connect timeout in seconds (default: 30)",
+        help="seconds to wait at each step: connect, each reply, each body write"
+        " (default: RFC 5321's, 30 s to connect and up to 10 minutes a reply)",
     )
 
     envelope = send.add_argument_group("message")
@@ -297,7 +309,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     if args.helo is not None:
         options["domain"] = args.helo
     if args.timeout is not None:
-        options["timeouts"] = Timeouts(connect=args.timeout)
+        options["timeouts"] = _timeouts(args.timeout)
     if args.starttls is not None:
         options["starttls"] = args.starttls
     if args.mode == "sendmail" and args.starttls is False and args.user is not None:
@@ -313,9 +325,17 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
                 _read_password(args),
                 Mechanism(args.mechanism) if args.mechanism else None,
             )
-        except InvalidAddress as error:
+        except UsageError as error:
             raise _Invalid(error.message) from None
     return options
+
+
+def _timeouts(seconds: float) -> Timeouts:
+    """``--timeout`` for every step, so a silent server cannot hang the command;
+    the QUIT grace is never longer than its default."""
+    every = {field.name: seconds for field in dataclasses.fields(Timeouts)}
+    every["quit"] = min(seconds, Timeouts.quit)
+    return Timeouts(**every)
 
 
 # -- output ----------------------------------------------------------------------
@@ -362,8 +382,11 @@ def _print_receipt(receipt: Receipt, out: IO[str]) -> None:
 
 
 def _exit_code(error: BaseException) -> int:
-    if isinstance(error, InvalidAddress):
+    if isinstance(error, UsageError):
         return EXIT_USAGE
+    if isinstance(error, TLSFailure) and "certificate" in error.message:
+        # An untrusted or mismatched certificate stays so until someone acts.
+        return EXIT_PERMANENT
     if isinstance(error, SMTPError) and error.temporary:
         return EXIT_TEMPORARY
     return EXIT_PERMANENT
@@ -405,10 +428,26 @@ async def _send(
     reactor: Any, args: argparse.Namespace, options: dict[str, Any], body: IO[bytes]
 ) -> None:
     function = submit if args.mode == "submit" else sendmail
+    sending = function(args.server, args.sender, args.recipients, body, reactor=reactor, **options)
+    interrupted = False
+
+    def interrupt(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        reactor.callFromThread(sending.cancel)
+
+    signal.signal(signal.SIGINT, interrupt)
     try:
-        receipt = await function(
-            args.server, args.sender, args.recipients, body, reactor=reactor, **options
+        receipt = await sending
+    except CancelledError:
+        if not interrupted:
+            raise
+        print(
+            "error: interrupted before the server confirmed the message",
+            file=sys.stderr,
+            flush=True,
         )
+        raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as error:
         if isinstance(error, RecipientsRefused):
             for recipient, reply in error.refused.items():
@@ -416,6 +455,14 @@ async def _send(
         if args.verbose and not isinstance(error, SMTPError):
             traceback.print_exc(file=sys.stderr)
         print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
+        if isinstance(error, TLSFailure) and "wrong version number" in error.message:
+            # Implicit TLS met a server that speaks plaintext first.
+            print(
+                "hint: this port seems to expect STARTTLS, not implicit TLS:"
+                " add --starttls (or use port 587)",
+                file=sys.stderr,
+                flush=True,
+            )
         raise SystemExit(_exit_code(error)) from None
     finally:
         if body is not sys.stdin.buffer:

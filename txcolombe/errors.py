@@ -37,8 +37,10 @@ __all__ = [
     "ExtensionUnavailable",
     "InsufficientStorage",
     "InvalidAddress",
+    "InvalidArgument",
     "InvalidBody",
     "InvalidChallenge",
+    "InvalidCredentials",
     "MTASTSError",
     "MailLoop",
     "MailboxBusy",
@@ -160,6 +162,17 @@ class UsageError(SMTPError, ValueError):
 
 class InvalidAddress(UsageError):
     """A mailbox, domain or path is malformed or holds CR, LF or NUL."""
+
+
+class InvalidArgument(UsageError, TypeError):
+    """An argument has the wrong type or an impossible value (a ``str`` port,
+    an unreadable trust root file); also a ``TypeError`` for callers that
+    caught that before."""
+
+
+class InvalidCredentials(UsageError):
+    """The :class:`~txcolombe.auth.Authentication` is incomplete or malformed
+    (no password nor token, CR/LF in the username, ...)."""
 
 
 class InvalidBody(UsageError):

@@ -196,6 +196,8 @@ class _Transaction:
     next_rcpt: int = 0
     rcpt_replies: int = 0
     empty_data: bool = False
+    #: DATA or the first BDAT has left: the transaction can no longer end with RSET.
+    data_sent: bool = False
 
 
 Trace = Callable[[str, str], None]
@@ -404,6 +406,7 @@ class ClientMachine:
             while txn.next_rcpt < len(envelope.recipients):
                 self._send_next_rcpt(txn)
             if self._data_pipelined(txn):
+                txn.data_sent = True
                 self._send("DATA", Step.DATA)
 
     @staticmethod
@@ -704,6 +707,24 @@ class ClientMachine:
             self._quit_requested = False
             self.quit()
 
+    def cancel_transaction(self, index: int) -> bool:
+        """Abandon the ``index``-th running transaction (0: the oldest) with RSET.
+
+        Possible only before its DATA (or first BDAT) leaves; it then ends
+        with RSET at the next reply it gets, and with a
+        :class:`TransactionFailed` event like any refused one, and the
+        session goes on.
+
+        :returns: False when the body is under way (or DATA was pipelined):
+            only dropping the connection can stop it then.
+        """
+        txn = self._txns[index]
+        if txn.data_sent or self.state not in (State.TRANSACTION, State.RESETTING):
+            return False
+        if txn.error is None:
+            txn.error = UsageError("the transaction was cancelled", step=self.waiting_for)
+        return True
+
     # -- transaction replies --------------------------------------------------------
 
     def _on_mail(self, reply: Reply, _: str | None) -> None:
@@ -714,7 +735,10 @@ class ClientMachine:
                 self._abandon(txn, txn.error)
             return
         if not txn.pipelined:
-            self._send_next_rcpt(txn)
+            if txn.error is not None:  # cancelled while MAIL was on its way
+                self._abandon(txn, txn.error)
+            else:
+                self._send_next_rcpt(txn)
 
     def _on_rcpt(self, reply: Reply, rcpt: str | None) -> None:
         txn = self._current()
@@ -722,9 +746,10 @@ class ClientMachine:
         txn.rcpt_replies += 1
         last = txn.rcpt_replies == len(txn.envelope.recipients)
         if txn.error is not None:
-            # MAIL failed; these are the pipelined replies that follow. Without
-            # a pipelined DATA to answer last (all-or-nothing), end here.
-            if last and not self._data_pipelined(txn):
+            # MAIL failed (these are the pipelined replies that follow) or the
+            # transaction was cancelled. Without a pipelined DATA to answer
+            # last (all-or-nothing), end here.
+            if not txn.pipelined or (last and not self._data_pipelined(txn)):
                 self._abandon(txn, txn.error)
             return
         assert rcpt is not None
@@ -743,6 +768,7 @@ class ClientMachine:
         elif txn.bdat:
             self._begin_body(txn)
         else:
+            txn.data_sent = True
             self._send("DATA", Step.DATA)
 
     def _recipients_error(self, txn: _Transaction) -> SMTPError | None:
@@ -769,6 +795,7 @@ class ClientMachine:
         self._begin_body(txn)
 
     def _begin_body(self, txn: _Transaction) -> None:
+        txn.data_sent = True
         self.state = State.BODY
         self._encoder = DataEncoder(
             allow_8bit="8BITMIME" in self.extensions or txn.envelope.binary,

@@ -26,16 +26,16 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.interfaces import IDelayedCall
 
 from txcolombe.address import Mailbox
 from txcolombe.body import Body
 from txcolombe.connect import Destination
 from txcolombe.dsn import Recipient
-from txcolombe.errors import ConnectionFailed, Step, UsageError
+from txcolombe.errors import ConnectionFailed, SMTPError, Step, UsageError
 from txcolombe.receipt import Receipt
-from txcolombe.session import Session, connect
+from txcolombe.session import Session, check_message, connect
 
 #: Steps at which a failure on a reused session is safe to retry elsewhere:
 #: the server cannot have accepted the message yet.
@@ -119,7 +119,10 @@ class Pool:
         endpoint). A body sent twice (after a dropped idle connection) must
         be replayable: bytes, a seekable file or an ``EmailMessage``.
         """
-        recipients = list(recipients)
+        try:
+            recipients = list(check_message(sender, recipients, body))
+        except SMTPError as error:
+            return fail(error)
         return Deferred.fromCoroutine(
             self._send(destination, sender, recipients, body, all_or_nothing, connect_options)
         )

@@ -218,7 +218,10 @@ class SMTPClientProtocol(Protocol):
 
         Transactions run in the order they were queued. With PIPELINING the
         next one's MAIL, RCPT and DATA leave with the previous final dot.
-        Cancelling a transaction that has started aborts the connection.
+        Cancelling one that has not started removes it from the queue; one
+        started ends with RSET if its DATA has not left yet, and the session
+        goes on; only one whose DATA or body is under way aborts the
+        connection.
 
         :raises UsageError: (as a failed Deferred) the envelope does not fit
             the server.
@@ -243,9 +246,13 @@ class SMTPClientProtocol(Protocol):
             self._transport.abortConnection()
 
     def _cancel(self, item: _Send) -> None:
+        """A send not started leaves the queue; one started before its body
+        ends with RSET; only one mid-body costs the connection."""
         if item in self._waiting:
             self._waiting.remove(item)
-        else:
+        elif item not in self._running or not self.machine.cancel_transaction(
+            self._running.index(item)
+        ):
             self.abort()
 
     def _start_waiting(self) -> None:

@@ -4,6 +4,7 @@ run transactions one after another (colombe's ``Sendmail_with_starttls.many``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -16,12 +17,13 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 
 from txcolombe.address import Mailbox, parse_domain, parse_sender
 from txcolombe.auth import Authentication, resolve_token
-from txcolombe.body import Body, body_producer, known_length
+from txcolombe.body import Body, body_producer, check_body, known_length
 from txcolombe.connect import (
     Destination,
     Host,
@@ -32,11 +34,20 @@ from txcolombe.connect import (
     wrap_tls,
 )
 from txcolombe.dsn import DSN, Recipient, recipient_options
-from txcolombe.errors import AuthenticationError, SMTPError, Step, UsageError
+from txcolombe.errors import (
+    AuthenticationError,
+    InvalidArgument,
+    SMTPError,
+    Step,
+    UsageError,
+)
 from txcolombe.extensions import Extensions
 from txcolombe.machine import ClientMachine, Envelope, TLSMode
 from txcolombe.protocol import DEFAULT_TIMEOUTS, SMTPClientProtocol, Timeouts
 from txcolombe.receipt import Receipt, TLSInfo
+
+#: A trust root, or the path of a PEM file of CA certificates.
+TrustRoot = IOpenSSLTrustRoot | str | os.PathLike[str]
 
 
 class Session:
@@ -100,6 +111,11 @@ class Session:
         stays usable unless the error says the connection is gone. Several
         sends may be queued at once: they run in order, pipelined.
 
+        Cancelling the Deferred: a send still queued just leaves the queue;
+        one started ends with RSET if its DATA has not left yet (the session
+        stays usable for the next); one whose DATA or body is under way can
+        only be stopped by aborting the connection.
+
         :param dsn: delivery status notification options (RFC 3461); a
             :class:`~txcolombe.dsn.Recipient` sets them for one recipient.
         :param requiretls: ask for REQUIRETLS (RFC 8689).
@@ -113,8 +129,7 @@ class Session:
             extension the server lacks; nothing is sent for the message.
         """
         try:
-            if isinstance(recipients, str | Mailbox | Recipient):
-                recipients = [recipients]
+            recipients = check_message(sender, recipients, body, dsn=dsn)
             mailboxes, options = recipient_options(recipients, dsn)
             producer = body_producer(body, cooperator=self._cooperator)
             envelope = Envelope(
@@ -153,6 +168,115 @@ class Session:
         await self.quit()
 
 
+def check_message(
+    sender: object,
+    recipients: object,
+    body: object,
+    *,
+    dsn: object = None,
+) -> tuple[str | Mailbox | Recipient, ...]:
+    """Validate a message's arguments before anything is connected or sent.
+
+    Parses the sender and every recipient, checks the body's kind (without
+    reading it) and the DSN options. :func:`txcolombe.api.sendmail`,
+    :func:`~txcolombe.api.submit`, :meth:`Session.send` and
+    :meth:`txcolombe.pool.Pool.send` call it first, so a caller's mistake
+    never opens a connection.
+
+    :returns: the recipients as a tuple (an iterator is consumed once here:
+        pass the tuple on instead).
+    :raises UsageError: the first mistake found (:class:`InvalidArgument`
+        for a wrong type, :class:`InvalidAddress` for a bad address).
+    """
+    if sender is not None and not isinstance(sender, str | Mailbox):
+        raise InvalidArgument(
+            f"the sender must be a str, a Mailbox or None, not {type(sender).__name__}"
+        )
+    if isinstance(recipients, str | Mailbox | Recipient):
+        recipients = [recipients]
+    if not isinstance(recipients, Iterable):
+        raise InvalidArgument(
+            f"the recipients must be an iterable, not {type(recipients).__name__}"
+        )
+    items = tuple(recipients)
+    for item in items:
+        if not isinstance(item, str | Mailbox | Recipient):
+            raise InvalidArgument(
+                f"a recipient must be a str, a Mailbox or a Recipient, not {type(item).__name__}"
+            )
+    if not items:
+        raise UsageError("a message needs at least one recipient")
+    if dsn is not None and not isinstance(dsn, DSN):
+        raise InvalidArgument(f"dsn must be a DSN or None, not {type(dsn).__name__}")
+    parse_sender(sender)
+    recipient_options(items, dsn)
+    check_body(body)
+    return items
+
+
+def _trust_root(trust_root: object) -> IOpenSSLTrustRoot | None:
+    """``trust_root`` as given, or the certificates of a PEM file named by a path."""
+    if trust_root is None:
+        return None
+    adapted: IOpenSSLTrustRoot | None = IOpenSSLTrustRoot(trust_root, None)
+    if adapted is not None:  # a trust root, or a Certificate (adapted by Twisted)
+        return adapted
+    if not isinstance(trust_root, str | os.PathLike):
+        raise InvalidArgument(
+            "trust_root must be an IOpenSSLTrustRoot or a PEM file's path,"
+            f" not {type(trust_root).__name__}"
+        )
+    try:
+        with open(trust_root, "rb") as file:
+            pem = file.read()
+    except OSError as error:
+        raise InvalidArgument(
+            f"cannot read the trust root {trust_root!s}: {error.strerror}"
+        ) from None
+    marker = b"-----BEGIN CERTIFICATE-----"
+    blocks = [marker + part for part in pem.split(marker)[1:]]
+    try:
+        certificates = [Certificate.loadPEM(block) for block in blocks]
+    except Exception as error:
+        raise InvalidArgument(
+            f"the trust root {trust_root!s} holds an invalid certificate: {error}"
+        ) from None
+    if not certificates:
+        raise InvalidArgument(f"the trust root {trust_root!s} holds no PEM certificate")
+    root: IOpenSSLTrustRoot = trustRootFromCertificates(certificates)  # type: ignore[no-untyped-call]
+    return root
+
+
+def _check_connection(
+    port: object,
+    tls_mode: object,
+    domain: object,
+    tls: object,
+    authentication: object,
+    timeouts: object,
+) -> None:
+    """Refuse wrong types among :func:`connect`'s arguments."""
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise InvalidArgument(f"the port must be an int, not {type(port).__name__}")
+    if not 0 < port < 65536:
+        raise InvalidArgument(f"invalid port {port}: not between 1 and 65535")
+    if not isinstance(tls_mode, TLSMode):
+        raise InvalidArgument(f"tls_mode must be a TLSMode, not {type(tls_mode).__name__}")
+    if domain is not None and not isinstance(domain, str):
+        raise InvalidArgument(f"the domain must be a str or None, not {type(domain).__name__}")
+    if tls is not None and not IOpenSSLClientConnectionCreator.providedBy(tls):
+        raise InvalidArgument(
+            "tls must provide IOpenSSLClientConnectionCreator (optionsForClientTLS),"
+            f" not {type(tls).__name__}"
+        )
+    if authentication is not None and not isinstance(authentication, Authentication):
+        raise InvalidArgument(
+            f"authentication must be an Authentication, not {type(authentication).__name__}"
+        )
+    if not isinstance(timeouts, Timeouts):
+        raise InvalidArgument(f"timeouts must be a Timeouts, not {type(timeouts).__name__}")
+
+
 class _ProtocolFactory(Factory):
     """Hands out the one protocol instance made for this connection."""
 
@@ -172,7 +296,7 @@ def connect(
     tls_mode: TLSMode = TLSMode.OPPORTUNISTIC,
     domain: str | None = None,
     tls: IOpenSSLClientConnectionCreator | None = None,
-    trust_root: IOpenSSLTrustRoot | None = None,
+    trust_root: TrustRoot | None = None,
     authentication: Authentication | None = None,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     reactor: Any = None,
@@ -187,7 +311,8 @@ def connect(
         address literal of our end of the connection.
     :param tls: TLS client options used as they are.
     :param trust_root: roots to verify the server's certificate against its
-        name (default: the platform's trust store).
+        name (default: the platform's trust store), or the path of a PEM file
+        of CA certificates.
     :param authentication: credentials, sent only under TLS.
     :param endpoint: connect through this endpoint instead of TCP to
         ``destination`` (TLS-wrapped for implicit TLS); ``destination`` still
@@ -195,11 +320,13 @@ def connect(
     :param trace: log the SMTP conversation at debug level (credentials
         masked); False saves its cost where volume is high (a relay).
     """
-    if tls_mode is TLSMode.NONE and authentication is not None:
-        return fail(UsageError("authentication is never sent without TLS"))
     try:
+        _check_connection(port, tls_mode, domain, tls, authentication, timeouts)
+        if tls_mode is TLSMode.NONE and authentication is not None:
+            raise UsageError("authentication is never sent without TLS")
         host = Host.parse(destination)
         ehlo = parse_domain(domain) if domain is not None else default_domain()
+        trust_root = _trust_root(trust_root)
     except SMTPError as error:
         return fail(error)
     if reactor is None:
