@@ -186,3 +186,23 @@ def test_a_real_listener_sees_no_connection() -> None:
             listener.accept()
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("body", ["a str body", io.StringIO("text mode"), 42])
+def test_deliver_refuses_a_bad_body_before_any_lookup(body: object) -> None:
+    """deliver() checks the body's kind before it resolves or connects."""
+    from txcolombe.deliver import deliver
+
+    fake = MemorySMTP()
+    looked_up: list[str] = []
+
+    class Resolver:
+        def __getattr__(self, name: str) -> Any:
+            looked_up.append(name)
+            raise AssertionError(f"resolver.{name} used")
+
+    d = deliver("a@example.com", ["b@example.org"], body, reactor=fake.reactor, resolver=Resolver())
+    failure = _failure(d)
+    assert isinstance(failure, UsageError)
+    fake.flush()
+    assert looked_up == [] and fake.reactor.tcpClients == [] and fake.connections == []

@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 
 from txcolombe.address import Mailbox, parse_domain, parse_sender
 from txcolombe.auth import Authentication
-from txcolombe.body import Body
+from txcolombe.body import Body, check_body
 from txcolombe.dns import DEFAULT_DNS_TIMEOUT, default_resolver, lookup_addresses, lookup_mx
 from txcolombe.dsn import DSN
 from txcolombe.errors import (
@@ -216,6 +216,7 @@ def deliver(
         recipient_list = list(recipients)
         if not recipient_list:
             raise UsageError("no recipients")
+        check_body(body)
         policy = TLSPolicy.parse(tls_policy)
         if authentication is not None and policy is TLSPolicy.NONE:
             raise UsageError("authentication is never sent without TLS (tls_policy='none')")
