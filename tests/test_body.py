@@ -30,7 +30,7 @@ from txcolombe.body import (
     known_length,
     message_bytes,
 )
-from txcolombe.errors import UsageError
+from txcolombe.errors import InvalidArgument, UsageError
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -179,17 +179,14 @@ def test_binary_file_length_comes_from_fstat(ticker: Ticker, tmp_path: Path) -> 
 
 
 def test_text_mode_file_is_a_clear_error(ticker: Ticker, tmp_path: Path) -> None:
+    """Refused when the producer is made, before anything is read or sent."""
     path = tmp_path / "message.txt"
     path.write_text("Subject: text\n\nhello\n")
     with path.open() as file:
-        producer = body_producer(file, cooperator=ticker.cooperator)  # type: ignore[arg-type]
-        consumer = Collector()
-        done = producer.startProducing(consumer)
-        ticker.run()
-    [failure] = outcome(done)
-    assert isinstance(failure, Failure) and failure.check(TypeError)
-    assert "binary mode" in str(failure.value)
-    assert consumer.chunks == []
+        with pytest.raises(InvalidArgument, match="binary mode") as raised:
+            body_producer(file, cooperator=ticker.cooperator)  # type: ignore[arg-type]
+        assert isinstance(raised.value, TypeError)  # still a TypeError for old callers
+        assert file.tell() == 0
 
 
 # -- iterables -----------------------------------------------------------------------------------
