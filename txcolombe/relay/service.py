@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +279,29 @@ def _server_tls(options: Any) -> Any:
     return ssl.PrivateCertificate.loadPEM(pem).options()  # type: ignore[no-untyped-call]
 
 
+def server_config(
+    options: Any, hostname: str, *, tls_available: bool, users: dict[str, str]
+) -> ServerConfig:
+    """The SMTP intake's rules and limits from the options (at start and on SIGHUP)."""
+    return ServerConfig(
+        hostname=hostname,
+        max_size=options["max-size"],
+        max_recipients=options["max-recipients"],
+        tls_available=tls_available,
+        auth_enabled=bool(users),
+        max_errors=options["hard-error-limit"],
+        soft_error_limit=options["soft-error-limit"],
+        error_sleep=options["error-sleep"],
+        max_connections=options["max-connections"],
+        max_connections_per_client=options["max-connections-per-client"],
+    )
+
+
+def min_free(options: Any) -> int:
+    """Free octets the spool keeps: ``--queue-minfree``, at least 1.5 x ``--max-size``."""
+    return int(max(options["queue-minfree"], options["max-size"] * 3 // 2))
+
+
 def reload_settings(options: Any, factory: SMTPServerFactory, handler: RelayHandler) -> None:
     """Apply what can change live (SIGHUP): STARTTLS certificate and key, users,
     relay networks, size, recipient, connection and error limits, the free-space
@@ -304,20 +326,11 @@ def reload_settings(options: Any, factory: SMTPServerFactory, handler: RelayHand
         return
     factory.tls = tls
     factory.idle_timeout = fresh["idle-timeout"]
-    factory.config = replace(
-        factory.config,
-        max_size=fresh["max-size"],
-        max_recipients=fresh["max-recipients"],
-        tls_available=tls is not None,
-        auth_enabled=bool(users),
-        max_errors=fresh["hard-error-limit"],
-        soft_error_limit=fresh["soft-error-limit"],
-        error_sleep=fresh["error-sleep"],
-        max_connections=fresh["max-connections"],
-        max_connections_per_client=fresh["max-connections-per-client"],
+    factory.config = server_config(
+        fresh, factory.config.hostname, tls_available=tls is not None, users=users
     )
     handler.users = users
-    handler.min_free = max(fresh["queue-minfree"], fresh["max-size"] * 3 // 2)
+    handler.min_free = min_free(fresh)
     handler.set_networks(networks)
     log.info(
         "reloaded: {users} users, relay networks {networks}, max size {max_size}",
@@ -350,20 +363,8 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
         postmaster=options.get("postmaster"),
     )  # fmt: skip
     relay = RelayService(spool, queue)
-    config = ServerConfig(
-        hostname=hostname,
-        max_size=options["max-size"],
-        max_recipients=options["max-recipients"],
-        tls_available=tls is not None,
-        auth_enabled=bool(users),
-        max_errors=options["hard-error-limit"],
-        soft_error_limit=options["soft-error-limit"],
-        error_sleep=options["error-sleep"],
-        max_connections=options["max-connections"],
-        max_connections_per_client=options["max-connections-per-client"],
-    )
-    min_free = max(options["queue-minfree"], options["max-size"] * 3 // 2)
-    handler = RelayHandler(queue, networks, users, min_free)
+    config = server_config(options, hostname, tls_available=tls is not None, users=users)
+    handler = RelayHandler(queue, networks, users, min_free(options))
     factory = SMTPServerFactory(
         config, handler, reactor=reactor, tls=tls, idle_timeout=options["idle-timeout"],
     )  # fmt: skip
