@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.test_relay_e2e import intake_ca  # noqa: F401  (the relay's TLS files and CA)
 from tools.peers.aiosmtpd_peer import AiosmtpdPeer, free_port
 from tools.peers.relay_process import RelayProcess, wait_for
 from txcolombe.server.protocol import BODY_CHUNK
@@ -292,18 +293,10 @@ def test_rejections_are_logged_and_counted(tmp_path: Path) -> None:
         assert len(server_lines(relay, "disconnect from [127.0.0.1] messages=0 errors=1")) == 2
 
 
-@pytest.fixture
-def relay_cert(tmp_path: Path) -> trustme.CA:
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    (tmp_path / "relay-cert.pem").write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
-    (tmp_path / "relay-key.pem").write_bytes(cert.private_key_pem.bytes())
-    ca.cert_pem.write_to_path(str(tmp_path / "relay-ca.pem"))
-    return ca
-
-
 def test_tls_in_received_and_the_sasl_user_in_the_from_line(
-    tmp_path: Path, peer: AiosmtpdPeer, relay_cert: trustme.CA
+    tmp_path: Path,
+    peer: AiosmtpdPeer,
+    intake_ca: trustme.CA,  # noqa: F811
 ) -> None:
     from txcolombe.relay.passwords import set_user
 
