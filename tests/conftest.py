@@ -124,7 +124,7 @@ def postfix_peer(postfix_ca: trustme.CA) -> Iterator[Any]:
 def pytest_configure(config: pytest.Config) -> None:
     """Register txcolombe's pytest plugin (fixtures ``smtp``, ``smtp_server``)
     when its ``pytest11`` entry point did not (a checkout not reinstalled)."""
-    import txcolombe.pytest_plugin as plugin
+    import txcolombe.testing.pytest_plugin as plugin
 
     if not config.pluginmanager.is_registered(plugin):
         config.pluginmanager.register(plugin, "txcolombe")

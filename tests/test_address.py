@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from txcolombe.address import (
+from txcolombe.codec.address import (
     MAX_PATH,
     Mailbox,
     address_literal,
@@ -15,7 +15,7 @@ from txcolombe.address import (
     parse_sender,
     path,
 )
-from txcolombe.errors import InvalidAddress, UsageError
+from txcolombe.codec.errors import InvalidAddress, UsageError
 
 # -- valid mailboxes ---------------------------------------------------------------
 

@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 
-from txcolombe.auth import (
+from txcolombe.codec.errors import InvalidChallenge, InvalidCredentials, Step, UsageError
+from txcolombe.codec.sasl import (
     MAX_SCRAM_ITERATIONS,
     MIN_SCRAM_ITERATIONS,
     Authentication,
@@ -30,7 +31,6 @@ from txcolombe.auth import (
     resolve_token,
     saslprep,
 )
-from txcolombe.errors import InvalidChallenge, InvalidCredentials, Step, UsageError
 
 SCRAM = Mechanism.SCRAM_SHA_256
 

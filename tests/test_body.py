@@ -1,4 +1,4 @@
-"""Every kind of body through txcolombe.body.body_producer to a consumer.
+"""Every kind of body through txcolombe.client.body.body_producer to a consumer.
 
 Synchronous sources run on a Cooperator driven by a fake clock, one work unit
 per tick, so that each test decides when each chunk is produced; one test
@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from txcolombe.body import (
+from txcolombe.client.body import (
     CHUNK,
     IterableProducer,
     PullProducer,
@@ -30,7 +30,7 @@ from txcolombe.body import (
     known_length,
     message_bytes,
 )
-from txcolombe.errors import InvalidArgument, UsageError
+from txcolombe.codec.errors import InvalidArgument, UsageError
 
 # -- helpers ----------------------------------------------------------------------------------
 

@@ -31,8 +31,8 @@ from txcolombe.cli import (
     EXIT_USAGE,
     describe_error,
 )
-from txcolombe.errors import AuthenticationFailed, ConnectionRefused, Step
-from txcolombe.reply import Reply
+from txcolombe.codec.errors import AuthenticationFailed, ConnectionRefused, Step
+from txcolombe.codec.reply import Reply
 
 pytestmark = pytest.mark.network
 

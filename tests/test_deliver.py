@@ -47,10 +47,9 @@ from twisted.names.authority import FileAuthority
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from txcolombe.auth import Authentication
-from txcolombe.deliver import DeliveryResult, DeliveryStatus, Outcome, default_mta_sts, deliver
-from txcolombe.dsn import DSN
-from txcolombe.errors import (
+from txcolombe.client.options import Timeouts
+from txcolombe.codec.dsn import DSN
+from txcolombe.codec.errors import (
     ConnectionLost,
     ConnectionRefused,
     DNSFailure,
@@ -71,9 +70,16 @@ from txcolombe.errors import (
     TransactionFailed,
     UsageError,
 )
-from txcolombe.mtasts import MTASTS, Mode, PolicyCache
-from txcolombe.protocol import Timeouts
-from txcolombe.tlspolicy import TLSLevel, TLSPolicy
+from txcolombe.codec.sasl import Authentication
+from txcolombe.delivery.deliver import (
+    DeliveryResult,
+    DeliveryStatus,
+    Outcome,
+    default_mta_sts,
+    deliver,
+)
+from txcolombe.delivery.mtasts import MTASTS, Mode, PolicyCache
+from txcolombe.delivery.tlspolicy import TLSLevel, TLSPolicy
 
 reactor: Any = _reactor
 

@@ -49,14 +49,14 @@ from typing import Any
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from txcolombe.reply import Reply
+from txcolombe.codec.reply import Reply
 from txcolombe.testing import MemorySMTP, MemorySMTPServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-# txcolombe.deliver is also the name of the function the package exports
-DELIVER = importlib.import_module("txcolombe.deliver")
-SESSION = importlib.import_module("txcolombe.session")
+# by name: the package exports a function of the same name as this module
+DELIVER = importlib.import_module("txcolombe.delivery.deliver")
+SESSION = importlib.import_module("txcolombe.client.session")
 
 _FENCE = re.compile(r"^(`{3,})\s*([\w{}-]*)\s*$")
 _MARKER = re.compile(r"^<!--\s*(output|file|test)\s*(?::\s*(\S+))?\s*-->\s*$")
@@ -170,7 +170,7 @@ def run_test_module(block: Block, directory: Path, number: int) -> None:
     if block.argument == "trial":
         command = [sys.executable, "-m", "twisted.trial", module]
     elif block.argument == "pytest":
-        plugin = ["-p", "no:txcolombe", "-p", "txcolombe.pytest_plugin"]
+        plugin = ["-p", "no:txcolombe", "-p", "txcolombe.testing.pytest_plugin"]
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *plugin]
         command.append(f"{module}.py")
     else:

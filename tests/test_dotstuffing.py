@@ -8,8 +8,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from txcolombe.dotstuffing import MAX_LINE, DataEncoder
-from txcolombe.errors import EightBitUnsupported, InvalidBody, Step, UsageError
+from txcolombe.codec.data import MAX_LINE, DataEncoder
+from txcolombe.codec.errors import EightBitUnsupported, InvalidBody, Step, UsageError
 
 # -- helpers ---------------------------------------------------------------------------
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from txcolombe import errors
-from txcolombe.errors import Step, error_for_reply
-from txcolombe.reply import Reply
+from txcolombe.codec import errors
+from txcolombe.codec.errors import Step, error_for_reply
+from txcolombe.codec.reply import Reply
 
 NON_AUTH_STEPS = [s for s in Step if s not in (Step.AUTH, Step.STARTTLS)]
 

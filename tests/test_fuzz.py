@@ -3,7 +3,7 @@
 Each test is seeded and bounded (``max_examples``, a per-example deadline),
 so the suite spends seconds here. Only the project's typed errors may escape;
 parsers that accept something must keep it (``parse(format(x)) == x``), and
-:func:`~txcolombe.mtasts.parse_policy` must stay linear. The faults found so
+:func:`~txcolombe.delivery.mtasts.parse_policy` must stay linear. The faults found so
 far are pinned as ``@example`` regressions, and Hypothesis keeps whatever it
 finds next in ``tests/fuzz_examples`` (commit it), so a failure found once is
 replayed first on every later run.
@@ -20,12 +20,12 @@ from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from txcolombe.address import Mailbox, parse_domain, parse_recipient, parse_sender, path
-from txcolombe.errors import InvalidAddress, MTASTSError, SMTPError
-from txcolombe.machine import ClientMachine, TLSMode
-from txcolombe.mtasts import parse_policy, parse_record
-from txcolombe.reply import ReplyParser
-from txcolombe.server.command import CommandSyntaxError, parse_command, parse_mail, parse_rcpt
+from txcolombe.client.machine import ClientMachine, TLSMode
+from txcolombe.codec.address import Mailbox, parse_domain, parse_recipient, parse_sender, path
+from txcolombe.codec.command import CommandSyntaxError, parse_command, parse_mail, parse_rcpt
+from txcolombe.codec.errors import InvalidAddress, MTASTSError, SMTPError
+from txcolombe.codec.reply import ReplyParser
+from txcolombe.delivery.mtasts import parse_policy, parse_record
 from txcolombe.server.machine import ServerConfig, ServerMachine
 
 FUZZ = settings(

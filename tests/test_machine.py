@@ -13,11 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from txcolombe import errors
-from txcolombe.address import Mailbox, parse_recipient, parse_sender
-from txcolombe.auth import Authentication, Mechanism
-from txcolombe.errors import Step
-from txcolombe.machine import (
+from txcolombe.client.machine import (
     BodyWanted,
     ClientMachine,
     Closed,
@@ -31,7 +27,11 @@ from txcolombe.machine import (
     TransactionDone,
     TransactionFailed,
 )
-from txcolombe.reply import Reply
+from txcolombe.codec import errors
+from txcolombe.codec.address import Mailbox, parse_recipient, parse_sender
+from txcolombe.codec.errors import Step
+from txcolombe.codec.reply import Reply
+from txcolombe.codec.sasl import Authentication, Mechanism
 
 NAME = "client.example"
 EHLO = b"EHLO client.example\r\n"

@@ -5,11 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.test_machine import QUIT, RSET, session, session_failure
-from txcolombe import errors
-from txcolombe.address import parse_sender
-from txcolombe.dsn import DSN, Notify, Recipient, Return, recipient_options
-from txcolombe.errors import Step
-from txcolombe.machine import (
+from txcolombe.client.machine import (
     BDAT_CHUNK,
     BodyWanted,
     Envelope,
@@ -18,6 +14,10 @@ from txcolombe.machine import (
     TransactionDone,
     TransactionFailed,
 )
+from txcolombe.codec import errors
+from txcolombe.codec.address import parse_sender
+from txcolombe.codec.dsn import DSN, Notify, Recipient, Return, recipient_options
+from txcolombe.codec.errors import Step
 
 MAIL = b"MAIL FROM:<from@example.org>"
 

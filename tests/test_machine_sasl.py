@@ -7,9 +7,9 @@ import json
 
 from tests.test_auth import RFCScramServer
 from tests.test_machine import QUIT, Conversation, b64, ehlo_reply, only, session_failure
-from txcolombe import errors
-from txcolombe.auth import Authentication
-from txcolombe.machine import Ready, TLSMode
+from txcolombe.client.machine import Ready, TLSMode
+from txcolombe.codec import errors
+from txcolombe.codec.sasl import Authentication
 
 
 def start(auth: Authentication, keywords: str, **kwargs: object) -> tuple[Conversation, bytes]:

@@ -36,8 +36,8 @@ from txcolombe import (
     Timeouts,
     TLSFailure,
 )
-from txcolombe.body import CHUNK, body_producer
-from txcolombe.reply import Reply
+from txcolombe.client.body import CHUNK, body_producer
+from txcolombe.codec.reply import Reply
 from txcolombe.testing import END_OF_DATA, GREETING, MemorySMTP, MemorySMTPServer
 
 DOMAIN = "client.example.com"

@@ -16,8 +16,8 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from tests.test_relay_queue import DATA, PERM, TEMP, ScriptedTransport, accept, envelope, make
-from txcolombe.address import Mailbox
-from txcolombe.errors import (
+from txcolombe.codec.address import Mailbox
+from txcolombe.codec.errors import (
     ConnectionRefused,
     DNSFailure,
     EncryptionRequired,
@@ -30,11 +30,11 @@ from txcolombe.errors import (
     TLSFailure,
     error_for_reply,
 )
+from txcolombe.codec.reply import Reply
 from txcolombe.relay.metrics import prometheus_text
 from txcolombe.relay.queue import STATE_RETRY, QueueManager, RetryPolicy
 from txcolombe.relay.spool import REMOVAL_DELAY, Spool
 from txcolombe.relay.transport import Outcome, Status, outcome_from_error
-from txcolombe.reply import Reply
 
 
 def reply(text: str) -> Reply:

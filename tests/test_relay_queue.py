@@ -9,7 +9,7 @@ from pathlib import Path
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
-from txcolombe.address import Mailbox
+from txcolombe.codec.address import Mailbox
 from txcolombe.relay.queue import QueueManager, RetryPolicy
 from txcolombe.relay.spool import REMOVAL_DELAY, Spool
 from txcolombe.relay.transport import Outcome, Status

@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 
-from txcolombe.reply import Reply
+from txcolombe.codec.reply import Reply
 from txcolombe.server.machine import Envelope, ServerConfig
 from txcolombe.server.protocol import (
     MAX_PENDING_INPUT,

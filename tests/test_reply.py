@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from txcolombe.errors import MalformedReply, ReplyTooLong
-from txcolombe.reply import MAX_LINE, MAX_LINES, Reply, ReplyParser
+from txcolombe.codec.errors import MalformedReply, ReplyTooLong
+from txcolombe.codec.reply import MAX_LINE, MAX_LINES, Reply, ReplyParser
 
 
 def parse_all(*chunks: bytes, parser: ReplyParser | None = None) -> list[Reply]:

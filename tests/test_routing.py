@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from txcolombe.address import Mailbox
-from txcolombe.errors import (
+from txcolombe.codec.address import Mailbox
+from txcolombe.codec.errors import (
     ConnectionLost,
     ConnectionRefused,
     InvalidAddress,
@@ -32,7 +32,8 @@ from txcolombe.errors import (
     TransactionFailed,
     UsageError,
 )
-from txcolombe.mtasts import (
+from txcolombe.codec.reply import Reply
+from txcolombe.delivery.mtasts import (
     CachedPolicy,
     Mode,
     Policy,
@@ -41,8 +42,7 @@ from txcolombe.mtasts import (
     parse_policy,
     parse_record,
 )
-from txcolombe.reply import Reply
-from txcolombe.routing import (
+from txcolombe.delivery.routing import (
     MX,
     NULL_MX_REPLY,
     AddressPreference,
@@ -63,7 +63,7 @@ from txcolombe.routing import (
     order_exchangers,
     split_refused,
 )
-from txcolombe.tlspolicy import TLSPolicy
+from txcolombe.delivery.tlspolicy import TLSPolicy
 
 V4 = ipaddress.IPv4Address
 V6 = ipaddress.IPv6Address

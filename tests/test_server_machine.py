@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from txcolombe.reply import Reply, ReplyParser
+from txcolombe.codec.reply import Reply, ReplyParser
 from txcolombe.server.machine import (
     AuthRequest,
     BodyData,

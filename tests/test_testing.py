@@ -20,7 +20,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txcolombe.reply import Reply, ReplyParser
+from txcolombe.codec.reply import Reply, ReplyParser
 from txcolombe.testing import (
     END_OF_DATA,
     GREETING,

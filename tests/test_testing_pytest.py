@@ -21,8 +21,8 @@ from twisted.internet.task import deferLater
 
 import txcolombe
 from txcolombe import Authentication
-from txcolombe.errors import AuthenticationRequired, MailboxBusy, ResponseTimeout
-from txcolombe.reply import Reply
+from txcolombe.codec.errors import AuthenticationRequired, MailboxBusy, ResponseTimeout
+from txcolombe.codec.reply import Reply
 from txcolombe.testing import MemorySMTP, MemorySMTPServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,8 +148,9 @@ def test_loading_the_plugin_installs_no_reactor() -> None:
     # reactor it was asked for (--reactor): the plugin must not install one,
     # and it leaves txcolombe.testing (OpenSSL, the fake reactor) to the fixtures.
     code = (
-        "import sys, txcolombe.pytest_plugin; "
-        "print('twisted.internet.reactor' in sys.modules, 'txcolombe.testing' in sys.modules)"
+        "import sys, txcolombe.testing.pytest_plugin; "
+        "print('twisted.internet.reactor' in sys.modules, "
+        "'txcolombe.testing.memory' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
@@ -174,7 +175,7 @@ def test_the_plugin_loads_by_name_in_a_fresh_pytest(tmp_path: Path) -> None:
         )
     )
     # -p no:txcolombe: whether or not the entry point is installed, load it by module name.
-    args = ["-p", "no:txcolombe", "-p", "txcolombe.pytest_plugin", "-p", "no:cacheprovider"]
+    args = ["-p", "no:txcolombe", "-p", "txcolombe.testing.pytest_plugin", "-p", "no:cacheprovider"]
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", *args, "test_user.py"],
         cwd=tmp_path,

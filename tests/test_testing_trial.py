@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import txcolombe
 from txcolombe import Authentication
-from txcolombe.errors import (
+from txcolombe.codec.errors import (
     AuthenticationFailed,
     ConnectionRefused,
     MailboxUnavailable,
@@ -23,7 +23,7 @@ from txcolombe.errors import (
     ResponseTimeout,
     SMTPError,
 )
-from txcolombe.reply import Reply
+from txcolombe.codec.reply import Reply
 from txcolombe.testing import MemorySMTPServer, SMTPTestMixin, Transaction
 
 MESSAGE = b"From: alice@example.com\r\nSubject: Welcome\r\n\r\nHello Bob.\r\n"

@@ -16,16 +16,16 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 
-from txcolombe.api import sendmail, submit
-from txcolombe.auth import Authentication
-from txcolombe.errors import (
+from txcolombe.client.api import sendmail, submit
+from txcolombe.client.pool import Pool
+from txcolombe.client.session import check_message, connect
+from txcolombe.codec.errors import (
     InvalidAddress,
     InvalidArgument,
     InvalidCredentials,
     UsageError,
 )
-from txcolombe.pool import Pool
-from txcolombe.session import check_message, connect
+from txcolombe.codec.sasl import Authentication
 from txcolombe.testing import MemorySMTP
 
 MESSAGE = b"Subject: hi\r\n\r\nHello\r\n"
@@ -191,7 +191,7 @@ def test_a_real_listener_sees_no_connection() -> None:
 @pytest.mark.parametrize("body", ["a str body", io.StringIO("text mode"), 42])
 def test_deliver_refuses_a_bad_body_before_any_lookup(body: object) -> None:
     """deliver() checks the body's kind before it resolves or connects."""
-    from txcolombe.deliver import deliver
+    from txcolombe.delivery.deliver import deliver
 
     fake = MemorySMTP()
     looked_up: list[str] = []

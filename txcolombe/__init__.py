@@ -2,24 +2,27 @@
 submission server (:func:`submit`); a port of colombe's ``sendmail-lwt``.
 """
 
-from txcolombe.address import Mailbox
-from txcolombe.api import sendmail, submit
-from txcolombe.auth import Authentication, Mechanism
-from txcolombe.deliver import deliver
-from txcolombe.dsn import DSN, Notify, Recipient, Return
-from txcolombe.errors import *  # noqa: F403 - the error classes are public API
-from txcolombe.errors import __all__ as _error_names
-from txcolombe.extensions import Extensions
-from txcolombe.machine import TLSMode
-from txcolombe.mtasts import MTASTS, PolicyCache
-from txcolombe.outcome import Attempt, DeliveryResult, DeliveryStatus, Outcome, TLSStatus
-from txcolombe.pool import Pool
-from txcolombe.protocol import Timeouts
-from txcolombe.receipt import Receipt, TLSInfo
-from txcolombe.reply import Reply
-from txcolombe.routing import AddressPreference
-from txcolombe.session import Session, connect
-from txcolombe.tlspolicy import TLSLevel, TLSPolicy
+from txcolombe import _moved
+from txcolombe.client.api import sendmail, submit
+from txcolombe.client.machine import TLSMode
+from txcolombe.client.options import Timeouts
+from txcolombe.client.pool import Pool
+from txcolombe.client.receipt import Receipt, TLSInfo
+from txcolombe.client.session import Session, connect
+from txcolombe.codec.address import Mailbox
+from txcolombe.codec.dsn import DSN, Notify, Recipient, Return
+from txcolombe.codec.errors import *  # noqa: F403 - the error classes are public API
+from txcolombe.codec.errors import __all__ as _error_names
+from txcolombe.codec.extensions import Extensions
+from txcolombe.codec.reply import Reply
+from txcolombe.codec.sasl import Authentication, Mechanism
+from txcolombe.delivery.deliver import deliver
+from txcolombe.delivery.mtasts import MTASTS, PolicyCache
+from txcolombe.delivery.outcome import Attempt, DeliveryResult, DeliveryStatus, Outcome, TLSStatus
+from txcolombe.delivery.routing import AddressPreference
+from txcolombe.delivery.tlspolicy import TLSLevel, TLSPolicy
+
+_moved.install()
 
 __all__ = [
     "MTASTS",

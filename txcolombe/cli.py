@@ -42,19 +42,19 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import provider
 
-from txcolombe.address import parse_domain, parse_recipient, parse_sender
-from txcolombe.api import SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, sendmail, submit
-from txcolombe.auth import Authentication, Mechanism
-from txcolombe.errors import (
+from txcolombe.client.api import SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, sendmail, submit
+from txcolombe.client.options import Timeouts
+from txcolombe.client.receipt import Receipt
+from txcolombe.codec.address import parse_domain, parse_recipient, parse_sender
+from txcolombe.codec.errors import (
     InvalidAddress,
     RecipientsRefused,
     SMTPError,
     TLSFailure,
     UsageError,
 )
-from txcolombe.protocol import Timeouts
-from txcolombe.receipt import Receipt
-from txcolombe.reply import Reply
+from txcolombe.codec.reply import Reply
+from txcolombe.codec.sasl import Authentication, Mechanism
 
 __all__ = [
     "EXIT_OK",

@@ -46,7 +46,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txcolombe.address import Mailbox, parse_recipient, parse_sender
+from txcolombe.codec.address import Mailbox, parse_recipient, parse_sender
 from txcolombe.relay.bounce import RecipientReport, build_dsn
 from txcolombe.relay.spool import IncomingFile, Spool, new_queue_id
 from txcolombe.relay.transport import Outcome, Status, Transport, outcome_from_error

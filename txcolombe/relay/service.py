@@ -23,17 +23,17 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python import usage
 
-from txcolombe.address import Mailbox, parse_domain
-from txcolombe.auth import Authentication, Mechanism
-from txcolombe.errors import InvalidAddress
-from txcolombe.machine import TLSMode
+from txcolombe.client.machine import TLSMode
+from txcolombe.codec.address import Mailbox, parse_domain
+from txcolombe.codec.errors import InvalidAddress
+from txcolombe.codec.reply import Reply
+from txcolombe.codec.sasl import Authentication, Mechanism
 from txcolombe.relay.control import LOCK_NAME, SOCKET_NAME, ControlFactory
 from txcolombe.relay.options import Options, listen_description, parse_host_port
 from txcolombe.relay.passwords import hash_password, load_users, verify_password
 from txcolombe.relay.queue import IncomingStream, QueueManager, RetryPolicy
 from txcolombe.relay.spool import Spool
 from txcolombe.relay.transport import MXTransport, Smarthost, SmarthostTransport, Transport
-from txcolombe.reply import Reply
 from txcolombe.server.machine import Envelope, Rejected, ServerConfig
 from txcolombe.server.protocol import SMTPServerFactory
 

@@ -3,7 +3,7 @@
 A :class:`Transport` routes each recipient to a destination key and sends one
 message to a group of recipients of one destination, answering with one
 :class:`Outcome` per recipient. :class:`SmarthostTransport` keeps a pool of
-txcolombe :class:`~txcolombe.session.Session`\\ s: each is reused for message
+txcolombe :class:`~txcolombe.client.session.Session`\\ s: each is reused for message
 after message, with the messages pipelined; at most ``concurrency`` at a
 time, closed after ``idle_timeout`` seconds of idleness.
 """
@@ -20,9 +20,12 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txcolombe.address import Mailbox
-from txcolombe.auth import Authentication
-from txcolombe.errors import (
+from txcolombe.client.machine import TLSMode
+from txcolombe.client.options import Timeouts
+from txcolombe.client.receipt import Receipt
+from txcolombe.client.session import Session, connect
+from txcolombe.codec.address import Mailbox
+from txcolombe.codec.errors import (
     AuthenticationError,
     ConnectionFailed,
     EightBitUnsupported,
@@ -36,11 +39,8 @@ from txcolombe.errors import (
     UsageError,
     UTF8Unsupported,
 )
-from txcolombe.machine import TLSMode
-from txcolombe.protocol import Timeouts
-from txcolombe.receipt import Receipt
-from txcolombe.reply import Reply
-from txcolombe.session import Session, connect
+from txcolombe.codec.reply import Reply
+from txcolombe.codec.sasl import Authentication
 
 log = Logger(namespace="txcolombe.relay")
 
@@ -366,7 +366,7 @@ class _Connection:
 def _send_on(
     session: Session, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
 ) -> Deferred[Receipt]:
-    # Small bodies are written at once by txcolombe.body (no reactor turn).
+    # Small bodies are written at once by txcolombe.client.body (no reactor turn).
     return session.send(sender, list(recipients), data)
 
 
@@ -390,7 +390,7 @@ class MXTransport:
         self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
     ) -> dict[str, Outcome]:
         names = [str(r) for r in recipients]
-        from txcolombe.deliver import deliver
+        from txcolombe.delivery.deliver import deliver
 
         try:
             result = await deliver(

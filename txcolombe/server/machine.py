@@ -50,10 +50,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from txcolombe.address import Mailbox, parse_domain
-from txcolombe.errors import InvalidAddress
-from txcolombe.reply import Reply
-from txcolombe.server.command import CommandSyntaxError, parse_command, parse_mail, parse_rcpt
+from txcolombe.codec.address import Mailbox, parse_domain
+from txcolombe.codec.command import CommandSyntaxError, parse_command, parse_mail, parse_rcpt
+from txcolombe.codec.errors import InvalidAddress
+from txcolombe.codec.reply import Reply
 
 #: RFC 5321 §4.5.3.1.4 says 512; SMTPUTF8 and parameters make lines longer.
 MAX_COMMAND_LINE = 2048

@@ -38,8 +38,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txcolombe.address import Mailbox
-from txcolombe.reply import Reply
+from txcolombe.codec.address import Mailbox
+from txcolombe.codec.reply import Reply
 from txcolombe.server.machine import (
     AuthRequest,
     BodyData,

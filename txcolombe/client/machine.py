@@ -33,17 +33,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from txcolombe.address import Mailbox, path
-from txcolombe.auth import (
-    Authentication,
-    SASLClient,
-    choose_mechanism,
-    decode_challenge,
-    encode_response,
-)
-from txcolombe.dotstuffing import DataEncoder
-from txcolombe.dsn import DSN, RecipientOptions
-from txcolombe.errors import (
+from txcolombe.codec.address import Mailbox, path
+from txcolombe.codec.data import DataEncoder
+from txcolombe.codec.dsn import DSN, RecipientOptions
+from txcolombe.codec.errors import (
     AuthenticationUnavailable,
     ConnectionFailed,
     ConnectionLost,
@@ -59,8 +52,15 @@ from txcolombe.errors import (
     UTF8Unsupported,
     error_for_reply,
 )
-from txcolombe.extensions import Extensions
-from txcolombe.reply import Reply, ReplyParser
+from txcolombe.codec.extensions import Extensions
+from txcolombe.codec.reply import Reply, ReplyParser
+from txcolombe.codec.sasl import (
+    Authentication,
+    SASLClient,
+    choose_mechanism,
+    decode_challenge,
+    encode_response,
+)
 
 
 class TLSMode(enum.Enum):
@@ -210,7 +210,7 @@ class ClientMachine:
     """The client side of one SMTP session.
 
     :param domain: the EHLO name, already validated (see
-        :func:`txcolombe.address.parse_domain`).
+        :func:`txcolombe.codec.address.parse_domain`).
     :param tls: how to get TLS; with :attr:`TLSMode.IMPLICIT` the driver's
         transport is TLS already.
     :param authentication: credentials; AUTH is only ever sent under TLS.

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from txcolombe.errors import InvalidArgument
+from txcolombe.codec.errors import InvalidArgument
 
 #: Bytes handed to the transport at a time.
 CHUNK = 256 * 1024

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from txcolombe.errors import EightBitUnsupported, InvalidBody, Step
+from txcolombe.codec.errors import EightBitUnsupported, InvalidBody, Step
 
 #: RFC 5321 §4.5.3.1.6: 1000 octets including CRLF.
 MAX_LINE = 998

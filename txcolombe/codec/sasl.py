@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from txcolombe.errors import InvalidChallenge, InvalidCredentials, Step, UsageError
+from txcolombe.codec.errors import InvalidChallenge, InvalidCredentials, Step, UsageError
 
 __all__ = [
     "COMMAND_LINE_LIMIT",

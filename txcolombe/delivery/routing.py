@@ -23,8 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import zip_longest
 
-from txcolombe.address import Mailbox, parse_domain, parse_recipient
-from txcolombe.errors import (
+from txcolombe.codec.address import Mailbox, parse_domain, parse_recipient
+from txcolombe.codec.errors import (
     ConnectionFailed,
     InvalidAddress,
     RecipientsRefused,
@@ -32,7 +32,7 @@ from txcolombe.errors import (
     Step,
     UsageError,
 )
-from txcolombe.reply import Reply
+from txcolombe.codec.reply import Reply
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -1,9 +1,9 @@
 """The two functions most users need: :func:`sendmail` and :func:`submit`.
 
-Each is a thin layer over :func:`txcolombe.session.connect`: connect, send
+Each is a thin layer over :func:`txcolombe.client.session.connect`: connect, send
 one message, QUIT. The result fires on the reply that decides the outcome
 (the final 250, or the error); QUIT and close follow in the background.
-Keep a :class:`~txcolombe.session.Session` instead to send several messages
+Keep a :class:`~txcolombe.client.session.Session` instead to send several messages
 over one connection.
 """
 
@@ -18,16 +18,16 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStream
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txcolombe.address import Mailbox
-from txcolombe.auth import Authentication
-from txcolombe.body import Body
-from txcolombe.connect import Destination
-from txcolombe.dsn import DSN, Recipient
-from txcolombe.errors import SMTPError
-from txcolombe.machine import TLSMode
-from txcolombe.protocol import DEFAULT_TIMEOUTS, Timeouts
-from txcolombe.receipt import Receipt
-from txcolombe.session import Session, TrustRoot, check_message, connect
+from txcolombe.client.body import Body
+from txcolombe.client.connect import Destination
+from txcolombe.client.machine import TLSMode
+from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
+from txcolombe.client.receipt import Receipt
+from txcolombe.client.session import Session, TrustRoot, check_message, connect
+from txcolombe.codec.address import Mailbox
+from txcolombe.codec.dsn import DSN, Recipient
+from txcolombe.codec.errors import SMTPError
+from txcolombe.codec.sasl import Authentication
 
 log = Logger(namespace="txcolombe")
 
@@ -63,14 +63,14 @@ def sendmail(
     verified against ``destination`` (on ``trust_root`` if given), unless
     ``tls`` gives other options. ``authentication`` is optional and never
     sent in clear: without STARTTLS it fails with
-    :class:`~txcolombe.errors.STARTTLSUnavailable`. ``starttls=False`` keeps
+    :class:`~txcolombe.codec.errors.STARTTLSUnavailable`. ``starttls=False`` keeps
     the session in plaintext (and so forbids authentication).
 
     ``dsn``, ``requiretls``, ``chunking`` and ``binary`` are as for
-    :meth:`txcolombe.session.Session.send`.
+    :meth:`txcolombe.client.session.Session.send`.
 
     :returns: a Deferred that fires with a :class:`Receipt`, or fails with
-        an :class:`~txcolombe.errors.SMTPError`. Cancelling it aborts the
+        an :class:`~txcolombe.codec.errors.SMTPError`. Cancelling it aborts the
         connection.
     """
     mode = TLSMode.OPPORTUNISTIC if starttls else TLSMode.NONE
@@ -111,7 +111,7 @@ def submit(
     unless ``starttls=True``. ``authentication`` is sent only under TLS.
 
     :returns: a Deferred that fires with a :class:`Receipt`, or fails with
-        an :class:`~txcolombe.errors.SMTPError`.
+        an :class:`~txcolombe.codec.errors.SMTPError`.
     """
     if starttls is None:
         starttls = port == SUBMISSION_PORT

@@ -12,8 +12,8 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from txcolombe.address import Mailbox, parse_recipient
-from txcolombe.errors import UsageError
+from txcolombe.codec.address import Mailbox, parse_recipient
+from txcolombe.codec.errors import UsageError
 
 
 class Notify(enum.Enum):

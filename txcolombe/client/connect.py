@@ -36,8 +36,8 @@ from twisted.internet.interfaces import (
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 
-from txcolombe.address import parse_domain
-from txcolombe.errors import (
+from txcolombe.codec.address import parse_domain
+from txcolombe.codec.errors import (
     ConnectionFailed,
     ConnectionRefused,
     ConnectTimeout,

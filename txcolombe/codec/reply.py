@@ -2,7 +2,7 @@
 
 Bytes in, :class:`Reply` values out; no I/O. The parser holds at most one
 reply's worth of bytes: a line longer than ``max_line`` or a reply of more
-than ``max_lines`` lines is a :class:`~txcolombe.errors.ReplyTooLong`, so a
+than ``max_lines`` lines is a :class:`~txcolombe.codec.errors.ReplyTooLong`, so a
 hostile server cannot make the client grow without bound. Text that is not
 UTF-8 is kept, with the undecodable bytes replaced.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from txcolombe.errors import MalformedReply, ReplyTooLong
+from txcolombe.codec.errors import MalformedReply, ReplyTooLong
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 _QUEUE_ID = re.compile(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from txcolombe.reply import Reply
+from txcolombe.codec.reply import Reply
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,13 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.interfaces import IDelayedCall
 
-from txcolombe.address import Mailbox
-from txcolombe.body import Body
-from txcolombe.connect import Destination
-from txcolombe.dsn import Recipient
-from txcolombe.errors import ConnectionFailed, SMTPError, Step, UsageError
-from txcolombe.receipt import Receipt
-from txcolombe.session import Session, check_message, connect
+from txcolombe.client.body import Body
+from txcolombe.client.connect import Destination
+from txcolombe.client.receipt import Receipt
+from txcolombe.client.session import Session, check_message, connect
+from txcolombe.codec.address import Mailbox
+from txcolombe.codec.dsn import Recipient
+from txcolombe.codec.errors import ConnectionFailed, SMTPError, Step, UsageError
 
 #: Steps at which a failure on a reused session is safe to retry elsewhere:
 #: the server cannot have accepted the message yet.
@@ -114,7 +114,7 @@ class Pool:
     ) -> Deferred[Receipt]:
         """Send one message through a pooled session to ``destination``.
 
-        ``connect_options`` are those of :func:`txcolombe.session.connect`
+        ``connect_options`` are those of :func:`txcolombe.client.session.connect`
         (port, tls_mode, domain, tls, trust_root, authentication, timeouts,
         endpoint). A body sent twice (after a dropped idle connection) must
         be replayable: bytes, a seekable file or an ``EmailMessage``.

@@ -8,17 +8,17 @@ import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from txcolombe.errors import (
+from txcolombe.client.receipt import Receipt, TLSInfo
+from txcolombe.codec.errors import (
     DNSFailure,
     NoMailExchanger,
     NoSuchDomain,
     PolicyViolation,
     SMTPError,
 )
-from txcolombe.mtasts import Mode
-from txcolombe.receipt import Receipt, TLSInfo
-from txcolombe.reply import Reply
-from txcolombe.tlspolicy import TLSLevel, TLSPolicy
+from txcolombe.codec.reply import Reply
+from txcolombe.delivery.mtasts import Mode
+from txcolombe.delivery.tlspolicy import TLSLevel, TLSPolicy
 
 __all__ = ["Attempt", "DeliveryResult", "DeliveryStatus", "Outcome", "TLSStatus"]
 

@@ -1,41 +1,4 @@
-"""An in-memory SMTP server for tests: no sockets, no threads, a fake clock.
-
-What ``treq.testing`` is to HTTP, this module is to txcolombe: point
-:func:`~txcolombe.sendmail`, :func:`~txcolombe.submit` or
-:func:`~txcolombe.connect` at a :class:`MemorySMTP` and the whole
-conversation (STARTTLS with real TLS, AUTH, pipelining, the body) runs in
-memory, synchronously, when the test says so::
-
-    MESSAGE = b"Subject: hi\\r\\n\\r\\nhello\\r\\n"
-    fake = MemorySMTP(MemorySMTPServer(users={"alice": "s3cret"}))
-    d = txcolombe.sendmail(
-        "mx.example.org", "alice@example.com", ["bob@example.org"], MESSAGE,
-        domain="client.example.com", trust_root=fake.trust_root,
-        reactor=fake.reactor, endpoint=fake.endpoint(),
-    )
-    fake.flush()                          # move bytes until both sides are quiet
-    [transaction] = fake.server.transactions
-    assert transaction.data == MESSAGE and transaction.tls
-
-Nothing happens between two calls of :meth:`MemorySMTP.flush` (or
-:meth:`MemorySMTP.advance`): bytes wait in the in-memory transports and timers
-wait on :attr:`MemorySMTP.reactor`, a
-:class:`~twisted.internet.testing.MemoryReactorClock` whose time only moves
-when the test advances it. Timeouts are tested by advancing it.
-:attr:`MemorySMTP.cooperator` runs on that clock too: give it to
-``txcolombe.body.body_producer(..., cooperator=)`` for producers built by hand.
-
-The server (:class:`MemorySMTPServer`) speaks enough SMTP for a client:
-greeting, EHLO/HELO, STARTTLS (a real TLS handshake through
-:mod:`twisted.protocols.tls`, with a certificate for :data:`DEFAULT_HOSTNAMES`
-signed by a throw-away CA: give :attr:`MemorySMTP.trust_root` as
-``trust_root=``), AUTH PLAIN and LOGIN, MAIL/RCPT/DATA with dot-unstuffing,
-RSET, NOOP, QUIT. Each delivered message is recorded as a :class:`Transaction`
-with the message bytes exactly as received. Any reply can be scripted
-(:meth:`MemorySMTPServer.script`, :meth:`MemorySMTPServer.add_responder`):
-another code, raw bytes, a reply sent only after some fake seconds, no reply at
-all, a close or an abort after the reply.
-"""
+"""The in-memory SMTP server and network behind :mod:`txcolombe.testing`."""
 
 from __future__ import annotations
 
@@ -86,8 +49,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
-from txcolombe.errors import SMTPError
-from txcolombe.reply import Reply
+from txcolombe.codec.errors import SMTPError
+from txcolombe.codec.reply import Reply
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -173,7 +136,7 @@ class Transaction:
 class Response:
     """What the server does in answer to one command.
 
-    :ivar reply: a :class:`~txcolombe.reply.Reply`; or bytes, written as they
+    :ivar reply: a :class:`~txcolombe.codec.reply.Reply`; or bytes, written as they
         are (garbage, several replies at once, an injection); or None for no
         reply at all: the server then hangs, reading nothing more, unless
         ``close`` or ``abort`` is set.

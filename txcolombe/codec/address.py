@@ -2,7 +2,7 @@
 
 Everything a caller gives as an address is parsed here, before any byte is
 sent: CR, LF, NUL or anything outside the grammar is an
-:class:`~txcolombe.errors.InvalidAddress`. Non-ASCII domains become A-labels
+:class:`~txcolombe.codec.errors.InvalidAddress`. Non-ASCII domains become A-labels
 (IDNA 2008) so they need no SMTPUTF8; a non-ASCII local part marks the
 mailbox as needing SMTPUTF8.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import idna
 
-from txcolombe.errors import InvalidAddress
+from txcolombe.codec.errors import InvalidAddress
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
 _DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from txcolombe.extensions import Extensions
-from txcolombe.reply import Reply
+from txcolombe.codec.extensions import Extensions
+from txcolombe.codec.reply import Reply
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,13 @@ failed, and whether retrying later may succeed (:attr:`SMTPError.temporary`).
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from txcolombe.codec.step import Step
+
 if TYPE_CHECKING:
-    from txcolombe.reply import Reply
+    from txcolombe.codec.reply import Reply
 
 
 __all__ = [
@@ -81,26 +82,6 @@ __all__ = [
     "WeakMechanism",
     "error_for_reply",
 ]
-
-
-class Step(enum.Enum):
-    """The point of the SMTP conversation where something happened."""
-
-    CONNECT = "connect"
-    GREETING = "greeting"
-    EHLO = "EHLO"
-    HELO = "HELO"
-    STARTTLS = "STARTTLS"
-    TLS = "TLS handshake"
-    AUTH = "AUTH"
-    MAIL = "MAIL"
-    RCPT = "RCPT"
-    DATA = "DATA"
-    BODY = "message body"
-    DATA_END = "end of data"
-    RSET = "RSET"
-    NOOP = "NOOP"
-    QUIT = "QUIT"
 
 
 class SMTPError(Exception):
@@ -171,7 +152,7 @@ class InvalidArgument(UsageError, TypeError):
 
 
 class InvalidCredentials(UsageError):
-    """The :class:`~txcolombe.auth.Authentication` is incomplete or malformed
+    """The :class:`~txcolombe.codec.sasl.Authentication` is incomplete or malformed
     (no password nor token, CR/LF in the username, ...)."""
 
 

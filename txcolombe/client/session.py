@@ -21,10 +21,8 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 
-from txcolombe.address import Mailbox, parse_domain, parse_sender
-from txcolombe.auth import Authentication, resolve_token
-from txcolombe.body import Body, body_producer, check_body, known_length
-from txcolombe.connect import (
+from txcolombe.client.body import Body, body_producer, check_body, known_length
+from txcolombe.client.connect import (
     Destination,
     Host,
     connect_error,
@@ -33,18 +31,21 @@ from txcolombe.connect import (
     tls_options,
     wrap_tls,
 )
-from txcolombe.dsn import DSN, Recipient, recipient_options
-from txcolombe.errors import (
+from txcolombe.client.machine import ClientMachine, Envelope, TLSMode
+from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
+from txcolombe.client.protocol import SMTPClientProtocol
+from txcolombe.client.receipt import Receipt, TLSInfo
+from txcolombe.codec.address import Mailbox, parse_domain, parse_sender
+from txcolombe.codec.dsn import DSN, Recipient, recipient_options
+from txcolombe.codec.errors import (
     AuthenticationError,
     InvalidArgument,
     SMTPError,
     Step,
     UsageError,
 )
-from txcolombe.extensions import Extensions
-from txcolombe.machine import ClientMachine, Envelope, TLSMode
-from txcolombe.protocol import DEFAULT_TIMEOUTS, SMTPClientProtocol, Timeouts
-from txcolombe.receipt import Receipt, TLSInfo
+from txcolombe.codec.extensions import Extensions
+from txcolombe.codec.sasl import Authentication, resolve_token
 
 #: A trust root, or the path of a PEM file of CA certificates.
 TrustRoot = IOpenSSLTrustRoot | str | os.PathLike[str]
@@ -105,7 +106,7 @@ class Session:
         """Send one message; fires with its :class:`Receipt`.
 
         Delivers to every accepted recipient and lists the refused ones in
-        the receipt; fails with :class:`~txcolombe.errors.RecipientsRefused`
+        the receipt; fails with :class:`~txcolombe.codec.errors.RecipientsRefused`
         when none is accepted (or, with ``all_or_nothing``, when any is
         refused), sending no DATA. After a failed transaction the session
         stays usable unless the error says the connection is gone. Several
@@ -117,7 +118,7 @@ class Session:
         only be stopped by aborting the connection.
 
         :param dsn: delivery status notification options (RFC 3461); a
-            :class:`~txcolombe.dsn.Recipient` sets them for one recipient.
+            :class:`~txcolombe.codec.dsn.Recipient` sets them for one recipient.
         :param requiretls: ask for REQUIRETLS (RFC 8689).
         :param chunking: BDAT (RFC 3030): None uses it when offered with
             PIPELINING, True requires it, False never uses it.
@@ -178,9 +179,9 @@ def check_message(
     """Validate a message's arguments before anything is connected or sent.
 
     Parses the sender and every recipient, checks the body's kind (without
-    reading it) and the DSN options. :func:`txcolombe.api.sendmail`,
-    :func:`~txcolombe.api.submit`, :meth:`Session.send` and
-    :meth:`txcolombe.pool.Pool.send` call it first, so a caller's mistake
+    reading it) and the DSN options. :func:`txcolombe.client.api.sendmail`,
+    :func:`~txcolombe.client.api.submit`, :meth:`Session.send` and
+    :meth:`txcolombe.client.pool.Pool.send` call it first, so a caller's mistake
     never opens a connection.
 
     :returns: the recipients as a tuple (an iterator is consumed once here:

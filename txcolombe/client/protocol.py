@@ -1,4 +1,4 @@
-"""The Twisted protocol: a thin driver of :class:`~txcolombe.machine.ClientMachine`.
+"""The Twisted protocol: a thin driver of :class:`~txcolombe.client.machine.ClientMachine`.
 
 It moves bytes between the transport and the machine, upgrades the
 transport with ``startTLS`` when the machine asks, streams the body from an
@@ -32,15 +32,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from txcolombe.address import address_literal
-from txcolombe.errors import (
-    ConnectionLost,
-    InvalidBody,
-    SMTPError,
-    Step,
-    TLSFailure,
-)
-from txcolombe.machine import (
+from txcolombe.client.machine import (
     BodyWanted,
     ClientMachine,
     Closed,
@@ -53,45 +45,18 @@ from txcolombe.machine import (
     TransactionDone,
     TransactionFailed,
 )
-from txcolombe.receipt import Receipt, TLSInfo
+from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
+from txcolombe.client.receipt import Receipt, TLSInfo
+from txcolombe.codec.address import address_literal
+from txcolombe.codec.errors import (
+    ConnectionLost,
+    InvalidBody,
+    SMTPError,
+    Step,
+    TLSFailure,
+)
 
 log = Logger(namespace="txcolombe")
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds to wait at each step; RFC 5321 §4.5.3.2's values by default."""
-
-    connect: float = 30.0
-    greeting: float = 300.0
-    command: float = 300.0
-    """EHLO, STARTTLS, AUTH, RSET."""
-    mail: float = 300.0
-    rcpt: float = 300.0
-    data_start: float = 120.0
-    data_block: float = 180.0
-    """Between two writes of the body; restarts while the body flows."""
-    data_end: float = 600.0
-    quit: float = 10.0
-    """After QUIT (or a fatal error): how long to wait for a polite close."""
-
-    def for_step(self, step: Step) -> float:
-        """The timeout for waiting at ``step``."""
-        return getattr(self, _TIMEOUT_FIELDS.get(step, "command"))  # type: ignore[no-any-return]
-
-
-_TIMEOUT_FIELDS = {
-    Step.GREETING: "greeting",
-    Step.MAIL: "mail",
-    Step.RCPT: "rcpt",
-    Step.DATA: "data_start",
-    Step.BODY: "data_block",
-    Step.DATA_END: "data_end",
-    Step.QUIT: "quit",
-}
-
-
-DEFAULT_TIMEOUTS = Timeouts()
 
 
 @implementer(IConsumer)

@@ -25,8 +25,8 @@ from twisted.internet.interfaces import IConsumer, IProducer
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from txcolombe.body import CHUNK, Body, IterableProducer, body_producer, message_bytes
-from txcolombe.errors import InvalidBody, UsageError
+from txcolombe.client.body import CHUNK, Body, IterableProducer, body_producer, message_bytes
+from txcolombe.codec.errors import InvalidBody, UsageError
 
 __all__ = ["ReplayableBody"]
 

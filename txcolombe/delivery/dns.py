@@ -4,8 +4,8 @@ Every lookup takes the resolver to ask (any ``IResolver``: tests point a
 ``twisted.names.client.Resolver`` at their own server) and follows CNAMEs
 (RFC 5321 §5.1), in the answer or with new queries, up to
 :data:`MAX_CNAME_CHAIN` links. Failures become routing errors:
-NXDOMAIN is :class:`~txcolombe.errors.NoSuchDomain` (permanent); SERVFAIL,
-REFUSED, timeouts and anything else are :class:`~txcolombe.errors.DNSFailure`
+NXDOMAIN is :class:`~txcolombe.codec.errors.NoSuchDomain` (permanent); SERVFAIL,
+REFUSED, timeouts and anything else are :class:`~txcolombe.codec.errors.DNSFailure`
 (temporary). An existing name without records of the type asked is an
 empty answer, not an error.
 
@@ -34,8 +34,8 @@ from twisted.names import error as dns_error
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txcolombe.errors import DNSFailure, NoSuchDomain, RoutingError
-from txcolombe.routing import MX, IPAddress
+from txcolombe.codec.errors import DNSFailure, NoSuchDomain, RoutingError
+from txcolombe.delivery.routing import MX, IPAddress
 
 #: Retransmission delays of one query, in seconds (twisted.names' default
 #: is 1, 3, 11, 45: a minute per unanswered query is too long for mail).

@@ -3,19 +3,19 @@ message to them (:func:`deliver`).
 
 For each domain, concurrently (bounded by ``max_concurrency``):
 
-1. find the exchangers (:mod:`txcolombe.routing`, :mod:`txcolombe.dns`):
+1. find the exchangers (:mod:`txcolombe.delivery.routing`, :mod:`txcolombe.delivery.dns`):
    address literal, MX records by preference with equal ones shuffled, the
    implicit MX, null MX, NXDOMAIN and SERVFAIL;
-2. apply the domain's MTA-STS policy (:mod:`txcolombe.mtasts`), if any;
+2. apply the domain's MTA-STS policy (:mod:`txcolombe.delivery.mtasts`), if any;
 3. try the exchangers' addresses in order, within Postfix's caps (5
-   addresses, 2 sessions), under the TLS policy (:mod:`txcolombe.tlspolicy`);
+   addresses, 2 sessions), under the TLS policy (:mod:`txcolombe.delivery.tlspolicy`);
    a failed connection, greeting, EHLO or TLS moves to the next address, as
    does a 4xx to the transaction; a 5xx to the transaction is final;
 4. report, per recipient, delivered (exchanger, address, reply, TLS level
    and why) or a temporary or permanent failure with its error.
 
 The body goes to several domains at once and, after a failure, to the next
-exchanger, so it must be replayable (:mod:`txcolombe.replay`): bytes,
+exchanger, so it must be replayable (:mod:`txcolombe.delivery.replay`): bytes,
 messages and regular files are used as they are; any other body is first
 copied, in constant memory, to an anonymous temporary file.
 """
@@ -42,12 +42,14 @@ from twisted.internet.interfaces import IResolver, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txcolombe.address import Mailbox, parse_domain, parse_sender
-from txcolombe.auth import Authentication
-from txcolombe.body import Body, check_body
-from txcolombe.dns import DEFAULT_DNS_TIMEOUT, default_resolver, lookup_addresses, lookup_mx
-from txcolombe.dsn import DSN
-from txcolombe.errors import (
+from txcolombe.client.body import Body, check_body
+from txcolombe.client.machine import TLSMode
+from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
+from txcolombe.client.receipt import Receipt
+from txcolombe.client.session import Session, connect
+from txcolombe.codec.address import Mailbox, parse_domain, parse_sender
+from txcolombe.codec.dsn import DSN
+from txcolombe.codec.errors import (
     MailLoop,
     NoMailExchanger,
     NullMX,
@@ -60,14 +62,18 @@ from txcolombe.errors import (
     UsageError,
     error_for_reply,
 )
-from txcolombe.machine import TLSMode
-from txcolombe.mtasts import MTASTS, CachedPolicy, Mode
-from txcolombe.outcome import Attempt, DeliveryResult, DeliveryStatus, Outcome, TLSStatus
-from txcolombe.protocol import DEFAULT_TIMEOUTS, Timeouts
-from txcolombe.receipt import Receipt
-from txcolombe.replay import ReplayableBody
-from txcolombe.reply import Reply
-from txcolombe.routing import (
+from txcolombe.codec.reply import Reply
+from txcolombe.codec.sasl import Authentication
+from txcolombe.delivery.dns import (
+    DEFAULT_DNS_TIMEOUT,
+    default_resolver,
+    lookup_addresses,
+    lookup_mx,
+)
+from txcolombe.delivery.mtasts import MTASTS, CachedPolicy, Mode
+from txcolombe.delivery.outcome import Attempt, DeliveryResult, DeliveryStatus, Outcome, TLSStatus
+from txcolombe.delivery.replay import ReplayableBody
+from txcolombe.delivery.routing import (
     DEFAULT_MAX_ADDRESSES,
     DEFAULT_MAX_SESSIONS,
     NULL_MX_REPLY,
@@ -90,8 +96,7 @@ from txcolombe.routing import (
     order_exchangers,
     split_refused,
 )
-from txcolombe.session import Session, connect
-from txcolombe.tlspolicy import CheckedTLS, TLSLevel, TLSPolicy
+from txcolombe.delivery.tlspolicy import CheckedTLS, TLSLevel, TLSPolicy
 
 __all__ = [
     "Attempt",
@@ -178,9 +183,9 @@ def deliver(
 
     :param domain: the EHLO name (default: this host's FQDN).
     :param tls_policy: ``"none"``, ``"may"`` (the default), ``"encrypt"`` or
-        ``"verify"`` (:class:`~txcolombe.tlspolicy.TLSPolicy`).
+        ``"verify"`` (:class:`~txcolombe.delivery.tlspolicy.TLSPolicy`).
     :param mta_sts: apply MTA-STS policies (True: with a process-wide
-        in-memory cache), or not, or through this :class:`~txcolombe.mtasts.MTASTS`.
+        in-memory cache), or not, or through this :class:`~txcolombe.delivery.mtasts.MTASTS`.
     :param trust_root: roots for the exchangers' certificates (default: the
         platform's).
     :param mta_sts_trust_root: roots for the MTA-STS policy hosts'
@@ -204,9 +209,9 @@ def deliver(
     :param local_identities: our own host names and IP addresses (RFC 5321
         §5.1): MX records at or below our own preference are dropped, and
         when we are the best exchanger the domain fails with
-        :class:`~txcolombe.errors.MailLoop` (554 5.4.6) instead of looping.
+        :class:`~txcolombe.codec.errors.MailLoop` (554 5.4.6) instead of looping.
     :returns: a Deferred firing with a :class:`DeliveryResult`; it fails
-        only for the caller's mistakes (:class:`~txcolombe.errors.UsageError`,
+        only for the caller's mistakes (:class:`~txcolombe.codec.errors.UsageError`,
         e.g. an invalid sender or an unreadable body). Cancelling it aborts
         every connection.
     """

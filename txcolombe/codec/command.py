@@ -3,7 +3,7 @@
 :func:`parse_command` turns one command line (without its CRLF) into a
 :class:`Command`; :func:`parse_mail` and :func:`parse_rcpt` read the
 arguments of MAIL and RCPT into a path and its ESMTP parameters, with the
-paths parsed by :mod:`txcolombe.address`.
+paths parsed by :mod:`txcolombe.codec.address`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from txcolombe.address import Mailbox, parse_recipient, parse_sender
-from txcolombe.errors import InvalidAddress
+from txcolombe.codec.address import Mailbox, parse_recipient, parse_sender
+from txcolombe.codec.errors import InvalidAddress
 
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+))?")
 

@@ -46,8 +46,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
-from txcolombe.dns import DEFAULT_DNS_TIMEOUT, ResolvingEndpoint, lookup_txt
-from txcolombe.errors import MTASTSError, RoutingError
+from txcolombe.codec.errors import MTASTSError, RoutingError
+from txcolombe.delivery.dns import DEFAULT_DNS_TIMEOUT, ResolvingEndpoint, lookup_txt
 
 __all__ = [
     "MAX_POLICY_SIZE",
@@ -326,7 +326,7 @@ def fetch_policy(
     ``timeout`` seconds, counts. Redirects are refused (RFC 8461 §3.3).
     ``port`` exists for tests.
 
-    :returns: a Deferred failing with :class:`~txcolombe.errors.MTASTSError`.
+    :returns: a Deferred failing with :class:`~txcolombe.codec.errors.MTASTSError`.
     """
     fetched: Deferred[Policy] = Deferred.fromCoroutine(
         _fetch(domain, reactor, resolver, trust_root, timeout, max_size, port, dns_timeout)

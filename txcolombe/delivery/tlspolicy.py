@@ -33,8 +33,8 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import CertificateOptions, platformTrust
 from zope.interface import implementer
 
-from txcolombe.errors import UsageError
-from txcolombe.machine import TLSMode
+from txcolombe.client.machine import TLSMode
+from txcolombe.codec.errors import UsageError
 
 __all__ = ["CheckedTLS", "TLSLevel", "TLSPolicy"]
 
@@ -103,7 +103,7 @@ class CheckedTLS:
     against ``hostname`` (a name, or an IP address for an address literal).
 
     With ``enforce`` a certificate that does not verify fails the handshake
-    (an ``OpenSSL.SSL.Error``, hence a :class:`~txcolombe.errors.TLSFailure`);
+    (an ``OpenSSL.SSL.Error``, hence a :class:`~txcolombe.codec.errors.TLSFailure`);
     without it the handshake goes on and :attr:`problem` says what was wrong.
 
     One instance serves one connection attempt: it records whether the

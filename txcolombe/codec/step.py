@@ -1,0 +1,25 @@
+"""The steps of an SMTP conversation, named once for errors, timeouts and logs."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Step(enum.Enum):
+    """The point of the SMTP conversation where something happened."""
+
+    CONNECT = "connect"
+    GREETING = "greeting"
+    EHLO = "EHLO"
+    HELO = "HELO"
+    STARTTLS = "STARTTLS"
+    TLS = "TLS handshake"
+    AUTH = "AUTH"
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+    BODY = "message body"
+    DATA_END = "end of data"
+    RSET = "RSET"
+    NOOP = "NOOP"
+    QUIT = "QUIT"
