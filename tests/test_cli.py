@@ -298,6 +298,30 @@ def test_large_body_is_streamed_intact(peer: AiosmtpdPeer, tmp_path: Path) -> No
     assert got.data == data
 
 
+def test_progress_shows_bytes_and_rate(peer: AiosmtpdPeer, tmp_path: Path) -> None:
+    tag = unique()
+    data = message(tag) + (b"y" * 998 + b"\r\n") * 3_000  # about 2.9 MiB
+    body = tmp_path / "big.eml"
+    body.write_bytes(data)
+    result = send(peer, "--from", "alice@example.com", "--to", "bob@example.org",
+                  "--body", str(body), "--progress")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [got] = received(peer, tag)
+    assert got.data == data
+    # Not a terminal: plain lines, the last one at the whole size.
+    lines = [line for line in result.stderr.splitlines() if "MiB/s" in line]
+    assert lines, result.stderr
+    assert lines[-1].startswith("2.9 MiB of 2.9 MiB sent (100%), ")
+
+
+def test_no_progress_unless_asked_off_a_terminal(peer: AiosmtpdPeer) -> None:
+    tag = unique()
+    result = send(peer, "--from", "alice@example.com", "--to", "bob@example.org",
+                  stdin=message(tag))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "MiB" not in result.stderr
+
+
 def _silent_listener() -> socket.socket:
     """A loopback server that accepts connections and never says a word."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -55,6 +55,7 @@ from txcolombe.codec.errors import (
 )
 from txcolombe.codec.reply import Reply
 from txcolombe.codec.sasl import Authentication, Mechanism
+from txcolombe.progress import CountingFile, ProgressDisplay
 
 __all__ = [
     "EXIT_OK",
@@ -205,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
         " SCRAM-SHA-256, then PLAIN, then LOGIN)",
     )
 
+    send.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show the bytes sent and the rate on standard error"
+        " (default: when standard error is a terminal)",
+    )
     send.add_argument(
         "-v", "--verbose", action="store_true", help="show the SMTP conversation on standard error"
     )
@@ -428,6 +436,12 @@ async def _send(
     reactor: Any, args: argparse.Namespace, options: dict[str, Any], body: IO[bytes]
 ) -> None:
     function = submit if args.mode == "submit" else sendmail
+    display = None
+    if args.progress:
+        counting = CountingFile(body)
+        body = cast(IO[bytes], counting)
+        display = ProgressDisplay(counting, sys.stderr, reactor, terminal=sys.stderr.isatty())
+        display.start()
     sending = function(args.server, args.sender, args.recipients, body, reactor=reactor, **options)
     interrupted = False
 
@@ -465,7 +479,9 @@ async def _send(
             )
         raise SystemExit(_exit_code(error)) from None
     finally:
-        if body is not sys.stdin.buffer:
+        if display is not None:
+            display.stop()
+        if args.body != "-":
             body.close()
     _print_receipt(receipt, sys.stdout)
     sys.stdout.flush()
@@ -485,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(EXIT_USAGE) from None
     if body is sys.stdin.buffer and sys.stdin.isatty():
         print("reading the message from the terminal; end it with Ctrl-D", file=sys.stderr)
+    if args.progress is None:
+        args.progress = sys.stderr.isatty()
     start_logging(args.verbose)
 
     from twisted.internet.task import react
