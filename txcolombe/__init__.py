@@ -17,6 +17,7 @@ from txcolombe.codec.extensions import Extensions
 from txcolombe.codec.reply import Reply
 from txcolombe.codec.sasl import Authentication, Mechanism
 from txcolombe.delivery.deliver import deliver
+from txcolombe.delivery.deliverer import AddressFamily, Deliverer
 from txcolombe.delivery.mtasts import MTASTS, PolicyCache
 from txcolombe.delivery.outcome import Attempt, DeliveryResult, DeliveryStatus, Outcome, TLSStatus
 from txcolombe.delivery.routing import AddressPreference
@@ -25,6 +26,8 @@ from txcolombe.delivery.tlspolicy import TLSLevel, TLSPolicy
 _moved.install()
 
 __all__ = [
+    "AddressFamily",
+    "Deliverer",
     "MTASTS",
     "AddressPreference",
     "Attempt",

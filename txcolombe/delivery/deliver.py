@@ -23,6 +23,7 @@ copied, in constant memory, to an anonymous temporary file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,12 +38,12 @@ from twisted.internet.defer import (
     DeferredSemaphore,
     succeed,
 )
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IResolver, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txcolombe.client.body import Body, check_body
+from txcolombe.client.connect import Host, connect_error
 from txcolombe.client.machine import TLSMode
 from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.client.receipt import Receipt
@@ -50,6 +51,7 @@ from txcolombe.client.session import Session, connect
 from txcolombe.codec.address import Mailbox, parse_domain, parse_sender
 from txcolombe.codec.dsn import DSN
 from txcolombe.codec.errors import (
+    ConnectionFailed,
     MailLoop,
     NoMailExchanger,
     NullMX,
@@ -64,12 +66,13 @@ from txcolombe.codec.errors import (
 )
 from txcolombe.codec.reply import Reply
 from txcolombe.codec.sasl import Authentication
+from txcolombe.delivery.deliverer import Deliverer, default_deliverer
 from txcolombe.delivery.dns import (
     DEFAULT_DNS_TIMEOUT,
-    default_resolver,
     lookup_addresses,
     lookup_mx,
 )
+from txcolombe.delivery.eyeballs import RacingEndpoint
 from txcolombe.delivery.mtasts import MTASTS, CachedPolicy, Mode
 from txcolombe.delivery.outcome import Attempt, DeliveryResult, DeliveryStatus, Outcome, TLSStatus
 from txcolombe.delivery.replay import ReplayableBody
@@ -149,6 +152,7 @@ class _Options:
     requiretls: bool
     local_names: frozenset[str]
     local_addresses: frozenset[IPAddress]
+    deliverer: Deliverer
 
 
 def deliver(
@@ -175,6 +179,7 @@ def deliver(
     dsn: DSN | None = None,
     requiretls: bool = False,
     local_identities: Iterable[str] = (),
+    deliverer: Deliverer | None = None,
 ) -> Deferred[DeliveryResult]:
     """Deliver a message to each recipient's domain, through its exchangers.
 
@@ -210,6 +215,9 @@ def deliver(
         §5.1): MX records at or below our own preference are dropped, and
         when we are the best exchanger the domain fails with
         :class:`~txcolombe.codec.errors.MailLoop` (554 5.4.6) instead of looping.
+    :param deliverer: the :class:`~txcolombe.delivery.deliverer.Deliverer` whose
+        caches, limits and memory of dead hosts this delivery shares (default:
+        the process-wide one).
     :returns: a Deferred firing with a :class:`DeliveryResult`; it fails
         only for the caller's mistakes (:class:`~txcolombe.codec.errors.UsageError`,
         e.g. an invalid sender or an unreadable body). Cancelling it aborts
@@ -231,6 +239,8 @@ def deliver(
             raise UsageError(f"invalid port {port}")
         Budget(max_addresses, max_sessions)  # validates the caps
         preference = AddressPreference(address_preference)
+        agent = deliverer if deliverer is not None else default_deliverer()
+        chosen_reactor = agent.reactor(reactor)
         options = _Options(
             sender=parse_sender(sender),
             tls_policy=policy,
@@ -240,8 +250,8 @@ def deliver(
             authentication=authentication,
             ehlo=parse_domain(domain) if domain is not None else None,
             timeouts=timeouts,
-            reactor=reactor if reactor is not None else _default_reactor(),
-            resolver=resolver if resolver is not None else default_resolver(),
+            reactor=chosen_reactor,
+            resolver=agent.resolver(resolver, chosen_reactor),
             port=port,
             max_addresses=max_addresses,
             max_sessions=max_sessions,
@@ -250,6 +260,7 @@ def deliver(
             rng=rng,
             dsn=dsn,
             requiretls=requiretls,
+            deliverer=agent,
             **_identities(local_identities),
         )
     except ValueError as error:
@@ -278,12 +289,6 @@ def _ip(text: str) -> IPAddress | None:
         return ipaddress.ip_address(text)
     except ValueError:
         return None
-
-
-def _default_reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 async def _deliver(
@@ -326,7 +331,9 @@ def _in_order(recipients: list[str | Mailbox], outcomes: dict[str, Outcome]) -> 
 def _domain_task(
     options: _Options, group: DomainRecipients, body: ReplayableBody
 ) -> Deferred[dict[str, Outcome]]:
-    return Deferred.fromCoroutine(_DomainDelivery(options, group, body).run())
+    return options.deliverer.for_domain(
+        group.domain, lambda: Deferred.fromCoroutine(_DomainDelivery(options, group, body).run())
+    )
 
 
 class _DomainDelivery:
@@ -462,7 +469,12 @@ class _DomainDelivery:
                     self.lookup_errors.append(answer.error)
                 log.info("skipping exchanger {host}: it has no address", host=host)
                 continue
-            addresses = order_addresses(answer.ipv6, answer.ipv4, options.address_preference)
+            addresses = options.deliverer.usable(
+                order_addresses(answer.ipv6, answer.ipv4, options.address_preference)
+            )
+            if not addresses:
+                log.info("skipping exchanger {host}: no address of the family used", host=host)
+                continue
             if options.local_addresses.intersection(addresses):
                 # This exchanger is us: the rest are no more preferred.
                 log.info("{host} of {domain} is this host", host=host, domain=self.domain)
@@ -473,31 +485,72 @@ class _DomainDelivery:
                 return
 
     async def _try_targets(self, hosts: list[tuple[str, Sequence[IPAddress]]]) -> bool:
-        """Try each address; True once the domain is settled or must stop."""
+        """Try each address (two of different families raced, when the
+        Deliverer says so); True once the domain is settled or must stop."""
+        agent = self.options.deliverer
         for host, addresses in hosts:
-            for address in addresses:
+            waiting = [address for address in addresses if not self._skipped(host, address)]
+            while waiting:
                 if not self.pending or self.budget.exhausted:
                     return True
-                target = Target(host, address)
-                if not self.budget.take(target):
+                first = waiting.pop(0)
+                race = [Target(host, first)]
+                if (
+                    agent.settings.happy_eyeballs
+                    and waiting
+                    and waiting[0].version != first.version
+                ):
+                    race.append(Target(host, waiting.pop(0)))
+                race = [target for target in race if self.budget.take(target)]
+                if not race:
                     continue
-                if await self._try(target) is Next.STOP:
+                verdict = await agent.for_host(host, functools.partial(self._attempt, race))
+                if verdict is Next.STOP:
                     return True
         return not self.pending
+
+    def _attempt(self, race: list[Target]) -> Deferred[Next]:
+        return Deferred.fromCoroutine(self._try(race))
+
+    def _skipped(self, host: str, address: IPAddress) -> bool:
+        """True when the Deliverer remembers ``address`` as dead: not tried."""
+        options = self.options
+        reason = options.deliverer.dead(options.reactor, address, options.port)
+        if reason is None:
+            return False
+        error = ConnectionFailed(
+            f"{host} [{address}] skipped: it timed out recently ({reason})", step=Step.CONNECT
+        )
+        self.attempts.append(Attempt(host, str(address), error))
+        self.last_error = error
+        return True
 
     # -- one address ------------------------------------------------------------
 
     def _endpoint(self, address: IPAddress) -> IStreamClientEndpoint:
         options = self.options
-        timeout = options.timeouts.connect
-        if address.version == 6:
-            return TCP6ClientEndpoint(  # type: ignore[no-untyped-call]
-                options.reactor, str(address), options.port, timeout=timeout
-            )
-        return TCP4ClientEndpoint(options.reactor, str(address), options.port, timeout=timeout)
+        return options.deliverer.endpoint(
+            options.reactor, address, options.port, options.timeouts.connect
+        )
 
-    async def _try(self, target: Target) -> Next:
+    def _racing(self, race: list[Target]) -> RacingEndpoint[Target]:
+        attempts = [(target, self._endpoint(target.address)) for target in race]
+        return RacingEndpoint(
+            attempts, self.options.reactor, self.options.deliverer.settings.attempt_delay
+        )
+
+    def _lost_race(self, racing: RacingEndpoint[Target]) -> None:
+        """Record the attempts that lost a race by failing."""
         options = self.options
+        for target, failure in racing.failures:
+            error = connect_error(failure, Host(str(target.address), target.address), options.port)
+            self.attempts.append(Attempt(target.host, str(target.address), error))
+            options.deliverer.failed(options.reactor, target.address, options.port, error)
+        racing.failures.clear()
+
+    async def _try(self, race: list[Target]) -> Next:
+        options = self.options
+        target = race[0]
         policy = self.policy
         plaintext_note: str | None = None
         while True:
@@ -510,6 +563,7 @@ class _DomainDelivery:
                     trust_root=options.trust_root,
                     enforce=policy.enforces_certificate,
                 )
+            racing = self._racing(race) if len(race) > 1 else None
             try:
                 session: Session = await connect(
                     target.address,
@@ -520,10 +574,16 @@ class _DomainDelivery:
                     authentication=options.authentication,
                     timeouts=options.timeouts,
                     reactor=options.reactor,
-                    endpoint=self._endpoint(target.address),
+                    endpoint=racing if racing is not None else self._endpoint(target.address),
                 )
             except SMTPError as error:
+                if racing is not None:
+                    # Every attempt failed: the last one's error is ``error``.
+                    racing.failures.pop()
+                    self._lost_race(racing)
+                    target = race[-1]
                 self.attempts.append(Attempt(target.host, str(target.address), error))
+                options.deliverer.failed(options.reactor, target.address, options.port, error)
                 self.last_error = error
                 log.info(
                     "{domain}: {host} [{address}] failed: {error}",
@@ -546,6 +606,11 @@ class _DomainDelivery:
                 if verdict is Next.STOP:
                     self._settle_all(error)
                 return verdict
+            if racing is not None:
+                self._lost_race(racing)
+                assert racing.winner is not None
+                target = racing.winner
+                race = [target]  # a plaintext retry goes to the address that answered
             if plaintext_note is None:
                 self.budget.session()
             tls = self._tls_status(session, checker, plaintext_note)

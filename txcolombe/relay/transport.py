@@ -371,11 +371,16 @@ def _send_on(
 
 
 class MXTransport:
-    """Each recipient domain to its own exchangers, through ``txcolombe.deliver``."""
+    """Each recipient domain to its own exchangers, through ``txcolombe.deliver``,
+    with one :class:`~txcolombe.delivery.deliverer.Deliverer` for the relay's
+    lifetime (its DNS cache, limits and memory of dead hosts)."""
 
     def __init__(self, *, reactor: Any, domain: str | None = None, **options: Any) -> None:
+        from txcolombe.delivery.deliverer import Deliverer
+
         self.reactor = reactor
         self.domain = domain
+        self.deliverer = Deliverer(resolver=options.pop("resolver", None), reactor=reactor)
         self.options = options
 
     def route(self, recipient: Mailbox) -> str:
@@ -395,7 +400,7 @@ class MXTransport:
         try:
             result = await deliver(
                 sender, names, data, domain=self.domain, reactor=self.reactor,
-                **self.options,
+                deliverer=self.deliverer, **self.options,
             )  # fmt: skip
         except Exception as error:
             return dict.fromkeys(names, outcome_from_error(error, destination))

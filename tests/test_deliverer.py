@@ -1,0 +1,300 @@
+"""The Deliverer: what deliver() keeps across calls, and Happy Eyeballs.
+
+The integration tests run in the world of tests/test_deliver.py (its DNS
+zone, aiosmtpd exchangers and fixtures), plus servers of their own on
+loopback addresses of the test zone; the race itself is tested on a fake
+clock with endpoints the test controls.
+"""
+
+# The fixtures of tests/test_deliver.py are imported, and tests name them as parameters.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, LoopingCall
+from twisted.names import dns
+from zope.interface import implementer
+
+from tests.test_deliver import (  # noqa: F401 - fixtures
+    QUICK,
+    World,
+    exchangers,
+    greeters,
+    only,
+    reactor,
+    room,
+    world,
+)
+from txcolombe import Deliverer, UsageError
+from txcolombe.codec.errors import ConnectionFailed, ResponseTimeout
+from txcolombe.delivery.eyeballs import RacingEndpoint
+
+# -- the race, on a fake clock ---------------------------------------------------------------
+
+
+@implementer(IStreamClientEndpoint)
+class HeldEndpoint:
+    """An endpoint whose connection attempts the test settles by hand."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.attempts: list[Deferred[IProtocol]] = []
+        self.cancelled = 0
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        def cancel(_: Deferred[IProtocol]) -> None:
+            self.cancelled += 1
+
+        attempt: Deferred[IProtocol] = Deferred(cancel)
+        self.attempts.append(attempt)
+        return attempt
+
+
+def race(clock: Clock, *names: str) -> tuple[RacingEndpoint[str], list[HeldEndpoint]]:
+    endpoints = [HeldEndpoint(name) for name in names]
+    return RacingEndpoint([(e.name, e) for e in endpoints], clock, delay=0.25), endpoints
+
+
+def test_the_next_attempt_starts_after_the_delay_and_the_first_to_connect_wins() -> None:
+    clock = Clock()
+    racing, (six, four) = race(clock, "::1", "127.0.0.1")
+    result = racing.connect(Factory())
+    assert (len(six.attempts), len(four.attempts)) == (1, 0)
+    clock.advance(0.24)
+    assert len(four.attempts) == 0
+    clock.advance(0.01)
+    assert len(four.attempts) == 1
+    winner = Protocol()
+    four.attempts[0].callback(winner)
+    assert result.result is winner
+    assert racing.winner == "127.0.0.1"
+    assert six.cancelled == 1  # the slower attempt is stopped
+    assert racing.failures == []
+
+
+def test_a_quick_first_connection_never_starts_the_second() -> None:
+    clock = Clock()
+    racing, (six, four) = race(clock, "::1", "127.0.0.1")
+    result = racing.connect(Factory())
+    six.attempts[0].callback(Protocol())
+    clock.advance(10)
+    assert racing.winner == "::1" and result.called
+    assert four.attempts == [] and clock.getDelayedCalls() == []
+
+
+def test_a_failure_starts_the_next_attempt_at_once() -> None:
+    clock = Clock()
+    racing, (six, four) = race(clock, "::1", "127.0.0.1")
+    result = racing.connect(Factory())
+    six.attempts[0].errback(ConnectionRefusedError())
+    assert len(four.attempts) == 1 and clock.getDelayedCalls() == []
+    four.attempts[0].callback(Protocol())
+    assert racing.winner == "127.0.0.1" and result.called
+    [(key, failure)] = racing.failures
+    assert key == "::1" and failure.check(ConnectionRefusedError)
+
+
+def test_when_every_attempt_fails_the_last_failure_is_the_result() -> None:
+    clock = Clock()
+    racing, (six, four) = race(clock, "::1", "127.0.0.1")
+    result = racing.connect(Factory())
+    clock.advance(0.25)
+    six.attempts[0].errback(ConnectionRefusedError("six"))
+    assert not result.called  # the other attempt is still running
+    four.attempts[0].errback(ConnectionRefusedError("four"))
+    failures: list[Any] = []
+    result.addErrback(failures.append)
+    assert str(failures[0].value) == "Connection was refused by other side: four."
+    assert racing.winner is None
+    assert [key for key, _ in racing.failures] == ["::1", "127.0.0.1"]
+
+
+def test_cancelling_the_race_cancels_every_attempt_and_the_timer() -> None:
+    clock = Clock()
+    racing, (six, four, other) = race(clock, "::1", "127.0.0.1", "127.0.0.2")
+    result = racing.connect(Factory())
+    clock.advance(0.25)
+    result.cancel()
+    assert (six.cancelled, four.cancelled) == (1, 1)
+    assert other.attempts == [] and clock.getDelayedCalls() == []
+    failures: list[Any] = []
+    result.addErrback(failures.append)
+    assert failures[0].check(CancelledError)
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(UsageError, match="max_per_host"):
+        Deliverer(max_per_host=0)
+    with pytest.raises(UsageError, match="IPv4"):
+        Deliverer(source_ipv4="::1")
+    with pytest.raises(UsageError, match="not an IP address"):
+        Deliverer(source_ipv6="example.org")
+    with pytest.raises(ValueError, match="ipv5"):
+        Deliverer(family="ipv5")
+
+
+# -- deliveries through one Deliverer ---------------------------------------------------
+
+
+class _Silent(Protocol):
+    """Accepts the connection and never says a word."""
+
+
+class _Recorder(Protocol):
+    """Notes the client's address, then refuses the session."""
+
+    def __init__(self, peers: list[str]) -> None:
+        self.peers = peers
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.peers.append(self.transport.getPeer().host)  # type: ignore[attr-defined]
+        self.transport.write(b"554 5.7.1 no service\r\n")
+        self.transport.loseConnection()
+
+
+def _listen(world: World, address: str, protocol: Any) -> Any:
+    return reactor.listenTCP(
+        world.exchangers.port, Factory.forProtocol(protocol), interface=address
+    )
+
+
+def _mx(world: World, domain: str, *exchangers: tuple[int, str]) -> None:
+    for preference, host in exchangers:
+        world.zone.add(domain, dns.Record_MX(preference, host.encode()))
+
+
+def _through(deliverer: Deliverer, world: World, recipients: list[str], **kwargs: Any) -> Any:
+    kwargs.setdefault("timeouts", QUICK)
+    return world.deliver(recipients, deliverer=deliverer, **kwargs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_exchanger_that_timed_out_is_skipped_for_a_while(world: World) -> None:
+    world.zone.add("silent.mx.test", dns.Record_A("127.0.0.40"))
+    _mx(world, "silentfirst.test", (10, "silent.mx.test"), (20, "a.mx.test"))
+    port = _listen(world, "127.0.0.40", _Silent)
+    quick = dataclasses.replace(QUICK, greeting=0.4)
+    deliverer = Deliverer(dead_host_time=1.5)
+    try:
+        first = only(await _through(deliverer, world, ["bob@silentfirst.test"], timeouts=quick))
+        assert first.delivered and first.mx == "a.mx.test"
+        assert isinstance(first.attempts[0].error, ResponseTimeout)
+
+        started = time.monotonic()
+        second = only(await _through(deliverer, world, ["bob@silentfirst.test"], timeouts=quick))
+        assert time.monotonic() - started < 0.4  # no second greeting timeout
+        assert second.delivered and second.mx == "a.mx.test"
+        skipped = second.attempts[0].error
+        assert isinstance(skipped, ConnectionFailed) and "timed out recently" in str(skipped)
+
+        # Another Deliverer knows nothing of it.
+        fresh = only(await _through(Deliverer(), world, ["bob@silentfirst.test"], timeouts=quick))
+        assert isinstance(fresh.attempts[0].error, ResponseTimeout)
+
+        await _sleep(1.6)  # the memory ends
+        third = only(await _through(deliverer, world, ["bob@silentfirst.test"], timeouts=quick))
+        assert isinstance(third.attempts[0].error, ResponseTimeout)
+    finally:
+        await port.stopListening()
+
+
+async def _sleep(seconds: float) -> None:
+    from twisted.internet.task import deferLater
+
+    await deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_chosen_address_family_is_used(world: World) -> None:
+    # dual.mx.test has ::1 and 127.0.0.2; IPv6 is preferred by default.
+    four = only(await _through(Deliverer(family="ipv4"), world, ["bob@dual.test"]))
+    assert four.delivered and four.address == "127.0.0.2"
+    assert [a.address for a in four.attempts] == ["127.0.0.2"]
+    six = only(
+        await _through(
+            Deliverer(family="ipv6"), world, ["bob@dual.test"], address_preference="ipv4"
+        )
+    )
+    assert six.delivered and six.address == "::1"
+    none = only(await _through(Deliverer(family="ipv6"), world, ["bob@pref.test"]))
+    assert not none.delivered and none.attempts == ()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_come_from_the_source_address(world: World) -> None:
+    world.zone.add("recorder.mx.test", dns.Record_A("127.0.0.41"))
+    _mx(world, "recorded.test", (10, "recorder.mx.test"))
+    peers: list[str] = []
+    port = _listen(world, "127.0.0.41", lambda: _Recorder(peers))
+    try:
+        await _through(Deliverer(source_ipv4="127.0.0.7"), world, ["bob@recorded.test"])
+        await _through(Deliverer(), world, ["bob@recorded.test"])
+    finally:
+        await port.stopListening()
+    assert peers == ["127.0.0.7", "127.0.0.1"]
+
+
+async def _most_connections(deliverer: Deliverer, world: World, count: int) -> int:
+    for i in range(count):
+        _mx(world, f"many{i}.test", (10, "a.mx.test"))
+    most = 0
+
+    def sample() -> None:
+        nonlocal most
+        most = max(most, deliverer.connections("a.mx.test"))
+
+    sampler = LoopingCall(sample)
+    sampler.start(0.001)
+    try:
+        result = await _through(deliverer, world, [f"bob@many{i}.test" for i in range(count)])
+    finally:
+        sampler.stop()
+    assert all(outcome.delivered for outcome in result.values())
+    return most
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_to_one_exchanger_are_limited(world: World) -> None:
+    assert await _most_connections(Deliverer(max_per_host=2), world, 6) == 2
+    # Without the limit the same deliveries do overlap: the sampling sees it.
+    assert await _most_connections(Deliverer(max_per_host=20), world, 6) > 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_dns_answers_are_cached_across_deliveries(world: World) -> None:
+    asked: list[tuple[bytes, int]] = []
+    inner = world.resolver
+
+    class Counting:
+        def query(self, query: dns.Query, timeout: Any = None) -> Deferred[Any]:
+            asked.append((query.name.name, query.type))
+            return inner.query(query, timeout)
+
+    deliverer = Deliverer(resolver=Counting())  # type: ignore[arg-type]
+    for _ in range(3):
+        outcome = only(
+            await _through(deliverer, world, ["bob@pref.test"], resolver=None, mta_sts=False)
+        )
+        assert outcome.delivered
+    assert asked.count((b"pref.test", dns.MX)) == 1
+    assert asked.count((b"a.mx.test", dns.A)) == 1
+    # An empty answer carries no TTL to keep it by: asked each time.
+    assert asked.count((b"a.mx.test", dns.AAAA)) == 3
+
+
+def test_deliver_through_a_deliverer_checks_arguments_first() -> None:
+    failed = Deliverer().deliver("alice@example.com", [], b"x", reactor=Clock())
+    errors: list[Any] = []
+    failed.addErrback(errors.append)
+    assert errors and errors[0].check(UsageError)

@@ -1,0 +1,294 @@
+"""A long-lived delivery agent: what :func:`~txcolombe.deliver` learns, kept across calls.
+
+A :class:`Deliverer` holds, for every delivery made through it:
+
+- a DNS cache (answers kept for their TTL) in front of its resolver;
+- the MTA-STS policy cache (:class:`~txcolombe.delivery.mtasts.MTASTS`);
+- concurrency limits per exchanger host and per destination domain, shared
+  by all its deliveries (Postfix's ``default_destination_concurrency_limit``);
+- memory of dead hosts: an address whose connection or greeting timed out is
+  not tried again for :attr:`Settings.dead_host_time` seconds (Postfix's
+  connection cache and destination status do the same), so that one silent
+  exchanger costs one timeout, not one per message;
+- where its connections come from (source addresses), which address families
+  it uses, and whether it races IPv6 and IPv4 (Happy Eyeballs,
+  :mod:`txcolombe.delivery.eyeballs`).
+
+The module-level :func:`~txcolombe.deliver` uses :func:`default_deliverer`.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IResolver, IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.names import dns
+from twisted.names.cache import CacheResolver
+from twisted.names.common import ResolverBase
+
+from txcolombe.codec.errors import ConnectTimeout, ResponseTimeout, SMTPError, Step, UsageError
+from txcolombe.delivery.eyeballs import CONNECTION_ATTEMPT_DELAY
+from txcolombe.delivery.routing import IPAddress
+
+log = Logger(namespace="txcolombe.deliver")
+
+T = TypeVar("T")
+
+DEFAULT_MAX_PER_HOST = 20
+"""Connections open at once to one exchanger host, by default."""
+DEFAULT_MAX_PER_DOMAIN = 20
+"""Deliveries at once to one recipient domain, by default (Postfix's 20)."""
+DEFAULT_DEAD_HOST_TIME = 60.0
+"""Seconds an address that timed out is skipped, by default."""
+
+
+class AddressFamily(enum.Enum):
+    """Which exchanger addresses to use."""
+
+    ANY = "any"
+    IPV4 = "ipv4"
+    IPV6 = "ipv6"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a :class:`Deliverer` connects and what it remembers."""
+
+    max_per_host: int = DEFAULT_MAX_PER_HOST
+    max_per_domain: int = DEFAULT_MAX_PER_DOMAIN
+    dead_host_time: float = DEFAULT_DEAD_HOST_TIME
+    family: AddressFamily = AddressFamily.ANY
+    source_ipv4: str | None = None
+    source_ipv6: str | None = None
+    happy_eyeballs: bool = True
+    attempt_delay: float = CONNECTION_ATTEMPT_DELAY
+    cache_dns: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_per_host < 1 or self.max_per_domain < 1:
+            raise UsageError("max_per_host and max_per_domain must be at least 1")
+        if self.dead_host_time < 0 or self.attempt_delay < 0:
+            raise UsageError("dead_host_time and attempt_delay must not be negative")
+        object.__setattr__(self, "family", AddressFamily(self.family))
+        for name, version in (("source_ipv4", 4), ("source_ipv6", 6)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                address = ipaddress.ip_address(value)
+            except ValueError:
+                raise UsageError(f"{name}: not an IP address: {value!r}") from None
+            if address.version != version:
+                raise UsageError(f"{name}: not an IPv{version} address: {value!r}")
+
+
+class CachingResolver(ResolverBase):
+    """``inner``, with each answer kept for its TTL (``twisted.names``' cache)."""
+
+    def __init__(self, inner: IResolver, reactor: IReactorTime) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.inner = inner
+        self.cache = CacheResolver(reactor=reactor)  # type: ignore[no-untyped-call]
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Deferred[Any]:
+        query = dns.Query(name, type, cls)
+        if query in self.cache.cache:
+            return self.cache.query(query, timeout)  # type: ignore[no-untyped-call,no-any-return]
+        answer: Deferred[Any] = self.inner.query(query, timeout)
+
+        def keep(payload: Any) -> Any:
+            if payload[0]:  # only answers that hold records: they carry the TTL
+                self.cache.cacheResult(query, payload)  # type: ignore[no-untyped-call]
+            return payload
+
+        return answer.addCallback(keep)
+
+
+class _Limits:
+    """Keyed semaphores that exist only while someone holds or waits for them."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._semaphores: dict[Any, DeferredSemaphore] = {}
+
+    def run(self, key: Any, function: Callable[[], Deferred[T]]) -> Deferred[T]:
+        semaphore = self._semaphores.get(key)
+        if semaphore is None:
+            semaphore = self._semaphores[key] = DeferredSemaphore(self.size)
+
+        def release(result: Any) -> Any:
+            if semaphore.tokens == semaphore.limit and not semaphore.waiting:
+                self._semaphores.pop(key, None)
+            return result
+
+        return semaphore.run(function).addBoth(release)
+
+    def busy(self, key: Any) -> int:
+        semaphore = self._semaphores.get(key)
+        return 0 if semaphore is None else semaphore.limit - semaphore.tokens
+
+
+@dataclass
+class _Clocked:
+    """What a Deliverer remembers under one clock (tests run several)."""
+
+    dead: dict[tuple[IPAddress, int], tuple[float, str]] = field(default_factory=dict)
+
+
+class Deliverer:
+    """Delivers like :func:`~txcolombe.deliver`, and remembers between deliveries.
+
+    :param resolver: the resolver its deliveries use unless one is given to
+        :meth:`deliver` (default: the system's); cached unless
+        ``settings.cache_dns`` is false.
+    :param settings: the limits and connection choices (:class:`Settings`);
+        keyword arguments build one: ``Deliverer(max_per_host=5)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        resolver: IResolver | None = None,
+        reactor: Any = None,
+        settings: Settings | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if settings is not None and kwargs:
+            raise UsageError("give either settings= or keyword settings, not both")
+        self.settings = settings if settings is not None else Settings(**kwargs)
+        self._reactor = reactor
+        self._resolver = resolver
+        self._cached_resolver: IResolver | None = None
+        self._hosts = _Limits(self.settings.max_per_host)
+        self._domains = _Limits(self.settings.max_per_domain)
+        self._clocked: weakref.WeakKeyDictionary[Any, _Clocked] = weakref.WeakKeyDictionary()
+
+    def deliver(self, sender: Any, recipients: Any, body: Any, **options: Any) -> Any:
+        """:func:`~txcolombe.deliver` through this Deliverer; same arguments."""
+        from txcolombe.delivery.deliver import deliver
+
+        return deliver(sender, recipients, body, deliverer=self, **options)
+
+    # -- what deliver() asks ---------------------------------------------------------
+
+    def reactor(self, given: Any) -> Any:
+        if given is not None:
+            return given
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    def resolver(self, given: IResolver | None, reactor: Any) -> IResolver:
+        """The resolver for one delivery: ``given`` as it is, else the cached one."""
+        if given is not None:
+            return given
+        if self._cached_resolver is None:
+            from txcolombe.delivery.dns import default_resolver
+
+            inner = self._resolver if self._resolver is not None else default_resolver()
+            self._cached_resolver = (
+                CachingResolver(inner, reactor) if self.settings.cache_dns else inner
+            )
+        return self._cached_resolver
+
+    def for_domain(self, domain: str, function: Callable[[], Deferred[T]]) -> Deferred[T]:
+        """Run one domain's delivery within the per-domain limit."""
+        return self._domains.run(domain.lower(), function)
+
+    def for_host(self, host: str, function: Callable[[], Deferred[T]]) -> Deferred[T]:
+        """Run one connection to exchanger ``host`` within the per-host limit."""
+        return self._hosts.run(host.lower(), function)
+
+    def usable(self, addresses: Sequence[IPAddress]) -> list[IPAddress]:
+        """The addresses of the families this Deliverer uses."""
+        family = self.settings.family
+        if family is AddressFamily.ANY:
+            return list(addresses)
+        version = 4 if family is AddressFamily.IPV4 else 6
+        return [address for address in addresses if address.version == version]
+
+    def dead(self, clock: IReactorTime, address: IPAddress, port: int) -> str | None:
+        """Why ``address`` is being skipped, or None when it may be tried."""
+        memory = self._memory(clock)
+        entry = memory.dead.get((address, port))
+        if entry is None:
+            return None
+        until, reason = entry
+        if clock.seconds() >= until:
+            del memory.dead[(address, port)]
+            return None
+        return reason
+
+    def failed(self, clock: IReactorTime, address: IPAddress, port: int, error: SMTPError) -> None:
+        """Learn from a failed connection: a timeout marks the address dead."""
+        timed_out = isinstance(error, ConnectTimeout) or (
+            isinstance(error, ResponseTimeout) and error.step is Step.GREETING
+        )
+        if not timed_out or self.settings.dead_host_time == 0:
+            return
+        until = clock.seconds() + self.settings.dead_host_time
+        self._memory(clock).dead[(address, port)] = (until, str(error))
+        log.info(
+            "{address} port {port} timed out; skipped for {seconds:.0f} s",
+            address=str(address),
+            port=port,
+            seconds=self.settings.dead_host_time,
+        )
+
+    def forget(self) -> None:
+        """Forget every dead host (e.g. after the network came back)."""
+        for memory in self._clocked.values():
+            memory.dead.clear()
+
+    def endpoint(
+        self, reactor: Any, address: IPAddress, port: int, timeout: float
+    ) -> IStreamClientEndpoint:
+        """A TCP endpoint to ``address``, from the source address of its family."""
+        if address.version == 6:
+            source = self.settings.source_ipv6
+            return TCP6ClientEndpoint(  # type: ignore[no-untyped-call]
+                reactor,
+                str(address),
+                port,
+                timeout=timeout,
+                bindAddress=(source, 0) if source else None,
+            )
+        source = self.settings.source_ipv4
+        return TCP4ClientEndpoint(
+            reactor,
+            str(address),
+            port,
+            timeout=timeout,
+            bindAddress=(source, 0) if source else None,
+        )
+
+    def connections(self, host: str) -> int:
+        """Connections open now to exchanger ``host`` through this Deliverer."""
+        return self._hosts.busy(host.lower())
+
+    def _memory(self, clock: IReactorTime) -> _Clocked:
+        memory = self._clocked.get(clock)
+        if memory is None:
+            memory = self._clocked[clock] = _Clocked()
+        return memory
+
+
+_default: Deliverer | None = None
+
+
+def default_deliverer() -> Deliverer:
+    """The process-wide :class:`Deliverer` that :func:`~txcolombe.deliver` uses."""
+    global _default
+    if _default is None:
+        _default = Deliverer()
+    return _default
