@@ -28,6 +28,7 @@ from zope.interface import implementer
 from tests.test_deliver import (  # noqa: F401 - fixtures
     QUICK,
     World,
+    captured_log,
     exchangers,
     greeters,
     only,
@@ -35,7 +36,7 @@ from tests.test_deliver import (  # noqa: F401 - fixtures
     room,
     world,
 )
-from txcolombe import Deliverer, UsageError
+from txcolombe import Deliverer, TLSLevel, UsageError
 from txcolombe.codec.errors import ConnectionFailed, ResponseTimeout
 from txcolombe.delivery.eyeballs import RacingEndpoint
 
@@ -298,3 +299,57 @@ def test_deliver_through_a_deliverer_checks_arguments_first() -> None:
     errors: list[Any] = []
     failed.addErrback(errors.append)
     assert errors and errors[0].check(UsageError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kept_session_serves_the_next_domain_of_the_same_exchanger(
+    world: World,
+) -> None:
+    _mx(world, "alsoa.test", (10, "a.mx.test"))
+    deliverer = Deliverer(reuse_time=30)
+    try:
+        with captured_log() as lines:
+            first = only(await _through(deliverer, world, ["bob@pref.test"]))
+            assert deliverer.idle("a.mx.test") == 1
+            second = only(await _through(deliverer, world, ["carol@alsoa.test"]))
+        assert first.delivered and second.delivered
+        assert (second.mx, second.address) == ("a.mx.test", "127.0.0.2")
+        assert second.tls is not None and second.tls.level is TLSLevel.VERIFIED
+        assert deliverer.idle("a.mx.test") == 1
+        assert any("reusing the session to a.mx.test" in line for line in lines)
+        assert [r.recipients for r in world.room.by("a")] == [
+            ["bob@pref.test"],
+            ["carol@alsoa.test"],
+        ]
+        # Under another TLS policy the kept session does not fit: a new one is opened.
+        third = only(await _through(deliverer, world, ["dave@alsoa.test"], tls_policy="encrypt"))
+        assert third.delivered and deliverer.idle("a.mx.test") == 2
+    finally:
+        await deliverer.close()
+    assert deliverer.idle("a.mx.test") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_kept_sessions_expire_and_none_are_kept_by_default(world: World) -> None:
+    brief = Deliverer(reuse_time=0.3)
+    assert only(await _through(brief, world, ["bob@pref.test"])).delivered
+    assert brief.idle("a.mx.test") == 1
+    await _sleep(0.5)
+    assert brief.idle("a.mx.test") == 0
+    default = Deliverer()
+    assert only(await _through(default, world, ["bob@pref.test"])).delivered
+    assert default.idle("a.mx.test") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kept_session_that_died_is_replaced(world: World) -> None:
+    deliverer = Deliverer(reuse_time=30)
+    try:
+        assert only(await _through(deliverer, world, ["bob@pref.test"])).delivered
+        [[idle]] = [kept for memory in deliverer._clocked.values() for kept in memory.idle.values()]
+        idle.session.abort()
+        await _sleep(0.05)
+        again = only(await _through(deliverer, world, ["carol@pref.test"]))
+        assert again.delivered and [a.error for a in again.attempts] == [None]
+    finally:
+        await deliverer.close()

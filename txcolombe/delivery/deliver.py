@@ -26,7 +26,7 @@ import contextlib
 import functools
 import ipaddress
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -66,7 +66,7 @@ from txcolombe.codec.errors import (
 )
 from txcolombe.codec.reply import Reply
 from txcolombe.codec.sasl import Authentication
-from txcolombe.delivery.deliverer import Deliverer, default_deliverer
+from txcolombe.delivery.deliverer import Deliverer, Idle, default_deliverer
 from txcolombe.delivery.dns import (
     DEFAULT_DNS_TIMEOUT,
     lookup_addresses,
@@ -548,7 +548,44 @@ class _DomainDelivery:
             options.deliverer.failed(options.reactor, target.address, options.port, error)
         racing.failures.clear()
 
+    def _session_key(self, target: Target) -> Hashable:
+        """What a kept session must have been opened with to serve this delivery."""
+        options = self.options
+        return (
+            target.host.lower(),
+            target.address,
+            options.port,
+            self.policy,
+            options.ehlo,
+            _Same(options.trust_root),
+            _Same(options.authentication),
+        )
+
+    async def _reuse(self, race: list[Target]) -> Next | None:
+        """Deliver over a session kept by the Deliverer, if one fits; None if none
+        does (or the one that did had gone stale)."""
+        options = self.options
+        for target in race:
+            key = self._session_key(target)
+            while (idle := options.deliverer.take_idle(options.reactor, key)) is not None:
+                log.debug(
+                    "{domain}: reusing the session to {host} [{address}]",
+                    domain=self.domain,
+                    host=target.host,
+                    address=str(target.address),
+                )
+                self.budget.session()
+                checker, plaintext_note = idle.extra
+                tls = self._tls_status(idle.session, checker, plaintext_note)
+                verdict = await self._transaction(target, idle, tls)
+                if verdict is not None:
+                    return verdict
+        return None
+
     async def _try(self, race: list[Target]) -> Next:
+        reused = await self._reuse(race)
+        if reused is not None:
+            return reused
         options = self.options
         target = race[0]
         policy = self.policy
@@ -614,7 +651,9 @@ class _DomainDelivery:
             if plaintext_note is None:
                 self.budget.session()
             tls = self._tls_status(session, checker, plaintext_note)
-            return await self._transaction(target, session, tls)
+            fresh = await self._transaction(target, Idle(session, (checker, plaintext_note)), tls)
+            assert fresh is not None  # only a reused session can be stale
+            return fresh
 
     def _tls_status(
         self, session: Session, checker: CheckedTLS | None, plaintext_note: str | None
@@ -645,9 +684,13 @@ class _DomainDelivery:
             )
         return status
 
-    async def _transaction(self, target: Target, session: Session, tls: TLSStatus) -> Next:
+    async def _transaction(self, target: Target, idle: Idle, tls: TLSStatus) -> Next | None:
+        """One transaction; None when a reused session turned out to be closed
+        before the message went out (then a new connection is opened)."""
         options = self.options
+        session = idle.session
         sent = list(self.pending.values())
+        keep = False
         try:
             receipt = await session.send(
                 options.sender,
@@ -657,6 +700,9 @@ class _DomainDelivery:
                 requiretls=options.requiretls,
             )
         except SMTPError as error:
+            if idle.uses > 1 and _stale(error):
+                self.budget.sessions -= 1
+                return None
             self.attempts.append(Attempt(target.host, str(target.address), error, tls))
             self.last_error = error
             verdict = self._failed_transaction(target, tls, error)
@@ -664,9 +710,12 @@ class _DomainDelivery:
             self.attempts.append(Attempt(target.host, str(target.address), None, tls))
             self._receipt(target, tls, receipt)
             verdict = Next.NEXT_ADDRESS if self.pending else Next.STOP
+            key = self._session_key(target)
+            keep = options.deliverer.keep_idle(options.reactor, key, idle)
         finally:
-            with contextlib.suppress(Exception):
-                await session.quit()
+            if not keep:
+                with contextlib.suppress(Exception):
+                    await session.quit()
         return verdict
 
     def _receipt(self, target: Target, tls: TLSStatus, receipt: Receipt) -> None:
@@ -772,6 +821,26 @@ class _DomainDelivery:
                 temporary=temporary,
             )
         )
+
+
+class _Same:
+    """A key part equal only to the very same object (trust roots, credentials)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+
+def _stale(error: SMTPError) -> bool:
+    """A kept connection the server had closed: nothing of the message was sent."""
+    return isinstance(error, ConnectionFailed) and not getattr(error, "maybe_delivered", False)
 
 
 def _abandon(deferred: Deferred[Any]) -> None:

@@ -12,7 +12,10 @@ A :class:`Deliverer` holds, for every delivery made through it:
   exchanger costs one timeout, not one per message;
 - where its connections come from (source addresses), which address families
   it uses, and whether it races IPv6 and IPv4 (Happy Eyeballs,
-  :mod:`txcolombe.delivery.eyeballs`).
+  :mod:`txcolombe.delivery.eyeballs`);
+- when asked (``reuse_time``), sessions left open after a delivery, for the
+  next delivery to the same exchanger under the same options, whatever its
+  domain (Postfix's connection cache); :meth:`Deliverer.close` quits them.
 
 The module-level :func:`~txcolombe.deliver` uses :func:`default_deliverer`.
 """
@@ -22,18 +25,24 @@ from __future__ import annotations
 import enum
 import ipaddress
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IReactorTime, IResolver, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorTime,
+    IResolver,
+    IStreamClientEndpoint,
+)
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.cache import CacheResolver
 from twisted.names.common import ResolverBase
 
+from txcolombe.client.session import Session
 from txcolombe.codec.errors import ConnectTimeout, ResponseTimeout, SMTPError, Step, UsageError
 from txcolombe.delivery.eyeballs import CONNECTION_ATTEMPT_DELAY
 from txcolombe.delivery.routing import IPAddress
@@ -48,6 +57,8 @@ DEFAULT_MAX_PER_DOMAIN = 20
 """Deliveries at once to one recipient domain, by default (Postfix's 20)."""
 DEFAULT_DEAD_HOST_TIME = 60.0
 """Seconds an address that timed out is skipped, by default."""
+DEFAULT_REUSE_LIMIT = 100
+"""Transactions one reused session carries at most, by default."""
 
 
 class AddressFamily(enum.Enum):
@@ -71,12 +82,18 @@ class Settings:
     happy_eyeballs: bool = True
     attempt_delay: float = CONNECTION_ATTEMPT_DELAY
     cache_dns: bool = True
+    reuse_time: float = 0.0
+    """Seconds an idle session is kept for the next delivery (0: none is kept;
+    Postfix keeps them 2 s)."""
+    reuse_limit: int = DEFAULT_REUSE_LIMIT
 
     def __post_init__(self) -> None:
         if self.max_per_host < 1 or self.max_per_domain < 1:
             raise UsageError("max_per_host and max_per_domain must be at least 1")
-        if self.dead_host_time < 0 or self.attempt_delay < 0:
-            raise UsageError("dead_host_time and attempt_delay must not be negative")
+        if min(self.dead_host_time, self.attempt_delay, self.reuse_time) < 0:
+            raise UsageError("dead_host_time, attempt_delay and reuse_time must not be negative")
+        if self.reuse_limit < 1:
+            raise UsageError("reuse_limit must be at least 1")
         object.__setattr__(self, "family", AddressFamily(self.family))
         for name, version in (("source_ipv4", 4), ("source_ipv6", 6)):
             value = getattr(self, name)
@@ -137,10 +154,22 @@ class _Limits:
 
 
 @dataclass
+class Idle:
+    """A session kept open after a delivery, and what it was opened with."""
+
+    session: Session
+    extra: Any
+    """What the delivery that opened it needs to judge it again (its TLS check)."""
+    uses: int = 1
+    timer: IDelayedCall | None = None
+
+
+@dataclass
 class _Clocked:
     """What a Deliverer remembers under one clock (tests run several)."""
 
     dead: dict[tuple[IPAddress, int], tuple[float, str]] = field(default_factory=dict)
+    idle: dict[Hashable, list[Idle]] = field(default_factory=dict)
 
 
 class Deliverer:
@@ -272,6 +301,62 @@ class Deliverer:
             bindAddress=(source, 0) if source else None,
         )
 
+    # -- sessions kept for reuse --------------------------------------------------------
+
+    def take_idle(self, clock: IReactorTime, key: Hashable) -> Idle | None:
+        """A usable idle session opened under ``key``, taken out of the cache."""
+        kept = self._memory(clock).idle.get(key, [])
+        while kept:
+            idle = kept.pop()
+            if idle.timer is not None and idle.timer.active():
+                idle.timer.cancel()
+            if idle.session.usable:
+                idle.uses += 1
+                return idle
+            idle.session.abort()
+        return None
+
+    def keep_idle(self, clock: IReactorTime, key: Hashable, idle: Idle) -> bool:
+        """Keep ``idle`` for the next delivery; False when it must be closed instead."""
+        settings = self.settings
+        if settings.reuse_time == 0 or idle.uses >= settings.reuse_limit or not idle.session.usable:
+            return False
+        kept = self._memory(clock).idle.setdefault(key, [])
+        idle.timer = clock.callLater(settings.reuse_time, self._expire, clock, key, idle)
+        kept.append(idle)
+        return True
+
+    def _expire(self, clock: IReactorTime, key: Hashable, idle: Idle) -> None:
+        memory = self._memory(clock)
+        kept = memory.idle.get(key, [])
+        if idle in kept:
+            kept.remove(idle)
+            if not kept:
+                memory.idle.pop(key, None)
+            _quit(idle.session)
+
+    def close(self) -> Deferred[None]:
+        """QUIT every idle session; fires when they are all closed."""
+        closing: list[Deferred[None]] = []
+        for memory in self._clocked.values():
+            for kept in memory.idle.values():
+                for idle in kept:
+                    if idle.timer is not None and idle.timer.active():
+                        idle.timer.cancel()
+                    closing.append(_quit(idle.session))
+            memory.idle.clear()
+        return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
+
+    def idle(self, host: str) -> int:
+        """Sessions to exchanger ``host`` kept open for reuse now."""
+        name = host.lower()
+        return sum(
+            len(kept)
+            for memory in self._clocked.values()
+            for key, kept in memory.idle.items()
+            if isinstance(key, tuple) and key[0] == name
+        )
+
     def connections(self, host: str) -> int:
         """Connections open now to exchanger ``host`` through this Deliverer."""
         return self._hosts.busy(host.lower())
@@ -281,6 +366,12 @@ class Deliverer:
         if memory is None:
             memory = self._clocked[clock] = _Clocked()
         return memory
+
+
+def _quit(session: Session) -> Deferred[None]:
+    closing = session.quit()
+    closing.addErrback(lambda _: None)
+    return closing
 
 
 _default: Deliverer | None = None

@@ -370,6 +370,11 @@ def _send_on(
     return session.send(sender, list(recipients), data)
 
 
+REUSE_TIME = 2.0
+"""Seconds the MX mode keeps an idle session for the next message (Postfix's
+``smtp_connection_cache_time_limit``)."""
+
+
 class MXTransport:
     """Each recipient domain to its own exchangers, through ``txcolombe.deliver``,
     with one :class:`~txcolombe.delivery.deliverer.Deliverer` for the relay's
@@ -380,7 +385,9 @@ class MXTransport:
 
         self.reactor = reactor
         self.domain = domain
-        self.deliverer = Deliverer(resolver=options.pop("resolver", None), reactor=reactor)
+        self.deliverer = Deliverer(
+            resolver=options.pop("resolver", None), reactor=reactor, reuse_time=REUSE_TIME
+        )
         self.options = options
 
     def route(self, recipient: Mailbox) -> str:
@@ -407,11 +414,7 @@ class MXTransport:
         return {name: _mx_outcome(result.get(name), destination) for name in names}
 
     def close(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(_nothing())
-
-
-async def _nothing() -> None:
-    return None
+        return self.deliverer.close()
 
 
 def _mx_outcome(outcome: Any, destination: str) -> Outcome:
