@@ -36,7 +36,8 @@ from tests.test_deliver import (  # noqa: F401 - fixtures
     room,
     world,
 )
-from txcolombe import Deliverer, TLSLevel, UsageError
+from tests.test_wire_bytes import EHLO, CannedServer
+from txcolombe import DSN, Deliverer, Notify, Recipient, TLSLevel, UsageError
 from txcolombe.codec.errors import ConnectionFailed, ResponseTimeout
 from txcolombe.delivery.eyeballs import RacingEndpoint
 
@@ -353,3 +354,44 @@ async def test_a_kept_session_that_died_is_replaced(world: World) -> None:
         assert again.delivered and [a.error for a in again.attempts] == [None]
     finally:
         await deliverer.close()
+
+
+class _DSNServer(CannedServer):
+    """Offers DSN, notes each command line."""
+
+    def __init__(self, lines: list[bytes]) -> None:
+        super().__init__({"EHLO": ["|".join([*EHLO[:-1], "250 HELP"])]})
+        self.lines = lines
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.in_data:
+            self.lines.extend(line for line in data.split(b"\r\n") if line[:4].isalpha())
+        super().dataReceived(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_recipient_may_carry_its_own_dsn_options(world: World) -> None:
+    world.zone.add("dsn.mx.test", dns.Record_A("127.0.0.42"))
+    _mx(world, "dsn.test", (10, "dsn.mx.test"))
+    lines: list[bytes] = []
+    port = _listen(world, "127.0.0.42", lambda: _DSNServer(lines))
+    try:
+        result = await _through(
+            Deliverer(),
+            world,
+            [
+                Recipient("bob@dsn.test", notify={Notify.FAILURE}, orcpt="bob@old.test"),
+                "carol@dsn.test",
+            ],
+            dsn=DSN(notify={Notify.SUCCESS}),
+            tls_policy="none",
+        )
+    finally:
+        await port.stopListening()
+    assert list(result) == ["bob@dsn.test", "carol@dsn.test"]
+    assert all(outcome.delivered for outcome in result.values())
+    rcpts = [line for line in lines if line.startswith(b"RCPT")]
+    assert rcpts == [
+        b"RCPT TO:<bob@dsn.test> NOTIFY=FAILURE ORCPT=rfc822;bob@old.test",
+        b"RCPT TO:<carol@dsn.test> NOTIFY=SUCCESS",
+    ]

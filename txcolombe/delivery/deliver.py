@@ -49,7 +49,7 @@ from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.client.receipt import Receipt
 from txcolombe.client.session import Session, connect
 from txcolombe.codec.address import Mailbox, parse_domain, parse_sender
-from txcolombe.codec.dsn import DSN
+from txcolombe.codec.dsn import DSN, Recipient
 from txcolombe.codec.errors import (
     ConnectionFailed,
     MailLoop,
@@ -97,6 +97,7 @@ from txcolombe.delivery.routing import (
     loop_reply,
     order_addresses,
     order_exchangers,
+    recipient_key,
     split_refused,
 )
 from txcolombe.delivery.tlspolicy import CheckedTLS, TLSLevel, TLSPolicy
@@ -157,7 +158,7 @@ class _Options:
 
 def deliver(
     sender: str | Mailbox | None,
-    recipients: Iterable[str | Mailbox] | str | Mailbox,
+    recipients: Iterable[str | Mailbox | Recipient] | str | Mailbox | Recipient,
     body: Body,
     *,
     domain: str | None = None,
@@ -209,7 +210,9 @@ def deliver(
     :param dns_timeout: the retransmission delays of each DNS query.
     :param rng: the randomness that orders MX records of equal preference.
     :param dsn: delivery status notification options (RFC 3461: RET, ENVID,
-        NOTIFY, ORCPT for each recipient), as for ``Session.send``.
+        NOTIFY, ORCPT for each recipient), as for ``Session.send``; a
+        recipient given as a :class:`~txcolombe.codec.dsn.Recipient` carries its
+        own NOTIFY and ORCPT (its address is its key in the result).
     :param requiretls: ask each exchanger for REQUIRETLS (RFC 8689).
     :param local_identities: our own host names and IP addresses (RFC 5321
         §5.1): MX records at or below our own preference are dropped, and
@@ -224,7 +227,7 @@ def deliver(
         every connection.
     """
     try:
-        if isinstance(recipients, str | Mailbox):
+        if isinstance(recipients, str | Mailbox | Recipient):
             recipients = [recipients]
         recipient_list = list(recipients)
         if not recipient_list:
@@ -293,7 +296,7 @@ def _ip(text: str) -> IPAddress | None:
 
 async def _deliver(
     options: _Options,
-    recipients: list[str | Mailbox],
+    recipients: list[str | Mailbox | Recipient],
     body: Body,
     max_concurrency: int,
 ) -> DeliveryResult:
@@ -322,9 +325,11 @@ async def _deliver(
     return _in_order(recipients, outcomes)
 
 
-def _in_order(recipients: list[str | Mailbox], outcomes: dict[str, Outcome]) -> DeliveryResult:
+def _in_order(
+    recipients: list[str | Mailbox | Recipient], outcomes: dict[str, Outcome]
+) -> DeliveryResult:
     """The outcomes in the order the recipients were given (duplicates once)."""
-    keys = dict.fromkeys(str(recipient) for recipient in recipients)
+    keys = dict.fromkeys(recipient_key(recipient) for recipient in recipients)
     return DeliveryResult({key: outcomes[key] for key in keys if key in outcomes})
 
 
@@ -344,6 +349,7 @@ class _DomainDelivery:
         self.domain = group.domain
         self.body = body
         self.pending: dict[str, Mailbox] = dict(group.recipients)
+        self.recipient_options = group.options
         self.outcomes: dict[str, Outcome] = {}
         self.attempts: list[Attempt] = []
         self.budget = Budget(options.max_addresses, options.max_sessions)
@@ -689,7 +695,7 @@ class _DomainDelivery:
         before the message went out (then a new connection is opened)."""
         options = self.options
         session = idle.session
-        sent = list(self.pending.values())
+        sent = [self.recipient_options.get(key, mailbox) for key, mailbox in self.pending.items()]
         keep = False
         try:
             receipt = await session.send(

@@ -16,6 +16,7 @@ tests can check each one in memory:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import random
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from itertools import zip_longest
 
 from txcolombe.codec.address import Mailbox, parse_domain, parse_recipient
+from txcolombe.codec.dsn import Recipient
 from txcolombe.codec.errors import (
     ConnectionFailed,
     InvalidAddress,
@@ -78,10 +80,13 @@ class DomainRecipients:
     :ivar domain: the A-label domain in lower case, or an address literal
         (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``).
     :ivar recipients: each recipient as given (the key of the result) and parsed.
+    :ivar options: the per-recipient DSN options (:class:`~txcolombe.codec.dsn.Recipient`)
+        of the recipients given with them, by key.
     """
 
     domain: str
     recipients: tuple[tuple[str, Mailbox], ...]
+    options: Mapping[str, Recipient] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -102,19 +107,26 @@ def domain_key(domain: str) -> str:
     return parsed if parsed.startswith("[") else parsed.lower()
 
 
-def group_recipients(recipients: Iterable[str | Mailbox]) -> Grouping:
+def recipient_key(recipient: str | Mailbox | Recipient) -> str:
+    """The key of a recipient in a delivery's result: its address as given."""
+    return str(recipient.address if isinstance(recipient, Recipient) else recipient)
+
+
+def group_recipients(recipients: Iterable[str | Mailbox | Recipient]) -> Grouping:
     """Group ``recipients`` by domain, keeping the first of duplicates.
 
     A recipient that does not parse, or ``Postmaster`` without a domain
     (which names no destination), lands in :attr:`Grouping.invalid`.
     """
     groups: dict[str, list[tuple[str, Mailbox]]] = {}
+    options: dict[str, dict[str, Recipient]] = {}
     seen: set[tuple[str, str]] = set()
     invalid: dict[str, UsageError] = {}
     for recipient in recipients:
-        key = str(recipient)
+        key = recipient_key(recipient)
+        given = recipient.address if isinstance(recipient, Recipient) else recipient
         try:
-            mailbox = parse_recipient(recipient)
+            mailbox = parse_recipient(given)
             if mailbox.domain is None:
                 raise InvalidAddress("Postmaster without a domain names no destination")
             domain = domain_key(mailbox.domain)
@@ -128,8 +140,13 @@ def group_recipients(recipients: Iterable[str | Mailbox]) -> Grouping:
             continue
         seen.add(identity)
         groups.setdefault(domain, []).append((key, mailbox))
+        if isinstance(recipient, Recipient):
+            options.setdefault(domain, {})[key] = dataclasses.replace(recipient, address=mailbox)
     return Grouping(
-        tuple(DomainRecipients(domain, tuple(items)) for domain, items in groups.items()),
+        tuple(
+            DomainRecipients(domain, tuple(items), options.get(domain, {}))
+            for domain, items in groups.items()
+        ),
         invalid,
     )
 
