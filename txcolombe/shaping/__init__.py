@@ -3,7 +3,7 @@
 See ``docs/shaping.md``. The rules (:mod:`.throttle`, :mod:`.sites`,
 :mod:`.policy`, :mod:`.backoff`) are sans-I/O; :class:`Shaper` waits on a
 clock, keeping its counters in a :class:`MemoryStore` or, shared by several
-relays, a :class:`~txcolombe.shaping.redis.RedisStore`.
+relays, a :class:`~txcolombe.shaping.redisstore.RedisStore`.
 """
 
 from txcolombe.shaping.backoff import BackoffRules, SiteState

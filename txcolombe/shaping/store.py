@@ -3,7 +3,7 @@
 A :class:`Store` holds, per site, the GCRA TAT of each throttle, the
 connection slots in use and the back-off state; every operation is one
 atomic step that answers with a Deferred, so that a store shared by
-several relays (:class:`~txcolombe.shaping.redis.RedisStore`) and the
+several relays (:class:`~txcolombe.shaping.redisstore.RedisStore`) and the
 in-process :class:`MemoryStore` are used alike. Times are the shaper's
 clock's, passed in.
 """
