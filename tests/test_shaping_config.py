@@ -72,11 +72,9 @@ def test_empty_section_is_the_defaults() -> None:
 def test_in_process_shaper_from_settings() -> None:
     clock = Clock()
     shaper = parse_shaping({"default": {"message_rate": "2/s"}}).shaper(clock)
-    made = []
-    shaper.addCallback(made.append)
-    assert isinstance(made[0].store, MemoryStore)
-    assert made[0].clock is clock
-    assert made[0].policy.default.message_rate == Rate(2, 1)
+    assert isinstance(shaper.store, MemoryStore)
+    assert shaper.clock is clock
+    assert shaper.policy.default.message_rate == Rate(2, 1)
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.task import deferLater
 
 from tools.peers import redis_peer
 from txcolombe.shaping import BackoffRules, Limits, MemoryStore, Policy, Rate, Shaper, SiteState
-from txcolombe.shaping.redisstore import RedisStore
+from txcolombe.shaping.config import parse_shaping
+from txcolombe.shaping.redisstore import DEFAULT_PREFIX, RedisStore
 
 reactor: Any = global_reactor
 
@@ -40,7 +41,7 @@ def redis_server(tmp_path: Path) -> Iterator[redis_peer.RedisPeer]:
 async def stores(redis_server: redis_peer.RedisPeer) -> AsyncIterator[list[RedisStore]]:
     """Two stores on two connections to the same server (two relays)."""
     made = [
-        await RedisStore.connect(redis_server.host, redis_server.port, lease_ttl=5, poll=0.05)
+        RedisStore.connect(redis_server.host, redis_server.port, lease_ttl=5, poll=0.05)
         for _ in range(2)
     ]
     try:
@@ -162,3 +163,39 @@ async def test_suspension_is_shared(stores: list[RedisStore]) -> None:
     assert snapshot["reason"] == "421 4.7.0 Try again later"
     assert snapshot["rate_factor"] == 0.5
     lease.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_settings_with_redis_make_a_shared_shaper(
+    redis_server: redis_peer.RedisPeer,
+) -> None:
+    address = f"{redis_server.host}:{redis_server.port}"
+    settings = parse_shaping({"redis": address, "default": {"message_rate": "20/s"}})
+    one, two = settings.shaper(reactor), settings.shaper(reactor)
+    try:
+        assert isinstance(one.store, RedisStore)
+        assert one.store.prefix == DEFAULT_PREFIX
+        leases = [await one.acquire("s"), await two.acquire("s")]
+        start = reactor.seconds()
+        for lease in leases * 2:
+            await lease.message()
+        # Four tokens at 20/s, the first at once: 0.15 s.
+        assert reactor.seconds() - start >= 0.15 - 0.01
+        for lease in leases:
+            lease.release()
+    finally:
+        await one.close()
+        await two.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_fails_the_acquisition_after_the_timeout() -> None:
+    store = RedisStore.connect("127.0.0.1", redis_peer.free_port(), timeout=0.3)
+    shaper = Shaper(store=store, clock=reactor)
+    start = reactor.seconds()
+    try:
+        with pytest.raises(TimeoutError):
+            await shaper.acquire("s")
+        assert 0.3 - 0.01 <= reactor.seconds() - start < 2
+    finally:
+        await shaper.close()

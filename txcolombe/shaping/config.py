@@ -33,7 +33,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from txcolombe.shaping.backoff import DEFAULT_PATTERNS, BackoffRules
@@ -41,6 +40,7 @@ from txcolombe.shaping.policy import DEFAULT_LIMITS, Limits, Policy
 from txcolombe.shaping.redisstore import DEFAULT_PREFIX, RedisStore
 from txcolombe.shaping.shaper import Shaper
 from txcolombe.shaping.sites import SiteNamer
+from txcolombe.shaping.store import MemoryStore, Store
 from txcolombe.shaping.throttle import Rate, RateError
 
 _TOP = {
@@ -71,15 +71,14 @@ class ShapingSettings:
     redis: tuple[str, int] | None = None
     redis_prefix: str = DEFAULT_PREFIX
 
-    def shaper(self, clock: IReactorTime) -> Deferred[Shaper]:
-        """A :class:`Shaper` with these settings (connected to Redis, if set)."""
-        if self.redis is None:
-            return succeed(Shaper(self.policy, self.backoff, clock=clock))
-        host, port = self.redis
-        connected = RedisStore.connect(host, port, prefix=self.redis_prefix)
-        return connected.addCallback(
-            lambda store: Shaper(self.policy, self.backoff, store=store, clock=clock)
-        )
+    def shaper(self, clock: IReactorTime) -> Shaper:
+        """A :class:`Shaper` with these settings (on Redis, if set: it
+        connects in the background)."""
+        store: Store = MemoryStore()
+        if self.redis is not None:
+            host, port = self.redis
+            store = RedisStore.connect(host, port, prefix=self.redis_prefix, clock=clock)
+        return Shaper(self.policy, self.backoff, store=store, clock=clock)
 
 
 def _keys(

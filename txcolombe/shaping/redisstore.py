@@ -11,7 +11,9 @@ use), so that a relay that dies does not hold its slots for ever. Keys
 expire once nothing in them matters any more.
 
 The client is txredisapi (Twisted-native, on PyPI); a connection it made is
-passed in, or :meth:`RedisStore.connect` makes one.
+passed in, or :meth:`RedisStore.connect` makes one. A step that Redis does
+not answer within ``timeout`` fails (txredisapi itself would wait for ever
+for a server that is down).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
 from txcolombe.shaping.backoff import BackoffRules, SiteState
 from txcolombe.shaping.throttle import EPSILON
@@ -103,6 +106,9 @@ class RedisStore:
     :param lease_ttl: seconds a connection slot lives after its last use.
     :param poll: seconds between retries for a slot (another relay's release
         is not signalled here).
+    :param timeout: seconds a step may take (Redis down, say) before it fails
+        with :class:`twisted.internet.defer.TimeoutError`, and the
+        acquisition waiting on it with it.
     """
 
     def __init__(
@@ -112,34 +118,44 @@ class RedisStore:
         prefix: str = DEFAULT_PREFIX,
         lease_ttl: float = 600.0,
         poll: float = 0.5,
+        timeout: float = 10.0,
+        clock: IReactorTime | None = None,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor
+        self.clock = clock
+        self.timeout = timeout
         self.redis = redis
         self.prefix = prefix
         self.lease_ttl = lease_ttl
         self.poll: float | None = poll
 
     @classmethod
-    def connect(
-        cls, host: str, port: int = 6379, *, connect_timeout: float = 10.0, **options: Any
-    ) -> Deferred[RedisStore]:
-        """Connect to Redis (reconnecting when the connection drops)."""
+    def connect(cls, host: str, port: int = 6379, **options: Any) -> RedisStore:
+        """A store on a new connection to Redis, made in the background and
+        remade whenever it drops; meanwhile every step waits (up to
+        ``timeout``)."""
         import txredisapi
 
-        connected: Deferred[Any] = txredisapi.Connection(
-            host, port, reconnect=True, convertNumbers=False, connectTimeout=connect_timeout
+        redis = txredisapi.lazyConnection(
+            host, port, reconnect=True, convertNumbers=False, connectTimeout=10
         )
-        return connected.addCallback(lambda redis: cls(redis, **options))
+        return cls(redis, **options)
 
     def disconnect(self) -> Deferred[None]:
-        result: Deferred[None] = self.redis.disconnect()
-        return result
+        result: Deferred[Any] = self.redis.disconnect()
+        return result.addCallback(lambda _: None)
 
     def _key(self, kind: str, site: str) -> str:
         return f"{self.prefix}{kind}:{site}"
 
+    def _timed(self, step: Deferred[Any]) -> Deferred[Any]:
+        return step.addTimeout(self.timeout, self.clock)
+
     def _eval(self, script: str, keys: list[str], args: list[Any]) -> Deferred[Any]:
-        result: Deferred[Any] = self.redis.eval(script, keys, [str(a) for a in args])
-        return result
+        return self._timed(self.redis.eval(script, keys, [str(a) for a in args]))
 
     def take(self, site: str, counter: str, now: float, interval: float) -> Deferred[float]:
         key = self._key(f"tat:{counter}", site)
@@ -158,7 +174,7 @@ class RedisStore:
         return self._eval(_REFRESH, [self._key("slots", site)], args).addCallback(lambda _: None)
 
     def close(self, site: str, lease: str) -> Deferred[None]:
-        removed: Deferred[Any] = self.redis.zrem(self._key("slots", site), lease)
+        removed = self._timed(self.redis.zrem(self._key("slots", site), lease))
         return removed.addCallback(lambda _: None)
 
     def slow_down(
@@ -171,5 +187,5 @@ class RedisStore:
         return self._eval(_SLOW_DOWN, [self._key("state", site)], args).addCallback(_state)
 
     def state(self, site: str) -> Deferred[SiteState]:
-        values: Deferred[Any] = self.redis.hmget(self._key("state", site), list(_STATE_FIELDS))
+        values = self._timed(self.redis.hmget(self._key("state", site), list(_STATE_FIELDS)))
         return values.addCallback(_state)

@@ -271,6 +271,10 @@ class Shaper:
 
         return self.store.slow_down(site, now, reason, self.backoff).addCallback(noted)
 
+    def close(self) -> Deferred[None]:
+        """Disconnect from the store (the relay's shutdown)."""
+        return self.store.disconnect()
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Each site this shaper has seen: its connections and waiters here,
         totals, and its back-off state (as last read from the store)."""

@@ -49,6 +49,9 @@ class Store(Protocol):
     def state(self, site: str) -> Deferred[SiteState]:
         """The site's stored back-off state."""
 
+    def disconnect(self) -> Deferred[None]:
+        """Let go of the store's connections (at shutdown)."""
+
 
 class MemoryStore:
     """The in-process store (the default): plain dictionaries."""
@@ -89,3 +92,6 @@ class MemoryStore:
 
     def state(self, site: str) -> Deferred[SiteState]:
         return succeed(self._states.get(site, SiteState()))
+
+    def disconnect(self) -> Deferred[None]:
+        return succeed(None)
