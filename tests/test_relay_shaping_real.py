@@ -1,7 +1,8 @@
 """The relay in MX mode with a ``[shaping]`` section, for real: 200 messages
 to one site limited to ``10/s`` and 3 connections take at least 19 s, and
 the exchanger, slow enough that four would overlap, never sees more than 3
-connections at once; the queue tool shows the site.
+connections at once; the queue tool shows the site. Two relays sharing one
+``10/s`` budget in a private redis-server stay within it together.
 
 A DNS server (twisted.names, test_relay_mx's zone) answers on 127.0.0.1;
 an aiosmtpd exchanger on 127.0.0.2 counts its open connections.
@@ -25,6 +26,7 @@ import pytest_twisted
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from twisted.internet import reactor
+from twisted.internet.defer import DeferredList
 from twisted.internet.threads import deferToThread
 from twisted.names import dns, server
 
@@ -107,9 +109,9 @@ def dns_port() -> Iterator[int]:
         port.stopListening()
 
 
-def _send_all(port: int) -> None:
+def _send_all(port: int, count: int = MESSAGES) -> None:
     with smtplib.SMTP("127.0.0.1", port, "client.test", timeout=30) as client:
-        for i in range(MESSAGES):
+        for i in range(count):
             body = f"Subject: {i}\r\n\r\nmessage {i}\r\n".encode()
             client.sendmail("a@relay.test", [f"r{i}@one.test"], body)
 
@@ -155,3 +157,49 @@ async def test_200_messages_at_10_per_second_and_3_connections(
     assert span < 45
     assert counter.peak == 3
     assert human.startswith(expected), human
+
+
+PER_RELAY = 40
+
+
+@pytest.mark.network
+@pytest_twisted.ensureDeferred
+async def test_two_relays_share_one_10_per_second_budget_in_redis(
+    tmp_path: Path, exchanger: tuple[int, Counter], dns_port: int, redis_server: Any
+) -> None:
+    mx_port, counter = exchanger
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[shaping]\nredis = "{redis_server.host}:{redis_server.port}"\n'
+        '[shaping.default]\nmessage_rate = "10/s"\n'
+    )
+    args = [
+        f"--config={config}", f"--dns-server=127.0.0.1:{dns_port}", f"--mx-port={mx_port}",
+        "--min-backoff=1",
+    ]  # fmt: skip
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        RelayProcess(tmp_path / "a", free_port(), args) as first,
+        RelayProcess(tmp_path / "b", free_port(), args) as second,
+    ):
+        await DeferredList(
+            [deferToThread(_send_all, relay.port, PER_RELAY) for relay in (first, second)],
+            fireOnOneErrback=True,
+        )
+        total = 2 * PER_RELAY
+        await until(lambda: len(counter.arrivals) >= total, 60, "every delivery")
+        reports = [
+            json.loads(await deferToThread(_queue_tool, relay.spool, "--json", "shaping"))
+            for relay in (first, second)
+        ]
+    times = sorted(counter.arrivals)
+    span = times[-1] - times[0]
+    busiest = max(sum(1 for u in times if t <= u < t + 1.0) for t in times)
+    print(f"{total} messages from two relays in {span:.2f} s, at most {busiest} in a second")
+    # Each relay alone would send its 40 in 3.9 s; together, 80 tokens: 7.9 s.
+    assert span >= 7.9 * 0.95
+    # 10 in a second (11 on a closed window), one more for the network's jitter.
+    assert busiest <= 12
+    assert sum(r["mx1.one.test"]["messages_total"] for r in reports) == total
+    assert all(r["mx1.one.test"]["messages_total"] >= PER_RELAY for r in reports)

@@ -7,9 +7,7 @@ budget: a ``10/s`` message rate, a connection cap, a suspension.
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -24,17 +22,6 @@ from txcolombe.shaping.config import parse_shaping
 from txcolombe.shaping.redisstore import DEFAULT_PREFIX, RedisStore
 
 reactor: Any = global_reactor
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[redis_peer.RedisPeer]:
-    reason = redis_peer.available()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the Redis tests, but: {reason}")
-        pytest.skip(reason)
-    with redis_peer.RedisPeer(tmp_path) as server:
-        yield server
 
 
 @pytest_twisted.async_yield_fixture
