@@ -43,8 +43,13 @@ def run_until(clock: Clock, until: float) -> None:
 def times_of(clock: Clock, deferreds: list[Deferred[Any]], until: float) -> list[float]:
     """When each Deferred fired, running ``clock`` up to ``until``."""
     fired: dict[int, float] = {}
+
+    def note(result: Any, i: int) -> Any:
+        fired[i] = clock.seconds()
+        return result
+
     for i, d in enumerate(deferreds):
-        d.addCallback(lambda result, i=i: fired.setdefault(i, clock.seconds()) and result)
+        d.addCallback(note, i)
     run_until(clock, until)
     assert len(fired) == len(deferreds), f"only {len(fired)} of {len(deferreds)} fired"
     return [fired[i] for i in range(len(deferreds))]
