@@ -1,13 +1,28 @@
-"""The sans-I/O shaping rules: rates, GCRA, site names, policies, back-off."""
+"""The sans-I/O shaping rules: rates, GCRA, site names (and their lookup in a
+fake zone), policies, back-off."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
+from txcolombe.errors import NoSuchDomain
 from txcolombe.reply import Reply
-from txcolombe.shaping import BackoffRules, Limits, Policy, Rate, RateError, SiteNamer, SiteState
+from txcolombe.shaping import (
+    BackoffRules,
+    Limits,
+    Policy,
+    Rate,
+    RateError,
+    SiteNamer,
+    SiteResolver,
+    SiteState,
+)
 from txcolombe.shaping.backoff import slow_down
 from txcolombe.shaping.throttle import gcra
 
@@ -194,3 +209,42 @@ def test_slow_down_lowers_once_per_suspension_and_recovers() -> None:
         "rate_factor": 0.2,
         "lowered_for": 550.0,
     }
+
+
+class CountingZone:
+    """An IResolver stand-in: test_relay_mx's zone, counting the queries."""
+
+    def __init__(self) -> None:
+        from tests.test_relay_mx import Zone
+
+        self.zone = Zone()
+        self.queries: list[bytes] = []
+
+    def query(self, query: Any, timeout: Any = None) -> Any:
+        self.queries.append(query.name.name)
+        return self.zone.query(query, timeout)
+
+
+def test_site_resolver_names_and_caches() -> None:
+    clock = Clock()
+    zone = CountingZone()
+    sites = SiteResolver(zone, clock=clock, ttl=300)  # type: ignore[arg-type]
+
+    def site(domain: str) -> str:
+        out: list[Any] = []
+        Deferred.fromCoroutine(sites.site(domain)).addBoth(out.append)
+        if isinstance(out[0], Failure):
+            out[0].raiseException()
+        return str(out[0])
+
+    assert site("One.Test.") == "mx1.one.test"
+    assert site("one.test") == "mx1.one.test"
+    assert zone.queries == [b"one.test"]
+    clock.advance(300)
+    assert site("one.test") == "mx1.one.test"
+    assert zone.queries == [b"one.test"] * 2
+    # A domain with only a null MX, or none: the domain itself.
+    assert site("nullmx.test") == "nullmx.test"
+    assert site("mx1.one.test") == "mx1.one.test"
+    with pytest.raises(NoSuchDomain):
+        site("nosuch.test")
