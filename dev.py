@@ -7,7 +7,7 @@
 
 Each task first makes ``.venv`` and installs the project with its test
 extras into it (again only when pyproject.toml changed). ``test`` also
-installs the Debian packages of the real peers (Postfix, Dovecot, swaks)
+installs the Debian packages of the real peers (Postfix, Dovecot, swaks, Redis)
 when it runs as root with apt-get; without them those tests skip and say why.
 """
 
@@ -51,7 +51,7 @@ def ensure_venv() -> None:
 def install_peers() -> None:
     """Postfix, Dovecot and swaks from Debian, for the real-peer tests."""
     script = ROOT / "tools" / "install_peers.sh"
-    step("installing the real SMTP peers (Postfix, Dovecot, swaks) if missing")
+    step("installing the real peers (Postfix, Dovecot, swaks, Redis) if missing")
     # In CI the real-peer tier must run: a failed installation is a failure.
     strict = ["--strict"] if os.environ.get("CI") else []
     run("bash", script, *strict, check=bool(strict))

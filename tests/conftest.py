@@ -121,6 +121,23 @@ def postfix_peer(postfix_ca: trustme.CA) -> Iterator[Any]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+# -- Redis -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A private redis-server on a free loopback port (or a skip; under CI a failure)."""
+    from tools.peers import redis_peer
+
+    reason = redis_peer.available()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the Redis tests, but: {reason}")
+        pytest.skip(reason)
+    with redis_peer.RedisPeer(tmp_path) as server:
+        yield server
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Register txcolombe's pytest plugin (fixtures ``smtp``, ``smtp_server``)
     when its ``pytest11`` entry point did not (a checkout not reinstalled)."""

@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 # by name: the package exports a function of the same name as this module
 DELIVER = importlib.import_module("txcolombe.delivery.deliver")
+Deliverer = importlib.import_module("txcolombe.delivery.deliverer").Deliverer
 SESSION = importlib.import_module("txcolombe.client.session")
 
 _FENCE = re.compile(r"^(`{3,})\s*([\w{}-]*)\s*$")
@@ -135,8 +136,11 @@ def docs_world(fake: MemorySMTP, directory: Path) -> Iterator[None]:
             raise AssertionError("a documentation example must pass reactor= to txcolombe")
         return real_endpoint_for(reactor, *args, **kwargs)
 
-    def no_default_reactor() -> Any:
-        raise AssertionError("a documentation example must pass reactor= to deliver()")
+    class GuardedDeliverer(Deliverer):
+        def reactor(self, given: Any) -> Any:
+            if given is None:
+                raise AssertionError("a documentation example must pass reactor= to deliver()")
+            return given
 
     def react(main: Any, argv: Any = (), _reactor: Any = None) -> None:
         fake.react(main, argv)
@@ -144,8 +148,7 @@ def docs_world(fake: MemorySMTP, directory: Path) -> Iterator[None]:
     patches: list[tuple[Any, str, Any]] = [
         (task, "react", react),
         (_sslverify, "platformTrust", lambda: fake.trust_root),
-        (DELIVER, "default_resolver", lambda: fake.resolver),
-        (DELIVER, "_default_reactor", no_default_reactor),
+        (DELIVER, "default_deliverer", lambda: GuardedDeliverer(resolver=fake.resolver)),
         (SESSION, "default_domain", lambda: "client.example.com"),
         (SESSION, "endpoint_for", guarded_endpoint_for),
     ]

@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
 # Install the Debian packages the Postfix peer (tools/peers/postfix_peer.py)
-# needs: postfix, dovecot-core, swaks and ca-certificates.
+# needs: postfix, dovecot-core, swaks and ca-certificates; and redis-server
+# for the shaping tests' Redis peer (tools/peers/redis_peer.py).
 #
 # Idempotent: does nothing when everything is installed.  Needs root and
 # apt-get; without them it says why and exits 0, so the tests that need
-# Postfix skip with a reason (tools.peers.postfix_peer.available()).
+# Postfix or Redis skip with a reason (the peers' available()).
 # With --strict (or PEERS_STRICT=1) a failed installation exits 1 instead.
 #
 # Postfix is preseeded as "No configuration", and no service is started: the
-# peer runs private instances (postfix -c DIR, dovecot -c FILE) on loopback
-# high ports.  If a system postfix or dovecot is running afterwards anyway,
-# it is stopped.
+# peers run private instances (postfix -c DIR, dovecot -c FILE, redis-server
+# --port N) on loopback high ports.  If a system postfix, dovecot or
+# redis-server is running afterwards anyway, it is stopped.
 set -u -o pipefail
 
 # swaks needs the Perl TLS and SASL modules for STARTTLS, implicit TLS and AUTH.
-PACKAGES=(postfix dovecot-core swaks ca-certificates libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl)
+PACKAGES=(postfix dovecot-core swaks ca-certificates libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl
+    redis-server)
 strict="${PEERS_STRICT:-0}"
 for arg in "$@"; do
     case "$arg" in
         --strict) strict=1 ;;
         -h | --help)
-            sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -34,7 +36,7 @@ say() { echo "install_peers: $*"; }
 
 give_up() {
     say "$*"
-    say "tests that need Postfix/Dovecot will be skipped"
+    say "tests that need Postfix/Dovecot/Redis will be skipped"
     if [ "$strict" = 1 ]; then
         exit 1
     fi
@@ -71,8 +73,15 @@ stop_system_daemons() {
             break
         fi
     done
+    pidfile=/run/redis/redis-server.pid
+    if [ -r "$pidfile" ] && pid=$(sed -n '1s/[^0-9]//gp' "$pidfile") && [ -n "$pid" ] &&
+        kill -0 "$pid" 2>/dev/null; then
+        say "stopping the system Redis (pid $pid)"
+        kill "$pid" 2>/dev/null || true
+    fi
     if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-        systemctl disable --now postfix.service dovecot.service >/dev/null 2>&1 || true
+        systemctl disable --now postfix.service dovecot.service redis-server.service \
+            >/dev/null 2>&1 || true
     fi
 }
 

@@ -26,6 +26,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
 from txcolombe.relay.queue import QueueManager
+from txcolombe.relay.shaped import shaping_snapshot
 from txcolombe.relay.spool import Spool
 
 SOCKET_NAME = "control.sock"
@@ -54,6 +55,8 @@ class ControlProtocol(LineOnlyReceiver):
             return queue.list()
         if cmd == "stats":
             return queue.stats()
+        if cmd == "shaping":
+            return shaping_snapshot(queue.transport)
         if cmd == "flush" and not queue_id:
             return queue.flush()
         actions: dict[str, Callable[[str], Any]] = {
@@ -237,6 +240,9 @@ PAST = {
 }
 
 
+COMMANDS = ["list", "stats", "shaping", "flush", "show", "hold", "release", "delete", "requeue"]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``smtprelay-queue``: exit 0 done, 1 failed (no such message, relay down), 2 usage."""
     parser = argparse.ArgumentParser(
@@ -244,10 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-s", "--spool", type=Path, default=Path("smtprelay-spool"))
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
-    parser.add_argument(
-        "command",
-        choices=["list", "stats", "flush", "show", "hold", "release", "delete", "requeue"],
-    )
+    parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("ids", nargs="*", help="queue ids; - reads them from stdin")
     parser.add_argument("--all", action="store_true", help="every queued message")
     parser.add_argument("--sender", help="messages from this sender")
@@ -282,7 +285,7 @@ def _run(args: argparse.Namespace, ids: list[str]) -> int:
     if not up:
         print(f"the relay for {args.spool} is not running; {cmd} needs it", file=sys.stderr)
         return 1
-    if cmd in ("list", "stats") or (cmd == "flush" and not args.selected):
+    if cmd in ("list", "stats", "shaping") or (cmd == "flush" and not args.selected):
         answer = request(args.spool, cmd)
         result = answer["result"]
         if args.json:
@@ -292,6 +295,8 @@ def _run(args: argparse.Namespace, ids: list[str]) -> int:
         elif cmd == "stats":
             for key, value in result.items():
                 print(f"{key}: {value}")
+        elif cmd == "shaping":
+            _print_shaping(result)
         else:
             print(f"flushed {result} messages")
         return 0
@@ -316,6 +321,21 @@ def _run(args: argparse.Namespace, ids: list[str]) -> int:
             print(f"{queue_id}: no such message", file=sys.stderr)
         print(f"{PAST[cmd]} {len(done)} messages")
     return 1 if missing else 0
+
+
+def _print_shaping(sites: dict[str, dict[str, Any]]) -> None:
+    if not sites:
+        print("no shaped sites (MX mode with a [shaping] section shapes each site)")
+    for site, info in sites.items():
+        line = (
+            f"{site}: {info['connections_open']} open, {info['waiting']} waiting, "
+            f"{info['messages_total']} messages, {info['slow_downs']} slow-downs"
+        )
+        if info["suspended"]:
+            line += f"; suspended {info['suspended_for']:.0f}s more ({info['reason']})"
+        if info["rate_factor"] != 1.0:
+            line += f"; rate x{info['rate_factor']:g} for {info['lowered_for']:.0f}s"
+        print(line)
 
 
 def _emit_show(args: argparse.Namespace, info: dict[str, Any]) -> int:

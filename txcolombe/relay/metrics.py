@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from txcolombe.relay.queue import QueueManager
+from txcolombe.relay.shaped import shaping_snapshot
 
 _HELP = {
     "received": ("counter", "Messages accepted into the spool."),
@@ -18,6 +21,17 @@ _HELP = {
     "spool_errors": ("counter", "Bounces, warnings or states the spool could not write."),
     "queue_size": ("gauge", "Messages in the queue."),
     "active": ("gauge", "Messages being delivered."),
+}
+
+#: Per-site traffic-shaping values (docs/shaping.md), labelled by site.
+_SHAPING = {
+    "connections_open": ("gauge", "Connections open to the site."),
+    "waiting": ("gauge", "Deliveries waiting for the site's limits."),
+    "connections_total": ("counter", "Connections granted to the site."),
+    "messages_total": ("counter", "Messages granted to the site."),
+    "slow_downs": ("counter", "Slow-down replies from the site."),
+    "suspended": ("gauge", "1 while the site is suspended after a slow-down reply."),
+    "rate_factor": ("gauge", "The factor the site's rates are lowered by (1: not lowered)."),
 }
 
 #: Stats named ``deferred_local_<reason>`` become this counter, labelled by reason.
@@ -41,7 +55,22 @@ def prometheus_text(queue: QueueManager) -> bytes:
             f"# TYPE {metric} counter",
         ]
         lines += [f'{metric}{{reason="{reason}"}} {value}' for reason, value in reasons]
-    return ("\n".join(lines) + "\n").encode("ascii")
+    lines += _shaping_lines(shaping_snapshot(queue.transport))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _shaping_lines(sites: dict[str, dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    if not sites:
+        return lines
+    for name, (kind, text) in _SHAPING.items():
+        metric = f"smtprelay_shaping_{name.removesuffix('_total')}"
+        metric += "_total" if kind == "counter" else ""
+        lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}"]
+        for site, info in sites.items():
+            label = site.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            lines.append(f'{metric}{{site="{label}"}} {float(info[name]):g}')
+    return lines
 
 
 class _Metrics(Resource):

@@ -1,7 +1,10 @@
 """The options of ``twistd smtprelay``, from the command line or a TOML file.
 
 Every option may also be given in the file named by ``--config`` (keys as
-the long option names, with ``-`` or ``_``); the command line wins.
+the long option names, with ``-`` or ``_``); the command line wins. The
+file's ``[shaping]`` section (traffic shaping, docs/shaping.md) has no
+command-line form: it becomes ``options["shaping"]``, a
+:class:`~txcolombe.delivery.shaping.config.ShapingSettings` (None without it).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any, ClassVar
 from OpenSSL import SSL, crypto
 from twisted.internet import endpoints
 from twisted.python import usage
+
+from txcolombe.delivery.shaping.config import ShapingConfigError, ShapingSettings, parse_shaping
 
 DEFAULT_LISTEN = "tcp:port=10025:interface=127.0.0.1"
 DEFAULT_SPOOL = "smtprelay-spool"
@@ -96,6 +101,7 @@ class Options(usage.Options):
         super().__init__()  # type: ignore[no-untyped-call]
         self["listen"] = []
         self["relay-network"] = []
+        self["shaping"] = None
         #: The options given on the command line: they win over the file.
         self._given: set[str] = set()
         for name in [p[0] for p in self.optParameters] + [f[0] for f in self.optFlags]:
@@ -172,7 +178,9 @@ class Options(usage.Options):
         flags = {f[0] for f in self.optFlags}
         for raw_key, value in config.items():
             key = raw_key.replace("_", "-")
-            if key in MULTI:
+            if key == "shaping":
+                self["shaping"] = _shaping(path, value)
+            elif key in MULTI:
                 values = value if isinstance(value, list) else [value]
                 if not all(isinstance(v, str) for v in values):
                     raise usage.UsageError(f"{path}: {raw_key} is a string or a list of strings")
@@ -195,6 +203,13 @@ class Options(usage.Options):
                     self[key] = _coerced(value, kind)
             else:
                 raise usage.UsageError(f"{path}: unknown option {raw_key!r}")
+
+
+def _shaping(path: str, section: Any) -> ShapingSettings:
+    try:
+        return parse_shaping(section)
+    except ShapingConfigError as error:
+        raise usage.UsageError(f"{path}: {error}") from None
 
 
 def check_tls(cert: str, key: str) -> None:

@@ -252,7 +252,8 @@ def smarthost_from_options(options: Any, hostname: str) -> Smarthost:
 
 
 def build_transport(options: Any, hostname: str, reactor: Any) -> Transport:
-    """The transport of the options: to the smarthost, or to each domain's MX."""
+    """The transport of the options: to the smarthost, or to each domain's MX
+    (shaped per site when the configuration has a ``[shaping]`` section)."""
     if options["smarthost"]:
         return SmarthostTransport(
             smarthost_from_options(options, hostname),
@@ -268,7 +269,17 @@ def build_transport(options: Any, hostname: str, reactor: Any) -> Transport:
         host, _, port = str(options["dns-server"]).rpartition(":")
         servers = [(host.strip("[]"), int(port))]
         mx["resolver"] = client.createResolver(servers=servers)  # type: ignore[no-untyped-call]
-    return MXTransport(reactor=reactor, domain=hostname, **mx)
+    transport = MXTransport(reactor=reactor, domain=hostname, **mx)
+    settings = options.get("shaping")
+    if settings is None:
+        return transport
+    from txcolombe.delivery.dns import default_resolver
+    from txcolombe.delivery.shaping import SiteResolver
+    from txcolombe.relay.shaped import ShapedTransport
+
+    resolver = mx.get("resolver") or default_resolver()
+    sites = SiteResolver(resolver, clock=reactor, namer=settings.sites)
+    return ShapedTransport(transport, settings.shaper(reactor), sites)
 
 
 def _server_tls(options: Any) -> Any:
