@@ -6,6 +6,7 @@ from txcolombe.address import Mailbox
 from txcolombe.api import sendmail, submit
 from txcolombe.auth import Authentication, Mechanism
 from txcolombe.deliver import deliver
+from txcolombe.dkim import DKIMSigner
 from txcolombe.dsn import DSN, Notify, Recipient, Return
 from txcolombe.errors import *  # noqa: F403 - the error classes are public API
 from txcolombe.errors import __all__ as _error_names
@@ -25,6 +26,7 @@ __all__ = [
     "MTASTS",
     "AddressPreference",
     "Attempt",
+    "DKIMSigner",
     "DeliveryResult",
     "DeliveryStatus",
     "Outcome",

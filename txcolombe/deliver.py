@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from txcolombe.address import Mailbox, parse_domain, parse_sender
 from txcolombe.auth import Authentication
 from txcolombe.body import Body, check_body
+from txcolombe.dkim import DKIMSigner
 from txcolombe.dns import DEFAULT_DNS_TIMEOUT, default_resolver, lookup_addresses, lookup_mx
 from txcolombe.dsn import DSN
 from txcolombe.errors import (
@@ -91,6 +92,7 @@ from txcolombe.routing import (
     split_refused,
 )
 from txcolombe.session import Session, connect
+from txcolombe.signing import DKIM, signed_replayable, signers
 from txcolombe.tlspolicy import CheckedTLS, TLSLevel, TLSPolicy
 
 __all__ = [
@@ -144,6 +146,7 @@ class _Options:
     requiretls: bool
     local_names: frozenset[str]
     local_addresses: frozenset[IPAddress]
+    dkim: list[DKIMSigner]
 
 
 def deliver(
@@ -170,6 +173,7 @@ def deliver(
     dsn: DSN | None = None,
     requiretls: bool = False,
     local_identities: Iterable[str] = (),
+    dkim: DKIM = None,
 ) -> Deferred[DeliveryResult]:
     """Deliver a message to each recipient's domain, through its exchangers.
 
@@ -205,6 +209,8 @@ def deliver(
         §5.1): MX records at or below our own preference are dropped, and
         when we are the best exchanger the domain fails with
         :class:`~txcolombe.errors.MailLoop` (554 5.4.6) instead of looping.
+    :param dkim: a :class:`~txcolombe.dkim.DKIMSigner` or several (one
+        signature each): the body is signed once, before any connection.
     :returns: a Deferred firing with a :class:`DeliveryResult`; it fails
         only for the caller's mistakes (:class:`~txcolombe.errors.UsageError`,
         e.g. an invalid sender or an unreadable body). Cancelling it aborts
@@ -245,6 +251,7 @@ def deliver(
             rng=rng,
             dsn=dsn,
             requiretls=requiretls,
+            dkim=signers(dkim),
             **_identities(local_identities),
         )
     except ValueError as error:
@@ -294,7 +301,7 @@ async def _deliver(
         outcomes[rcpt] = Outcome(rcpt, domain, DeliveryStatus.PERMANENT, error=error)
     if not grouping.domains:
         return _in_order(recipients, outcomes)
-    replayable = await ReplayableBody.of(body)
+    replayable = await signed_replayable(body, options.dkim)
     try:
         semaphore = DeferredSemaphore(max_concurrency)
         tasks = [

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from txcolombe.address import Mailbox, parse_domain, parse_sender
 from txcolombe.auth import Authentication, resolve_token
-from txcolombe.body import Body, body_producer, check_body, known_length
+from txcolombe.body import Body, check_body, known_length
 from txcolombe.connect import (
     Destination,
     Host,
@@ -45,6 +45,7 @@ from txcolombe.extensions import Extensions
 from txcolombe.machine import ClientMachine, Envelope, TLSMode
 from txcolombe.protocol import DEFAULT_TIMEOUTS, SMTPClientProtocol, Timeouts
 from txcolombe.receipt import Receipt, TLSInfo
+from txcolombe.signing import DKIM, signed_producer
 
 #: A trust root, or the path of a PEM file of CA certificates.
 TrustRoot = IOpenSSLTrustRoot | str | os.PathLike[str]
@@ -101,6 +102,7 @@ class Session:
         chunking: bool | None = None,
         binary: bool = False,
         reset_first: bool = False,
+        dkim: DKIM = None,
     ) -> Deferred[Receipt]:
         """Send one message; fires with its :class:`Receipt`.
 
@@ -125,13 +127,17 @@ class Session:
         :param reset_first: send RSET before MAIL (pipelined when the server
             allows): checks that a connection that sat idle is still alive
             before the message is at stake.
+        :param dkim: a :class:`~txcolombe.dkim.DKIMSigner` or several: the
+            body is signed when its turn comes (read twice, or spooled
+            first), so no SIZE is declared; ``sendmail`` and ``Pool.send``
+            sign before MAIL and declare it.
         :raises ExtensionUnavailable: (as a failure) an option needs an
             extension the server lacks; nothing is sent for the message.
         """
         try:
             recipients = check_message(sender, recipients, body, dsn=dsn)
             mailboxes, options = recipient_options(recipients, dsn)
-            producer = body_producer(body, cooperator=self._cooperator)
+            producer = signed_producer(body, dkim, cooperator=self._cooperator)
             envelope = Envelope(
                 parse_sender(sender),
                 mailboxes,
