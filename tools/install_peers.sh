@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the Postfix peer (tools/peers/postfix_peer.py)
-# needs: postfix, dovecot-core, swaks and ca-certificates.
+# needs: postfix, dovecot-core, swaks and ca-certificates; and OpenDKIM
+# (opendkim, opendkim-tools), the second verifier of tests/test_dkim_opendkim.py.
 #
 # Idempotent: does nothing when everything is installed.  Needs root and
 # apt-get; without them it says why and exits 0, so the tests that need
@@ -9,18 +10,19 @@
 #
 # Postfix is preseeded as "No configuration", and no service is started: the
 # peer runs private instances (postfix -c DIR, dovecot -c FILE) on loopback
-# high ports.  If a system postfix or dovecot is running afterwards anyway,
-# it is stopped.
+# high ports, and OpenDKIM runs only in test mode (opendkim -t).  If a system
+# postfix, dovecot or opendkim is running afterwards anyway, it is stopped.
 set -u -o pipefail
 
 # swaks needs the Perl TLS and SASL modules for STARTTLS, implicit TLS and AUTH.
-PACKAGES=(postfix dovecot-core swaks ca-certificates libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl)
+PACKAGES=(postfix dovecot-core swaks ca-certificates libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl
+    opendkim opendkim-tools)
 strict="${PEERS_STRICT:-0}"
 for arg in "$@"; do
     case "$arg" in
         --strict) strict=1 ;;
         -h | --help)
-            sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -71,8 +73,14 @@ stop_system_daemons() {
             break
         fi
     done
+    pidfile=/run/opendkim/opendkim.pid
+    if [ -r "$pidfile" ] && pid=$(sed -n '1s/[^0-9]//gp' "$pidfile") && [ -n "$pid" ] &&
+        kill -0 "$pid" 2>/dev/null; then
+        say "stopping the system OpenDKIM (pid $pid)"
+        kill "$pid" 2>/dev/null || true
+    fi
     if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-        systemctl disable --now postfix.service dovecot.service >/dev/null 2>&1 || true
+        systemctl disable --now postfix.service dovecot.service opendkim.service >/dev/null 2>&1 || true
     fi
 }
 
