@@ -65,7 +65,9 @@ MESSAGES = {
     "long folded headers": (
         HEADERS.replace(b"To: bob@example.org\r\n", LONG_TO)
         + b"X-Long: "
-        + b" ".join([b"word"] * 300)
+        + b" ".join([b"word"] * 150)
+        + b"\r\nX-Folded: "
+        + b"\r\n ".join([b"folded word"] * 100)
         + b"\r\n\r\nbody\r\n"
     ),
     "UTF-8 headers": (

@@ -86,8 +86,8 @@ class OpenDKIM:
         return found
 
 
-@pytest_twisted.async_yield_fixture()
-async def opendkim(tmp_path: Path) -> AsyncIterator[OpenDKIM]:
+@pytest_twisted.async_yield_fixture(name="opendkim")
+async def opendkim_fixture(tmp_path: Path) -> AsyncIterator[OpenDKIM]:
     _require_opendkim()
     zone = _KeyZone()
     factory = server.DNSServerFactory(authorities=[zone])
