@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from dkim.canonicalization import Relaxed, Simple
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from tests.conftest import on_the_wire
 from tests.dkim_support import (
@@ -199,6 +201,51 @@ async def test_signed_producer_signs_when_started() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_signing_producer_stopped_while_sending_removes_its_spool() -> None:
+    producer: Any = signed_producer(_chunks(_big_message(), 50000), [signer("ed25519")])
+
+    class StopAtOnce(Collect):
+        def write(self, data: bytes) -> None:  # spooled, hashed, now sending
+            super().write(data)
+            producer.stopProducing()
+
+    consumer = StopAtOnce()
+    done = producer.startProducing(consumer)
+    await deferLater(reactor, 0.2)
+    assert 0 < len(consumer.data) < len(_big_message())
+    assert not done.called  # IBodyProducer: a stopped producer never finishes
+    assert producer._replayable._file.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_signing_producer_stopped_while_hashing_sends_nothing() -> None:
+    producer: Any = signed_producer(_chunks(_big_message(), 50000), [signer("ed25519")])
+    consumer = Collect()
+    done = producer.startProducing(consumer)
+    producer.pauseProducing()
+    producer.stopProducing()
+    await deferLater(reactor, 0.2)
+    assert consumer.data == b""
+    assert not done.called
+    assert producer._replayable is None  # the spool was closed when hashing stopped
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_paused_signing_producer_waits() -> None:
+    message = _big_message()
+    producer: Any = signed_producer(_chunks(message, 50000), [signer("ed25519")])
+    consumer = Collect()
+    producer.pauseProducing()  # paused before it starts sending
+    done = producer.startProducing(consumer)
+    await deferLater(reactor, 0.3)
+    paused_at = len(consumer.data)
+    assert paused_at < len(message)
+    producer.resumeProducing()
+    await done
+    assert verify(on_the_wire(bytes(consumer.data)), [signer("ed25519")])
+
+
+@pytest_twisted.ensureDeferred
 async def test_without_signers_the_body_is_unchanged() -> None:
     async with signed_body(b"Subject: x\r\n\r\ny\r\n", None) as body:
         assert body == b"Subject: x\r\n\r\ny\r\n"
@@ -334,6 +381,15 @@ def test_a_huge_header_block_is_refused() -> None:
     header = MessageSigner([signer("ed25519")])
     with pytest.raises(InvalidBody, match="header block"):
         header.feed(b"X-Filler: " + b"y" * MAX_HEADER_BLOCK + b"\r\n")
+
+
+@pytest.mark.parametrize("shape", ["bytes", "iterator"])
+@pytest_twisted.ensureDeferred
+async def test_signing_errors_reach_the_caller(shape: str) -> None:
+    huge = b"X-Filler: " + b"y" * MAX_HEADER_BLOCK + b"\r\n\r\nbody\r\n"
+    body: Any = huge if shape == "bytes" else _chunks(huge, 100000)
+    with pytest.raises(InvalidBody, match="header block"):
+        await signed_message(body, [signer("ed25519")])
 
 
 def test_internationalized_domain() -> None:

@@ -101,9 +101,14 @@ class BodyHasher:
 
     def update(self, chunk: bytes) -> None:
         """Hash the next ``chunk`` of the body."""
+        self.update_normalized(self._lines.feed(bytes(chunk)))
+
+    def update_normalized(self, data: bytes) -> None:
+        """Hash the next chunk, whose line breaks are all CRLF already (and
+        which does not end inside one): :class:`MessageSigner` normalises
+        once for all its hashers."""
         if self._digest is not None:
             raise UsageError("the body hash is already computed")
-        data = self._lines.feed(bytes(chunk))
         if not data:
             return
         if self._relaxed:
@@ -388,11 +393,11 @@ class MessageSigner:
             end = 0  # no header fields at all
         else:
             found = self._head.find(b"\r\n\r\n", start)
+            end = found + 2 if found >= 0 else len(self._head)
+            if end > MAX_HEADER_BLOCK:
+                raise InvalidBody(f"the header block is longer than {MAX_HEADER_BLOCK} octets")
             if found < 0:
-                if len(self._head) > MAX_HEADER_BLOCK:
-                    raise InvalidBody(f"the header block is longer than {MAX_HEADER_BLOCK} octets")
                 return
-            end = found + 2
         self._header_block = bytes(self._head[:end])
         body = bytes(self._head[end + 2 :])
         self._head = bytearray()
@@ -400,7 +405,7 @@ class MessageSigner:
 
     def _hash(self, data: bytes) -> None:
         for hasher in self._hashers.values():
-            hasher.update(data)
+            hasher.update_normalized(data)
 
     def finish(self) -> bytes:
         """The ``DKIM-Signature`` fields, one per signer, in the signers' order."""

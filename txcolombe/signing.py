@@ -88,7 +88,9 @@ async def _signed(replayable: ReplayableBody, consumer: _HashConsumer) -> Replay
         await producer.startProducing(consumer)  # type: ignore[no-untyped-call]
         signatures = consumer.message.finish()
     except BaseException:
-        producer.stopProducing()  # type: ignore[no-untyped-call]  # e.g. cancelled: read no more
+        # Cancelled: read no more (a pass that failed by itself may complain).
+        with contextlib.suppress(Exception):
+            producer.stopProducing()  # type: ignore[no-untyped-call]
         replayable.close()
         raise
     return replayable.with_prefix(signatures)
