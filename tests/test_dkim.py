@@ -39,7 +39,7 @@ from tests.dkim_support import (
 )
 from txcolombe import DKIMSigner
 from txcolombe.body import IterableProducer, message_bytes
-from txcolombe.dkim import MAX_HEADER_BLOCK, BodyHasher, MessageSigner
+from txcolombe.dkim import DEFAULT_HEADERS, MAX_HEADER_BLOCK, OVERSIGNED, BodyHasher, MessageSigner
 from txcolombe.errors import InvalidArgument, InvalidBody, UsageError
 from txcolombe.signing import signed_body, signed_producer, signers
 
@@ -76,6 +76,15 @@ MESSAGES = {
         "From: Zoë <zoe@example.test>\r\nTo: José <jose@example.org>\r\n"
         "Subject: Grüße,   über   alles\r\n\r\nUTF-8 body: ça va\r\n"
     ).encode(),
+    "every signed field": (
+        HEADERS
+        + b"".join(
+            f"{name}: value of {name}\r\n".encode()
+            for name in DEFAULT_HEADERS
+            if name not in OVERSIGNED  # HEADERS has those
+        )
+        + b"\r\nbody\r\n"
+    ),
     "header whitespace": (
         b"From:  alice@example.test  \r\nSUBJECT:\t spaced \t out \r\n   again\r\n\r\nx\r\n"
     ),
@@ -309,7 +318,7 @@ def test_tags() -> None:
         clock=lambda: 1_800_000_000.5,
     )
     header = MessageSigner([dkim])
-    header.feed(MESSAGES["plain"])
+    header.feed(MESSAGES["every signed field"])
     field = re.sub(rb"\r\n\s", b" ", header.finish())
     tags = dict(tag.strip().split(b"=", 1) for tag in field.split(b":", 1)[1].split(b";"))
     assert tags[b"a"] == b"ed25519-sha256"

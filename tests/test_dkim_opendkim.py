@@ -92,8 +92,8 @@ async def opendkim_fixture(tmp_path: Path) -> AsyncIterator[OpenDKIM]:
     zone = _KeyZone()
     factory = server.DNSServerFactory(authorities=[zone])
     udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1")
+    # UDP only: an answer with a 2048-bit RSA key fits in one datagram.
     port = udp.getHost().port
-    tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
     unbound = tmp_path / "unbound.conf"
     # libunbound: ask our server for everything, without DNSSEC validation,
     # and lift its built-in empty zone for the special-use name "test.".
@@ -112,7 +112,6 @@ async def opendkim_fixture(tmp_path: Path) -> AsyncIterator[OpenDKIM]:
         yield OpenDKIM(zone, config, tmp_path)
     finally:
         await udp.stopListening()
-        await tcp.stopListening()
 
 
 #: OpenDKIM's test mode hands each field to its milter code as the MTA

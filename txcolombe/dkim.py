@@ -207,15 +207,30 @@ def _load_key(
     raise UsageError(f"DKIM keys are RSA or Ed25519, not {type(key).__name__}")
 
 
+def _pieces(tags: Sequence[str]) -> list[tuple[str, str]]:
+    """Each tag as ``(separator, text)`` pieces; ``h=`` may fold after a colon."""
+    pieces: list[tuple[str, str]] = []
+    for tag in tags:
+        if tag.startswith("h="):
+            names = tag.split(":")
+            pieces.append((" ", names[0] + ":" if len(names) > 1 else names[0]))
+            pieces.extend(("", name + ":") for name in names[1:-1])
+            if len(names) > 1:
+                pieces.append(("", names[-1]))
+        else:
+            pieces.append((" ", tag))
+    return pieces
+
+
 def _fold(tags: Sequence[str], signature: str) -> bytes:
     """``DKIM-Signature: tag; tag; ...; b=...`` folded before 78 columns."""
     lines: list[str] = []
     line = "DKIM-Signature:"
-    for tag in [*tags, "b="]:
-        if len(line) + 1 + len(tag) > 76 and line != "DKIM-Signature:":
+    for separator, text in _pieces([*tags, "b="]):
+        if len(line) + len(separator) + len(text) > 76 and line.strip():
             lines.append(line)
-            line = ""
-        line += " " + tag
+            line, separator = "", " "
+        line += separator + text
     rest = signature
     room = max(76 - len(line), 0)
     line, rest = line + rest[:room], rest[room:]
