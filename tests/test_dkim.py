@@ -348,6 +348,7 @@ def test_key_from_a_path(tmp_path: Path) -> None:
     assert DKIMSigner(DOMAIN, "sel", path).algorithm == "rsa-sha256"
     assert DKIMSigner(DOMAIN, "sel", str(path)).dns_record().startswith("v=DKIM1; k=rsa; p=")
     assert DKIMSigner(DOMAIN, "sel", ed25519_pem()).dns_record().startswith("v=DKIM1; k=ed25519;")
+    assert DKIMSigner(DOMAIN, "sel", ed25519_pem().decode()).algorithm == "ed25519-sha256"
 
 
 def test_bad_keys_and_options(tmp_path: Path) -> None:

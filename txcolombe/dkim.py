@@ -187,6 +187,8 @@ def _load_key(
 ) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
     if isinstance(private_key, bytes | bytearray):
         pem = bytes(private_key)
+    elif isinstance(private_key, str) and private_key.lstrip().startswith("-----BEGIN"):
+        pem = private_key.encode("ascii")  # PEM text, not a path (never quoted in errors)
     else:
         try:
             pem = Path(private_key).read_bytes()
@@ -245,7 +247,7 @@ class DKIMSigner:
     """Signs messages for ``domain`` with the key published at ``selector``.
 
     :param private_key: a PEM private key (RSA of 1024 bits or more, or
-        Ed25519), as bytes or as the path of a file.
+        Ed25519), as bytes (or PEM text) or as the path of a file.
     :param canonicalization: ``"header/body"``, each ``relaxed`` or
         ``simple`` (one name sets both; the body defaults to ``simple``
         as for ``c=``).

@@ -127,10 +127,11 @@ class _ReplayProducer:
 async def signed_body(body: Body, dkim: DKIM) -> AsyncIterator[Body]:
     """``body`` signed (a producer of known length that can be sent again);
     ``body`` itself without signers. Its spool is removed on exit."""
-    if not signers(dkim):
+    found = signers(dkim)  # once: dkim may be an iterator
+    if not found:
         yield body
         return
-    replayable = await signed_replayable(body, dkim)
+    replayable = await signed_replayable(body, found)
     try:
         yield _ReplayProducer(replayable)
     finally:
