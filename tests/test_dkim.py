@@ -255,6 +255,15 @@ async def test_a_paused_signing_producer_waits() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_signers_from_an_iterator() -> None:
+    dual = [signer("rsa"), signer("ed25519")]
+    async with signed_body(MESSAGES["plain"], iter(dual)) as body:
+        consumer = Collect()
+        await body.startProducing(consumer)  # type: ignore[union-attr]
+    assert verify_all(bytes(consumer.data), dual) == [True, True]
+
+
+@pytest_twisted.ensureDeferred
 async def test_without_signers_the_body_is_unchanged() -> None:
     async with signed_body(b"Subject: x\r\n\r\ny\r\n", None) as body:
         assert body == b"Subject: x\r\n\r\ny\r\n"
