@@ -49,9 +49,9 @@ def ensure_venv() -> None:
 
 
 def install_peers() -> None:
-    """Postfix, Dovecot and swaks from Debian, for the real-peer tests."""
+    """Postfix, Dovecot, swaks and OpenDKIM from Debian, for the real-peer tests."""
     script = ROOT / "tools" / "install_peers.sh"
-    step("installing the real peers (Postfix, Dovecot, swaks, Redis) if missing")
+    step("installing the real peers (Postfix, Dovecot, swaks, Redis, OpenDKIM) if missing")
     # In CI the real-peer tier must run: a failed installation is a failure.
     strict = ["--strict"] if os.environ.get("CI") else []
     run("bash", script, *strict, check=bool(strict))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages the Postfix peer (tools/peers/postfix_peer.py)
-# needs: postfix, dovecot-core, swaks and ca-certificates; and redis-server
-# for the shaping tests' Redis peer (tools/peers/redis_peer.py).
+# needs: postfix, dovecot-core, swaks and ca-certificates; redis-server for
+# the shaping tests' Redis peer (tools/peers/redis_peer.py); and OpenDKIM
+# (opendkim, opendkim-tools), the second verifier of tests/test_dkim_opendkim.py.
 #
 # Idempotent: does nothing when everything is installed.  Needs root and
 # apt-get; without them it says why and exits 0, so the tests that need
@@ -10,13 +11,14 @@
 #
 # Postfix is preseeded as "No configuration", and no service is started: the
 # peers run private instances (postfix -c DIR, dovecot -c FILE, redis-server
-# --port N) on loopback high ports.  If a system postfix, dovecot or
-# redis-server is running afterwards anyway, it is stopped.
+# --port N) on loopback high ports, and OpenDKIM runs only in test mode
+# (opendkim -t).  If a system postfix, dovecot, redis-server or opendkim is
+# running afterwards anyway, it is stopped.
 set -u -o pipefail
 
 # swaks needs the Perl TLS and SASL modules for STARTTLS, implicit TLS and AUTH.
 PACKAGES=(postfix dovecot-core swaks ca-certificates libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl
-    redis-server)
+    redis-server opendkim opendkim-tools)
 strict="${PEERS_STRICT:-0}"
 for arg in "$@"; do
     case "$arg" in
@@ -79,9 +81,15 @@ stop_system_daemons() {
         say "stopping the system Redis (pid $pid)"
         kill "$pid" 2>/dev/null || true
     fi
+    pidfile=/run/opendkim/opendkim.pid
+    if [ -r "$pidfile" ] && pid=$(sed -n '1s/[^0-9]//gp' "$pidfile") && [ -n "$pid" ] &&
+        kill -0 "$pid" 2>/dev/null; then
+        say "stopping the system OpenDKIM (pid $pid)"
+        kill "$pid" 2>/dev/null || true
+    fi
     if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
         systemctl disable --now postfix.service dovecot.service redis-server.service \
-            >/dev/null 2>&1 || true
+            opendkim.service >/dev/null 2>&1 || true
     fi
 }
 

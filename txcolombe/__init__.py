@@ -10,6 +10,7 @@ from txcolombe.client.pool import Pool
 from txcolombe.client.receipt import Receipt, TLSInfo
 from txcolombe.client.session import Session, connect
 from txcolombe.codec.address import Mailbox
+from txcolombe.codec.dkim import DKIMSigner
 from txcolombe.codec.dsn import DSN, Notify, Recipient, Return
 from txcolombe.codec.errors import *  # noqa: F403 - the error classes are public API
 from txcolombe.codec.errors import __all__ as _error_names
@@ -31,6 +32,7 @@ __all__ = [
     "MTASTS",
     "AddressPreference",
     "Attempt",
+    "DKIMSigner",
     "DeliveryResult",
     "DeliveryStatus",
     "Outcome",

@@ -39,7 +39,7 @@ MOVED = {
     "txcolombe.dns": "txcolombe.delivery.dns",
     "txcolombe.tlspolicy": "txcolombe.delivery.tlspolicy",
     "txcolombe.mtasts": "txcolombe.delivery.mtasts",
-    "txcolombe.replay": "txcolombe.delivery.replay",
+    "txcolombe.replay": "txcolombe.client.replay",
     "txcolombe.outcome": "txcolombe.delivery.outcome",
     "txcolombe.deliver": "txcolombe.delivery.deliver",
     "txcolombe.pytest_plugin": "txcolombe.testing.pytest_plugin",

@@ -24,6 +24,7 @@ from txcolombe.client.machine import TLSMode
 from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.client.receipt import Receipt
 from txcolombe.client.session import Session, TrustRoot, check_message, connect
+from txcolombe.client.signing import DKIM, signed_body, signers
 from txcolombe.codec.address import Mailbox
 from txcolombe.codec.dsn import DSN, Recipient
 from txcolombe.codec.errors import SMTPError
@@ -56,6 +57,7 @@ def sendmail(
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     reactor: Any = None,
     endpoint: IStreamClientEndpoint | None = None,
+    dkim: DKIM = None,
 ) -> Deferred[Receipt]:
     """Deliver a message straight to ``destination`` (port 25 by default).
 
@@ -67,7 +69,9 @@ def sendmail(
     the session in plaintext (and so forbids authentication).
 
     ``dsn``, ``requiretls``, ``chunking`` and ``binary`` are as for
-    :meth:`txcolombe.client.session.Session.send`.
+    :meth:`txcolombe.client.session.Session.send`. ``dkim`` is one
+    :class:`~txcolombe.codec.dkim.DKIMSigner` or several (one signature each): the
+    body is signed before the connection is made.
 
     :returns: a Deferred that fires with a :class:`Receipt`, or fails with
         an :class:`~txcolombe.codec.errors.SMTPError`. Cancelling it aborts the
@@ -76,7 +80,7 @@ def sendmail(
     mode = TLSMode.OPPORTUNISTIC if starttls else TLSMode.NONE
     return _send_one(
         destination, sender, recipients, body,
-        _SendOptions(all_or_nothing, dsn, requiretls, chunking, binary),
+        _SendOptions(all_or_nothing, dsn, requiretls, chunking, binary, dkim),
         port=port, tls_mode=mode, domain=domain, tls=tls, trust_root=trust_root,
         authentication=authentication, timeouts=timeouts, reactor=reactor,
         endpoint=endpoint,
@@ -103,12 +107,14 @@ def submit(
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     reactor: Any = None,
     endpoint: IStreamClientEndpoint | None = None,
+    dkim: DKIM = None,
 ) -> Deferred[Receipt]:
     """Hand a message to a submission server (an authority) for delivery.
 
     Port 465 (the default) speaks TLS from the first byte; port 587 uses
     STARTTLS, which is then required. Any other port uses implicit TLS
     unless ``starttls=True``. ``authentication`` is sent only under TLS.
+    ``dkim`` signs the message as for :func:`sendmail`.
 
     :returns: a Deferred that fires with a :class:`Receipt`, or fails with
         an :class:`~txcolombe.codec.errors.SMTPError`.
@@ -118,7 +124,7 @@ def submit(
     mode = TLSMode.REQUIRED if starttls else TLSMode.IMPLICIT
     return _send_one(
         destination, sender, recipients, body,
-        _SendOptions(all_or_nothing, dsn, requiretls, chunking, binary),
+        _SendOptions(all_or_nothing, dsn, requiretls, chunking, binary, dkim),
         port=port, tls_mode=mode, domain=domain, tls=tls, trust_root=trust_root,
         authentication=authentication, timeouts=timeouts, reactor=reactor,
         endpoint=endpoint,
@@ -132,6 +138,7 @@ class _SendOptions:
     requiretls: bool
     chunking: bool | None
     binary: bool
+    dkim: DKIM
 
 
 def _send_one(
@@ -144,10 +151,15 @@ def _send_one(
 ) -> Deferred[Receipt]:
     try:
         recipients = check_message(sender, recipients, body, dsn=send.dsn)
+        dkim = signers(send.dkim)
     except SMTPError as error:
         return fail(error)
 
-    async def run() -> Receipt:
+    async def signed() -> Receipt:
+        async with signed_body(body, dkim) as message:
+            return await run(message)
+
+    async def run(body: Body) -> Receipt:
         session: Session = await connect(destination, **options)
         try:
             return await session.send(
@@ -165,7 +177,7 @@ def _send_one(
             # and close go on in the background, bounded by the quit timeout.
             session.quit().addErrback(_quit_failed, session)
 
-    return Deferred.fromCoroutine(run())
+    return Deferred.fromCoroutine(signed())
 
 
 def _quit_failed(failure: Failure, session: Session) -> None:

@@ -33,6 +33,7 @@ from txcolombe.client.body import Body
 from txcolombe.client.connect import Destination
 from txcolombe.client.receipt import Receipt
 from txcolombe.client.session import Session, check_message, connect
+from txcolombe.client.signing import DKIM, signed_body, signers
 from txcolombe.codec.address import Mailbox
 from txcolombe.codec.dsn import Recipient
 from txcolombe.codec.errors import ConnectionFailed, SMTPError, Step, UsageError
@@ -110,6 +111,7 @@ class Pool:
         body: Body,
         *,
         all_or_nothing: bool = False,
+        dkim: DKIM = None,
         **connect_options: Any,
     ) -> Deferred[Receipt]:
         """Send one message through a pooled session to ``destination``.
@@ -118,14 +120,34 @@ class Pool:
         (port, tls_mode, domain, tls, trust_root, authentication, timeouts,
         endpoint). A body sent twice (after a dropped idle connection) must
         be replayable: bytes, a seekable file or an ``EmailMessage``.
+        ``dkim`` (one :class:`~txcolombe.codec.dkim.DKIMSigner` or several) signs
+        the body first, which makes any body replayable.
         """
         try:
             recipients = list(check_message(sender, recipients, body))
+            found = signers(dkim)
         except SMTPError as error:
             return fail(error)
         return Deferred.fromCoroutine(
-            self._send(destination, sender, recipients, body, all_or_nothing, connect_options)
+            self._signed_send(
+                destination, sender, recipients, body, found, all_or_nothing, connect_options
+            )
         )
+
+    async def _signed_send(
+        self,
+        destination: Destination,
+        sender: str | Mailbox | None,
+        recipients: list[str | Mailbox | Recipient],
+        body: Body,
+        dkim: DKIM,
+        all_or_nothing: bool,
+        options: dict[str, Any],
+    ) -> Receipt:
+        async with signed_body(body, dkim) as message:
+            return await self._send(
+                destination, sender, recipients, message, all_or_nothing, options
+            )
 
     async def _send(
         self,

@@ -21,7 +21,7 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 
-from txcolombe.client.body import Body, body_producer, check_body, known_length
+from txcolombe.client.body import Body, check_body, known_length
 from txcolombe.client.connect import (
     Destination,
     Host,
@@ -35,6 +35,7 @@ from txcolombe.client.machine import ClientMachine, Envelope, TLSMode
 from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.client.protocol import SMTPClientProtocol
 from txcolombe.client.receipt import Receipt, TLSInfo
+from txcolombe.client.signing import DKIM, signed_producer
 from txcolombe.codec.address import Mailbox, parse_domain, parse_sender
 from txcolombe.codec.dsn import DSN, Recipient, recipient_options
 from txcolombe.codec.errors import (
@@ -102,6 +103,7 @@ class Session:
         chunking: bool | None = None,
         binary: bool = False,
         reset_first: bool = False,
+        dkim: DKIM = None,
     ) -> Deferred[Receipt]:
         """Send one message; fires with its :class:`Receipt`.
 
@@ -126,13 +128,17 @@ class Session:
         :param reset_first: send RSET before MAIL (pipelined when the server
             allows): checks that a connection that sat idle is still alive
             before the message is at stake.
+        :param dkim: a :class:`~txcolombe.codec.dkim.DKIMSigner` or several: the
+            body is signed when its turn comes (read twice, or spooled
+            first), so no SIZE is declared; ``sendmail`` and ``Pool.send``
+            sign before MAIL and declare it.
         :raises ExtensionUnavailable: (as a failure) an option needs an
             extension the server lacks; nothing is sent for the message.
         """
         try:
             recipients = check_message(sender, recipients, body, dsn=dsn)
             mailboxes, options = recipient_options(recipients, dsn)
-            producer = body_producer(body, cooperator=self._cooperator)
+            producer = signed_producer(body, dkim, cooperator=self._cooperator)
             envelope = Envelope(
                 parse_sender(sender),
                 mailboxes,

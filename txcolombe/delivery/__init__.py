@@ -2,7 +2,7 @@
 
 MX routing (:mod:`~txcolombe.delivery.routing`, :mod:`~txcolombe.delivery.dns`), the TLS
 policy (:mod:`~txcolombe.delivery.tlspolicy`, :mod:`~txcolombe.delivery.mtasts`), bodies
-that must be read more than once (:mod:`~txcolombe.delivery.replay`), per-recipient
+per-recipient
 results (:mod:`~txcolombe.delivery.outcome`) and :func:`~txcolombe.delivery.deliver.deliver`.
 
 May import: :mod:`txcolombe.codec`, :mod:`txcolombe.client`, Twisted.

@@ -15,7 +15,7 @@ For each domain, concurrently (bounded by ``max_concurrency``):
    and why) or a temporary or permanent failure with its error.
 
 The body goes to several domains at once and, after a failure, to the next
-exchanger, so it must be replayable (:mod:`txcolombe.delivery.replay`): bytes,
+exchanger, so it must be replayable (:mod:`txcolombe.client.replay`): bytes,
 messages and regular files are used as they are; any other body is first
 copied, in constant memory, to an anonymous temporary file.
 """
@@ -47,8 +47,11 @@ from txcolombe.client.connect import Host, connect_error
 from txcolombe.client.machine import TLSMode
 from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.client.receipt import Receipt
+from txcolombe.client.replay import ReplayableBody
 from txcolombe.client.session import Session, connect
+from txcolombe.client.signing import DKIM, signed_replayable, signers
 from txcolombe.codec.address import Mailbox, parse_domain, parse_sender
+from txcolombe.codec.dkim import DKIMSigner
 from txcolombe.codec.dsn import DSN, Recipient
 from txcolombe.codec.errors import (
     ConnectionFailed,
@@ -75,7 +78,6 @@ from txcolombe.delivery.dns import (
 from txcolombe.delivery.eyeballs import RacingEndpoint
 from txcolombe.delivery.mtasts import MTASTS, CachedPolicy, Mode
 from txcolombe.delivery.outcome import Attempt, DeliveryResult, DeliveryStatus, Outcome, TLSStatus
-from txcolombe.delivery.replay import ReplayableBody
 from txcolombe.delivery.routing import (
     DEFAULT_MAX_ADDRESSES,
     DEFAULT_MAX_SESSIONS,
@@ -154,6 +156,7 @@ class _Options:
     local_names: frozenset[str]
     local_addresses: frozenset[IPAddress]
     deliverer: Deliverer
+    dkim: list[DKIMSigner]
 
 
 def deliver(
@@ -181,6 +184,7 @@ def deliver(
     requiretls: bool = False,
     local_identities: Iterable[str] = (),
     deliverer: Deliverer | None = None,
+    dkim: DKIM = None,
 ) -> Deferred[DeliveryResult]:
     """Deliver a message to each recipient's domain, through its exchangers.
 
@@ -221,6 +225,8 @@ def deliver(
     :param deliverer: the :class:`~txcolombe.delivery.deliverer.Deliverer` whose
         caches, limits and memory of dead hosts this delivery shares (default:
         the process-wide one).
+    :param dkim: a :class:`~txcolombe.codec.dkim.DKIMSigner` or several (one
+        signature each): the body is signed once, before any connection.
     :returns: a Deferred firing with a :class:`DeliveryResult`; it fails
         only for the caller's mistakes (:class:`~txcolombe.codec.errors.UsageError`,
         e.g. an invalid sender or an unreadable body). Cancelling it aborts
@@ -264,6 +270,7 @@ def deliver(
             dsn=dsn,
             requiretls=requiretls,
             deliverer=agent,
+            dkim=signers(dkim),
             **_identities(local_identities),
         )
     except ValueError as error:
@@ -307,7 +314,7 @@ async def _deliver(
         outcomes[rcpt] = Outcome(rcpt, domain, DeliveryStatus.PERMANENT, error=error)
     if not grouping.domains:
         return _in_order(recipients, outcomes)
-    replayable = await ReplayableBody.of(body)
+    replayable = await signed_replayable(body, options.dkim)
     try:
         semaphore = DeferredSemaphore(max_concurrency)
         tasks = [

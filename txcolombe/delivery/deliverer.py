@@ -1,4 +1,4 @@
-"""A long-lived delivery agent: what :func:`~txcolombe.deliver` learns, kept across calls.
+"""A long-lived delivery agent: what :func:`~txcolombe.delivery.deliver` learns, kept across calls.
 
 A :class:`Deliverer` holds, for every delivery made through it:
 
@@ -17,7 +17,7 @@ A :class:`Deliverer` holds, for every delivery made through it:
   next delivery to the same exchanger under the same options, whatever its
   domain (Postfix's connection cache); :meth:`Deliverer.close` quits them.
 
-The module-level :func:`~txcolombe.deliver` uses :func:`default_deliverer`.
+The module-level :func:`~txcolombe.delivery.deliver` uses :func:`default_deliverer`.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ class _Clocked:
 
 
 class Deliverer:
-    """Delivers like :func:`~txcolombe.deliver`, and remembers between deliveries.
+    """Delivers like :func:`~txcolombe.delivery.deliver`, and remembers between deliveries.
 
     :param resolver: the resolver its deliveries use unless one is given to
         :meth:`deliver` (default: the system's); cached unless
@@ -221,7 +221,7 @@ class Deliverer:
         self._clocked: weakref.WeakKeyDictionary[Any, _Clocked] = weakref.WeakKeyDictionary()
 
     def deliver(self, sender: Any, recipients: Any, body: Any, **options: Any) -> Any:
-        """:func:`~txcolombe.deliver` through this Deliverer; same arguments."""
+        """:func:`~txcolombe.delivery.deliver` through this Deliverer; same arguments."""
         from txcolombe.delivery.deliver import deliver
 
         return deliver(sender, recipients, body, deliverer=self, **options)
@@ -398,7 +398,7 @@ _default: Deliverer | None = None
 
 
 def default_deliverer() -> Deliverer:
-    """The process-wide :class:`Deliverer` that :func:`~txcolombe.deliver` uses."""
+    """The process-wide :class:`Deliverer` that :func:`~txcolombe.delivery.deliver` uses."""
     global _default
     if _default is None:
         _default = Deliverer()

@@ -1,4 +1,4 @@
-"""What :func:`txcolombe.deliver` reports: per recipient, delivered (where,
+"""What :func:`txcolombe.delivery.deliver` reports: per recipient, delivered (where,
 with which reply, over which TLS and why) or a temporary or permanent
 failure, with every address tried for its domain."""
 

@@ -1,6 +1,6 @@
 """Where a message for a domain goes: RFC 5321 §5.1 and RFC 7505, without I/O.
 
-Every rule :func:`txcolombe.deliver` follows to turn recipients into
+Every rule :func:`txcolombe.delivery.deliver` follows to turn recipients into
 connection attempts lives here, as plain functions over plain values, so the
 tests can check each one in memory:
 

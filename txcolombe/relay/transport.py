@@ -376,7 +376,7 @@ REUSE_TIME = 2.0
 
 
 class MXTransport:
-    """Each recipient domain to its own exchangers, through ``txcolombe.deliver``,
+    """Each recipient domain to its own exchangers, through ``txcolombe.delivery.deliver``,
     with one :class:`~txcolombe.delivery.deliverer.Deliverer` for the relay's
     lifetime (its DNS cache, limits and memory of dead hosts)."""
 

@@ -2,7 +2,7 @@
 
 What ``treq.testing`` is to HTTP, this module is to txcolombe: point
 :func:`~txcolombe.sendmail`, :func:`~txcolombe.submit` or
-:func:`~txcolombe.connect` at a :class:`MemorySMTP` and the whole
+:func:`~txcolombe.client.connect` at a :class:`MemorySMTP` and the whole
 conversation (STARTTLS with real TLS, AUTH, pipelining, the body) runs in
 memory, synchronously, when the test says so::
 

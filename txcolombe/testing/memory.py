@@ -1239,7 +1239,7 @@ class _NetworkReactor(MemoryReactorClock):
 
 
 class MemoryResolver(ResolverBase):
-    """A DNS resolver for :func:`~txcolombe.deliver`: one exchanger for every domain.
+    """A DNS resolver for :func:`~txcolombe.delivery.deliver`: one exchanger for every domain.
 
     Every domain's MX record names ``exchanger``; every name has one A record,
     ``address``, and no AAAA or TXT record (so no MTA-STS policy); the names

@@ -1,6 +1,6 @@
 """Bodies that can be sent more than once, and at the same time.
 
-:func:`txcolombe.deliver` sends one body to several domains at once and,
+:func:`txcolombe.delivery.deliver` sends one body to several domains at once and,
 after a failure, to the next exchanger: bytes, ``email.message.Message``
 objects, ``BytesIO`` and binary files on regular files (read with
 ``os.pread`` from their position at the start, so readers never share a
@@ -18,6 +18,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Iterator
+from itertools import chain
 from typing import IO
 
 from twisted.internet.defer import CancelledError
@@ -67,23 +68,48 @@ class ReplayableBody:
         start: int = 0,
         end: int = 0,
         owned: bool = False,
+        prefix: bytes = b"",
     ) -> None:
         self._data = data
         self._file = file
         self._start = start
         self._end = end
         self._owned = owned
+        self._prefix = prefix
 
     @property
     def length(self) -> int:
-        return len(self._data) if self._data is not None else self._end - self._start
+        size = len(self._data) if self._data is not None else self._end - self._start
+        return len(self._prefix) + size
 
     def producer(self) -> IBodyProducer:
-        if self._data is not None:
+        if self._data is not None and not self._prefix:
             return body_producer(self._data)
+        if self._data is not None:
+            if self.length <= CHUNK:
+                return body_producer(self._prefix + self._data)
+            data = self._data
+            slices = (data[i : i + CHUNK] for i in range(0, len(data), CHUNK))
+            return IterableProducer(chain((self._prefix,), slices), self.length)
         assert self._file is not None
         chunks = _pread_chunks(self._file.fileno(), self._start, self._end)
-        return IterableProducer(chunks, self._end - self._start)
+        if self._prefix:
+            chunks = chain((self._prefix,), chunks)
+        return IterableProducer(chunks, self.length)
+
+    def with_prefix(self, prefix: bytes) -> ReplayableBody:
+        """The same body after ``prefix`` (e.g. header fields); it takes over
+        the spool, so close the new body, not this one."""
+        body = ReplayableBody(
+            data=self._data,
+            file=self._file,
+            start=self._start,
+            end=self._end,
+            owned=self._owned,
+            prefix=prefix + self._prefix,
+        )
+        self._owned = False
+        return body
 
     def close(self) -> None:
         if self._owned and self._file is not None:
