@@ -7,6 +7,8 @@ and RFC 9422 (LIMITS RCPTMAX, RCPTDOMAINMAX).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from tests.test_machine import (
@@ -44,7 +46,7 @@ def rcpts(*addresses: str) -> bytes:
     return b"".join(b"RCPT TO:<%s>\r\n" % a.encode() for a in addresses)
 
 
-def done_of(events: list[object]) -> TransactionDone:
+def done_of(events: Sequence[object]) -> TransactionDone:
     done = events[-1]
     assert isinstance(done, TransactionDone), events
     return done

@@ -918,6 +918,9 @@ class ClientMachine:
             self._close(clean=False)
 
     def _close(self, *, clean: bool) -> None:
+        if self._sends:  # dropped by quit() mid-body, or before the session was set up
+            step = self._step()
+            self._fail_session(ConnectionLost("the connection was dropped by quit()", step=step))
         self._go(Input.CLOSE)
         self._pending.clear()
         self._txns.clear()

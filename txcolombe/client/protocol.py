@@ -183,8 +183,6 @@ class SMTPClientProtocol(Protocol):
             self._failure = ConnectionLost("the connection is closed")
         if not self.ready.called:
             self.ready.errback(self._failure)
-        for handle in list(self._sends):  # e.g. dropped mid-body by quit()
-            self._fire(handle, None, self._failure)
         self.closed.callback(None)
 
     @property
