@@ -35,6 +35,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from txcolombe.client.body import CHUNK, IterableProducer
+from txcolombe.client.envelope import Envelope
 from txcolombe.client.events import (
     BodyRefused,
     BodyWanted,
@@ -47,7 +48,7 @@ from txcolombe.client.events import (
     TransactionDone,
     TransactionRefused,
 )
-from txcolombe.client.machine import ClientMachine, Envelope, TLSMode, Trace
+from txcolombe.client.machine import ClientMachine, TLSMode, Trace
 from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.client.receipt import Receipt, TLSInfo
 from txcolombe.codec.address import address_literal
@@ -335,14 +336,9 @@ class SMTPClientProtocol(Protocol):
             body = item.body
             if event.again:  # the same body goes in another transaction next
                 item.spool = self._recording = _Spool()
-        elif item.spool.complete:
-            body = item.spool.producer(self.reactor)
         else:
-            # Cannot happen: a send whose body was cut short is not sent again.
-            self.machine.connection_lost(
-                InvalidBody("the body is incomplete and cannot be sent again", step=Step.BODY)
-            )
-            return
+            # Complete: the machine sends no more of a send whose body was cut short.
+            body = item.spool.producer(self.reactor)
         self._body = body
         self._consumer = consumer = _BodyConsumer(self)
         if self.transport is not None:
@@ -371,11 +367,8 @@ class SMTPClientProtocol(Protocol):
         return True
 
     def _body_done(self, _: object) -> None:
-        recording = self._recording
         if not self._release_body():
             return
-        if recording is not None:
-            recording.complete = True
         self.machine.end_body()
         self._process()
 
@@ -458,7 +451,6 @@ class _Spool:
         # Lives as long as its send, closed by close(): no with-block fits.
         self._file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115
         self.length = 0
-        self.complete = False
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
