@@ -843,3 +843,50 @@ def test_implicit_tls_wrapper_uses_the_given_reactor(fake: MemorySMTP) -> None:
     fake.flush()
     result_of(d)
     assert clocks == [fake.reactor]
+
+
+# -- large recipient lists (RFC 5321 §4.5.3.1.8, .10) ---------------------------------------
+
+
+def test_a_large_recipient_list_goes_in_several_transactions_with_the_same_body(
+    fake: MemorySMTP,
+) -> None:
+    people = tuple(f"r{i}@example.org" for i in range(250))
+    line = b"y" * 76 + b"\r\n"
+    big = line * (3 * CHUNK // len(line))  # streamed by the cooperator, not in one write
+    d = send(fake, body(fake, big), recipients=people)
+    fake.flush()
+    receipt = result_of(d)
+    assert len(fake.connections) == 1
+    assert [len(t.recipients) for t in fake.server.transactions] == [100, 100, 50]
+    assert [t.data for t in fake.server.transactions] == [big] * 3
+    assert sorted(receipt.accepted) == sorted(people)
+    assert receipt.refused == {}
+    assert [p.queue_id for p in receipt.parts] == [t.queue_id for t in fake.server.transactions]
+    assert receipt.queue_id == fake.server.transactions[0].queue_id
+
+
+@pytest.mark.parametrize("refusal", ["452 4.5.3", "552 5.5.3"])
+def test_too_many_recipients_go_in_the_next_transaction(fake: MemorySMTP, refusal: str) -> None:
+    taken = [0]
+
+    def limit(command: str, argument: str) -> Reply | None:
+        # A server that takes 30 recipients per transaction.
+        if command == "MAIL":
+            taken[0] = 0
+        elif command == "RCPT":
+            taken[0] += 1
+            if taken[0] > 30:
+                code, status = refusal.split()
+                return Reply.of(int(code), f"{status} Error: too many recipients")
+        return None
+
+    fake.server.add_responder(limit)
+    people = tuple(f"r{i}@example.org" for i in range(100))
+    d = send(fake, recipients=people)
+    fake.flush()
+    receipt = result_of(d)
+    assert [len(t.recipients) for t in fake.server.transactions] == [30, 30, 30, 10]
+    assert sorted(receipt.accepted) == sorted(people)
+    assert receipt.refused == {}  # not bounced (552), not even deferred (452)
+    assert len(fake.connections) == 1

@@ -84,16 +84,22 @@ class Recorder:
     """An aiosmtpd handler (and command log) for :func:`recording_server`.
 
     Like the shared peer, it refuses local parts starting with "refuse" (550).
+    With ``max_recipients``, it answers ``too_many`` to the recipients over
+    that number in a transaction, as Postfix's ``smtpd_recipient_limit`` does.
     """
 
     messages: list[Seen] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
+    max_recipients: int | None = None
+    too_many: str = "452 4.5.3 Error: too many recipients"
 
     async def handle_RCPT(
         self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
         if address.lower().startswith("refuse"):
             return "550 5.1.1 No such user here"
+        if self.max_recipients is not None and len(envelope.rcpt_tos) >= self.max_recipients:
+            return self.too_many
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
@@ -156,12 +162,14 @@ def recording_server() -> Iterator[StartServer]:
     """
     started: list[Controller] = []
 
-    def start(*, hostname: str = "127.0.0.1", **kwargs: Any) -> tuple[Recorder, int]:
+    def start(
+        *, hostname: str = "127.0.0.1", recorder: Recorder | None = None, **kwargs: Any
+    ) -> tuple[Recorder, int]:
         family = socket.AF_INET6 if ":" in hostname else socket.AF_INET
         with socket.socket(family) as sock:
             sock.bind((hostname, 0))
             port: int = sock.getsockname()[1]
-        recorder = Recorder()
+        recorder = recorder if recorder is not None else Recorder()
         options: dict[str, Any] = {"authenticator": _authenticate, **kwargs}
         controller = _RecordingController(recorder, hostname=hostname, port=port, **options)
         controller.start()
@@ -832,3 +840,33 @@ async def test_session_survives_refused_transaction(
     assert receipt.queue_id == "AIO00001"
     [received] = aiosmtpd_peer.received
     assert received.recipients == ["b@example.org"]
+
+
+# -- large recipient lists (RFC 5321 §4.5.3.1.8, .10) ------------------------------
+
+
+@pytest.mark.parametrize(
+    "too_many",
+    ["452 4.5.3 Error: too many recipients", "552 5.5.3 Error: too many recipients"],
+)
+@pytest_twisted.ensureDeferred
+async def test_recipients_over_the_servers_limit_go_in_further_transactions(
+    recording_server: StartServer, tmp_path: Path, too_many: str
+) -> None:
+    limited = Recorder(max_recipients=40, too_many=too_many)
+    recorder, port = recording_server(auth_require_tls=False, recorder=limited)
+    people = [f"r{i}@example.org" for i in range(130)]
+    data = big_body(600_000)  # streamed from the file, so sent again from a copy
+    path = tmp_path / "body.eml"
+    path.write_bytes(data)
+    with path.open("rb") as body:
+        receipt = await sendmail(
+            "127.0.0.1", "a@example.org", people, body, port=port, timeouts=QUICK
+        )
+    # Our 100, cut to the server's 40, then 40 at a time on the same connection.
+    assert [len(m.recipients) for m in recorder.messages] == [40, 40, 40, 10]
+    assert {m.peer for m in recorder.messages} == {recorder.messages[0].peer}
+    assert all(m.data == data for m in recorder.messages)
+    assert sorted(receipt.accepted) == sorted(people)
+    assert receipt.refused == {}  # none bounced by the 552, none deferred by the 452
+    assert [p.queue_id for p in receipt.parts] == ["REC001", "REC002", "REC003", "REC004"]

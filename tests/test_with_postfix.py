@@ -826,3 +826,27 @@ async def test_wrong_password(
     assert info.value.code == 535
     assert info.value.enhanced_status == (5, 7, 8)
     assert info.value.step is Step.AUTH
+
+
+@pytest_twisted.ensureDeferred
+async def test_more_than_100_recipients_in_several_transactions(
+    postfix: Any, postfix_trust_root: twisted_ssl.Certificate
+) -> None:
+    # RFC 5321 §4.5.3.1.8: 100 a transaction is what every server must take.
+    token, message = new_message()
+    people = [f"bulk{i}@example.org" for i in range(130)]
+    receipt = await sendmail(
+        "127.0.0.1",
+        "alice@example.org",
+        people,
+        message,
+        port=postfix.ports.smtp,
+        trust_root=postfix_trust_root,
+        timeouts=QUICK,
+    )
+    assert sorted(receipt.accepted) == sorted(people)
+    assert [len(part.accepted) for part in receipt.parts] == [100, 30]
+    assert len({part.queue_id for part in receipt.parts}) == 2  # two queue files
+    copies = await delivered(postfix, token, count=130)
+    targets = {b"".join(trace(split_trace(copy)[0], "Delivered-To")) for copy in copies}
+    assert targets == {p.encode() for p in people}

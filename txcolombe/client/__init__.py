@@ -1,6 +1,9 @@
 """Layer 2, the client: one SMTP conversation and the sends that ride on it.
 
-The sans-I/O state machine (:mod:`~txcolombe.client.machine`), its Twisted driver
+The sans-I/O state machine (:mod:`~txcolombe.client.machine`, with its events
+:mod:`~txcolombe.client.events`, state table :mod:`~txcolombe.client.states`, envelope
+checks :mod:`~txcolombe.client.envelope` and recipient splits
+:mod:`~txcolombe.client.recipients`), its Twisted driver
 (:mod:`~txcolombe.client.protocol`), body producers (:mod:`~txcolombe.client.body`),
 endpoints and TLS (:mod:`~txcolombe.client.connect`), sessions and the pool
 (:mod:`~txcolombe.client.session`, :mod:`~txcolombe.client.pool`), what a send returns
@@ -8,5 +11,5 @@ endpoints and TLS (:mod:`~txcolombe.client.connect`), sessions and the pool
 and the ``sendmail``/``submit`` facade (:mod:`~txcolombe.client.api`).
 
 May import: :mod:`txcolombe.codec`, Twisted. Never delivery, server, relay or testing.
-The machine imports no Twisted at all.
+Those five import no Twisted at all.
 """

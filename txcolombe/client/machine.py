@@ -9,21 +9,27 @@ does four things and nothing else:
 1. feed what the server sent to :meth:`~ClientMachine.receive_data`, and tell
    :meth:`~ClientMachine.connection_lost` / :meth:`~ClientMachine.timed_out`;
 2. write :meth:`~ClientMachine.data_to_send` to the server;
-3. act on each :meth:`~ClientMachine.next_event`: :class:`StartTLS` (start
-   TLS, then call :meth:`~ClientMachine.tls_started`), :class:`BodyWanted`
-   (stream the body through :meth:`~ClientMachine.send_body` and
-   :meth:`~ClientMachine.end_body`), :class:`Ready`,
-   :class:`TransactionDone`, :class:`TransactionFailed`,
+3. act on each :meth:`~ClientMachine.next_event` (:mod:`txcolombe.client.events`):
+   :class:`StartTLS` (start TLS, then call :meth:`~ClientMachine.tls_started`),
+   :class:`BodyWanted` (stream that send's body through
+   :meth:`~ClientMachine.send_body` and :meth:`~ClientMachine.end_body`),
+   :class:`BodyRefused` (stop that body), :class:`Ready`,
+   :class:`TransactionDone`, :class:`TransactionRefused`,
    :class:`SessionFailed`, :class:`Closed` (close the transport);
-4. start a timer for :attr:`~ClientMachine.waiting_for` and call
+4. keep one timer for :attr:`~ClientMachine.waiting_for` and call
    :meth:`~ClientMachine.timed_out` when it fires.
 
-Every command sent is queued with the step it belongs to, and each reply
-answers the oldest queued command, so lock-step and pipelined (RFC 2920)
-conversations are handled by the same code. The session goes
-greeting → EHLO → [STARTTLS → EHLO] → [AUTH] → ready; each transaction goes
-MAIL → RCPT… → DATA → body → end of data → ready, or RSET → ready after a
-failure. A fatal error sends QUIT when the conversation still allows it.
+A send (:meth:`~ClientMachine.start_transaction`) is queued and named by the
+handle it returns; the machine starts it as soon as the conversation allows
+and splits its recipients over several transactions when the server's
+limits ask for it (:mod:`txcolombe.client.recipients`). Every command sent is
+queued with the step it belongs to, and each reply answers the oldest queued
+command, so lock-step and pipelined (RFC 2920) conversations are handled by
+the same code. The session goes greeting → EHLO → [STARTTLS → EHLO] →
+[AUTH] → ready; each transaction goes MAIL → RCPT… → DATA → body → end of
+data → ready, or RSET → ready after a failure: :data:`TRANSITIONS` lists
+every move, and the machine makes no other. A fatal error sends QUIT when
+the conversation still allows it.
 """
 
 from __future__ import annotations
@@ -33,15 +39,34 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from txcolombe.codec.address import Mailbox, path
+from txcolombe.client.envelope import Envelope, mail_parameters, use_bdat
+from txcolombe.client.events import (
+    BodyRefused,
+    BodyWanted,
+    Closed,
+    Event,
+    Handle,
+    Ready,
+    SessionFailed,
+    StartTLS,
+    TransactionDone,
+    TransactionRefused,
+)
+from txcolombe.client.recipients import (
+    DEFAULT_MAX_RECIPIENTS,
+    Tally,
+    as_temporary,
+    server_limits,
+    take_batch,
+    too_many_recipients,
+)
+from txcolombe.client.states import TRANSITIONS, Input, State
+from txcolombe.codec.address import path
 from txcolombe.codec.data import DataEncoder
-from txcolombe.codec.dsn import DSN, RecipientOptions
 from txcolombe.codec.errors import (
     AuthenticationUnavailable,
     ConnectionFailed,
     ConnectionLost,
-    ExtensionUnavailable,
-    MessageTooLarge,
     RecipientsRefused,
     ResponseTimeout,
     SMTPError,
@@ -49,7 +74,6 @@ from txcolombe.codec.errors import (
     Step,
     UnexpectedResponse,
     UsageError,
-    UTF8Unsupported,
     error_for_reply,
 )
 from txcolombe.codec.extensions import Extensions
@@ -61,6 +85,27 @@ from txcolombe.codec.sasl import (
     decode_challenge,
     encode_response,
 )
+
+__all__ = [
+    "BDAT_CHUNK",
+    "TRANSITIONS",
+    "BodyRefused",
+    "BodyWanted",
+    "ClientMachine",
+    "Closed",
+    "Envelope",
+    "Event",
+    "Handle",
+    "Input",
+    "Ready",
+    "SessionFailed",
+    "StartTLS",
+    "State",
+    "TLSMode",
+    "Trace",
+    "TransactionDone",
+    "TransactionRefused",
+]
 
 
 class TLSMode(enum.Enum):
@@ -76,122 +121,40 @@ class TLSMode(enum.Enum):
     """The transport is TLS from the first byte (port 465)."""
 
 
-class State(enum.Enum):
-    GREETING = "greeting"
-    SETUP = "setup"
-    TLS_WAIT = "waiting for TLS"
-    READY = "ready"
-    TRANSACTION = "transaction"
-    BODY = "body"
-    DATA_END = "end of data"
-    RESETTING = "resetting"
-    QUITTING = "quitting"
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """One message's envelope and the extensions it asks for.
-
-    :ivar size: the body size when known (declared with SIZE).
-    :ivar rcpt_options: DSN options of each recipient, in order (or empty).
-    :ivar dsn: per-message DSN options (RET, ENVID).
-    :ivar requiretls: ask for REQUIRETLS (RFC 8689).
-    :ivar chunking: BDAT (RFC 3030): None to use it when CHUNKING and
-        PIPELINING are offered, True to require it, False never.
-    :ivar binary: send the body as it is with BODY=BINARYMIME (needs
-        CHUNKING and BINARYMIME).
-    :ivar reset_first: send RSET before MAIL (pipelined when possible): on
-        a connection that sat idle, it proves the server is still there
-        before anything of the message is at stake.
-    """
-
-    sender: Mailbox | None
-    recipients: tuple[Mailbox, ...]
-    size: int | None = None
-    all_or_nothing: bool = False
-    rcpt_options: tuple[RecipientOptions, ...] = ()
-    dsn: DSN | None = None
-    requiretls: bool = False
-    chunking: bool | None = None
-    binary: bool = False
-    reset_first: bool = False
-
-
-# -- events -------------------------------------------------------------------
-
-
-class Event:
-    """Base class of what :meth:`ClientMachine.next_event` returns."""
-
-
-@dataclass(frozen=True)
-class Ready(Event):
-    """The session is set up: transactions may start."""
-
-    extensions: Extensions
-    tls: bool
-
-
-@dataclass(frozen=True)
-class StartTLS(Event):
-    """The server said 220 to STARTTLS: start TLS, then call ``tls_started``."""
-
-
-@dataclass(frozen=True)
-class BodyWanted(Event):
-    """The server said 354: send the body."""
-
-
-@dataclass(frozen=True)
-class TransactionDone(Event):
-    """The message was accepted."""
-
-    accepted: dict[str, Reply]
-    refused: dict[str, Reply]
-    reply: Reply
-
-
-@dataclass(frozen=True)
-class TransactionFailed(Event):
-    """The message was not accepted; the session can run another transaction."""
-
-    error: SMTPError
-
-
-@dataclass(frozen=True)
-class SessionFailed(Event):
-    """The session cannot go on; a :class:`Closed` follows."""
-
-    error: SMTPError
-
-
-@dataclass(frozen=True)
-class Closed(Event):
-    """The conversation is over: close the transport.
-
-    ``clean`` is False when the transport must be aborted rather than closed
-    gracefully (e.g. in the middle of a body).
-    """
-
-    clean: bool = True
-
-
-# -- the machine -------------------------------------------------------------------
-
-
 #: BDAT chunks are gathered up to this size before they are sent.
 BDAT_CHUNK = 256 * 1024
 
+Trace = Callable[[str, str], None]
 
-@dataclass
-class _Transaction:
+#: The argument of the RSET sent before a transaction's MAIL (Envelope.reset_first).
+_PROBE = -1
+
+
+@dataclass(eq=False)
+class _Send:
+    """One caller's message: its handle, and its recipients over transactions."""
+
+    handle: Handle
     envelope: Envelope
-    pipelined: bool
-    bdat: bool = False
+    #: Indices of the recipients not yet given to a transaction.
+    todo: deque[int]
     mail_command: str = ""
+    bdat: bool = False
+    running: int = 0
+    started: int = 0
+    tally: Tally = field(default_factory=Tally)
+
+
+@dataclass(eq=False)
+class _Transaction:
+    send: _Send
+    #: This transaction's recipients, as indices into the envelope's.
+    indices: list[int]
+    pipelined: bool
     accepted: dict[str, Reply] = field(default_factory=dict)
     refused: dict[str, Reply] = field(default_factory=dict)
+    #: Recipients a "too many recipients" reply sent to a later transaction.
+    deferred: list[int] = field(default_factory=list)
     error: SMTPError | None = None
     next_rcpt: int = 0
     rcpt_replies: int = 0
@@ -199,11 +162,17 @@ class _Transaction:
     #: DATA or the first BDAT has left: the transaction can no longer end with RSET.
     data_sent: bool = False
 
+    @property
+    def envelope(self) -> Envelope:
+        return self.send.envelope
 
-Trace = Callable[[str, str], None]
+    @property
+    def bdat(self) -> bool:
+        return self.send.bdat
 
-#: Marks the RSET sent before a transaction's MAIL (Envelope.reset_first).
-_PROBE = "probe"
+    def names(self) -> list[str]:
+        recipients = self.send.envelope.recipients
+        return [str(recipients[i]) for i in self.indices]
 
 
 class ClientMachine:
@@ -216,6 +185,9 @@ class ClientMachine:
     :param authentication: credentials; AUTH is only ever sent under TLS.
     :param trace: called with ``(">" or "<", line)`` for each command and
         reply, credentials replaced by ``****``; for debug logs.
+    :param max_recipients: recipients per transaction at most (None: no
+        limit of ours); a send with more runs as several transactions. The
+        server's LIMITS RCPTMAX and "too many recipients" replies lower it.
     """
 
     def __init__(
@@ -227,22 +199,30 @@ class ClientMachine:
         trace: Trace | None = None,
         server_host: str | None = None,
         server_port: int | None = None,
+        max_recipients: int | None = DEFAULT_MAX_RECIPIENTS,
     ) -> None:
+        if max_recipients is not None and max_recipients < 1:
+            raise UsageError(f"max_recipients must be at least 1, not {max_recipients}")
         self.domain = domain
         self.tls_mode = tls
         self.authentication = authentication
         self.server_host = server_host
         self.server_port = server_port
+        self.max_recipients = max_recipients
         self.tls_active = tls is TLSMode.IMPLICIT
         self.extensions = Extensions()
         self.state = State.GREETING
         self.trace = trace
         self._parser = ReplyParser()
-        self._pending: deque[tuple[Step, str | None]] = deque([(Step.GREETING, None)])
+        self._pending: deque[tuple[Step, int | None]] = deque([(Step.GREETING, None)])
         self._outbox: list[bytes] = []
         self._events: deque[Event] = deque()
         self._sasl: SASLClient | None = None
-        self._txns: deque[_Transaction] = deque()
+        self._next_handle: Handle = 1
+        self._sends: dict[Handle, _Send] = {}  # every send not yet reported
+        self._queue: deque[_Send] = deque()  # sends with recipients waiting for a transaction
+        self._txns: deque[_Transaction] = deque()  # running, oldest first
+        self._learned_limit: int | None = None  # from a "too many recipients" reply
         self._encoder: DataEncoder | None = None
         self._bdat_buffer: list[bytes] = []
         #: Counts replies, so a driver can restart its timer on each one.
@@ -264,27 +244,22 @@ class ClientMachine:
 
     @property
     def waiting_for(self) -> Step | None:
-        """The step whose timeout should run now, or None when idle."""
+        """The step whose timeout should run now, or None when idle.
+
+        Once QUIT is sent (politely, or after a fatal error), only the QUIT
+        grace runs, whatever replies are still outstanding before it.
+        """
+        if self.state is State.QUITTING:
+            return Step.QUIT
+        return self._step()
+
+    def _step(self) -> Step | None:
+        """The step the conversation is at, for errors and timeouts."""
         if self.state is State.BODY:
             return Step.BODY
         if self.state in (State.CLOSED, State.TLS_WAIT):
             return None
         return self._pending[0][0] if self._pending else None
-
-    @property
-    def can_start(self) -> bool:
-        """True when :meth:`start_transaction` may be called now.
-
-        With PIPELINING, the next transaction may start as soon as the
-        previous one's end of data (or RSET) is sent: its MAIL, RCPT and DATA
-        then leave in the same write as the final dot (RFC 2920 §3.1).
-        """
-        if self._quit_requested:
-            return False
-        state = self.state
-        if state is State.READY:
-            return True
-        return self.pipelining and (state is State.DATA_END or state is State.RESETTING)
 
     @property
     def extensions(self) -> Extensions:
@@ -296,6 +271,7 @@ class ClientMachine:
         self._extensions = extensions
         # Asked for every message: worth keeping at hand.
         self.pipelining = "PIPELINING" in extensions
+        self._limits = server_limits(extensions)
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes received from the server."""
@@ -306,7 +282,7 @@ class ClientMachine:
             try:
                 reply = self._parser.next_reply()
             except SMTPError as error:
-                error.step = self.waiting_for
+                error.step = self._step()
                 self._fatal(error, quit=False)
                 return
             if reply is None:
@@ -324,14 +300,14 @@ class ClientMachine:
             raise UsageError(f"tls_started() in state {self.state.value}")
         self.tls_active = True
         self.extensions = Extensions()
-        self.state = State.SETUP
+        self._go(Input.TLS_STARTED)
         self._send(f"EHLO {self.domain}", Step.EHLO)
 
     def connection_lost(self, error: SMTPError | None = None) -> None:
         """The transport closed; ``error`` says why when the driver knows."""
         if self.state is State.CLOSED:
             return
-        step = self.waiting_for
+        step = self._step()
         if self.state is State.QUITTING and error is None:
             self._close(clean=True)
             return
@@ -346,10 +322,10 @@ class ClientMachine:
 
     def timed_out(self) -> None:
         """The timer for :attr:`waiting_for` expired."""
-        step = self.waiting_for
         if self.state is State.QUITTING:
             self._close(clean=False)
             return
+        step = self._step()
         what = step.value if step is not None else "the server"
         error = ResponseTimeout(f"no reply in time to {what}", step=step)
         error.maybe_delivered = self._maybe_delivered(step)
@@ -362,48 +338,132 @@ class ClientMachine:
     def quit(self) -> None:
         """End the session politely: QUIT, then :class:`Closed` on its reply.
 
-        Transactions already under way finish first; in the middle of a body,
-        or before the session is set up, the connection is simply dropped.
+        Sends already queued run first; in the middle of a body, or before
+        the session is set up, the connection is simply dropped.
         """
         if self.state in (State.QUITTING, State.CLOSED):
             return
         if self.state in (State.BODY, State.TLS_WAIT, State.GREETING):
             self._close(clean=False)
             return
-        if self._txns:
+        if self._txns or self._queue:
             self._quit_requested = True
             return
-        self.state = State.QUITTING
+        self._go(Input.QUIT)
         self._send("QUIT", Step.QUIT)
 
-    # -- transactions ----------------------------------------------------------
+    # -- sends -----------------------------------------------------------------
 
-    def start_transaction(self, envelope: Envelope) -> None:
-        """Begin a transaction; only when :attr:`can_start`.
+    def start_transaction(self, envelope: Envelope) -> Handle:
+        """Queue a send; it starts as soon as the conversation allows.
 
-        Its events (:class:`BodyWanted`, then :class:`TransactionDone` or
-        :class:`TransactionFailed`) come in the order transactions started.
+        Sends run in the order they were queued; with PIPELINING the next
+        one's MAIL, RCPT and DATA leave in the same write as the previous
+        one's final dot (RFC 2920 §3.1). One with more recipients than a
+        transaction may take runs as several transactions in a row. Its
+        events (:class:`BodyWanted`, then one :class:`TransactionDone` or
+        :class:`TransactionRefused`) carry the handle returned here. An
+        envelope that cannot go to this server (SMTPUTF8, SIZE, an
+        extension) gets a :class:`TransactionRefused` and sends nothing.
 
-        :raises UsageError: the envelope cannot go to this server (SMTPUTF8,
-            SIZE), or the session cannot start one now. Nothing is sent then.
+        :raises UsageError: no recipient, or the session is closing.
         """
-        if not self.can_start:
-            raise UsageError(f"cannot start a transaction in state {self.state.value}")
         if not envelope.recipients:
             raise UsageError("a message needs at least one recipient")
-        bdat = self._use_bdat(envelope)
-        params = self._mail_parameters(envelope, bdat)
-        self.state = State.TRANSACTION
-        txn = _Transaction(envelope, pipelined=self.pipelining, bdat=bdat)
+        if self.state in (State.QUITTING, State.CLOSED) or self._quit_requested:
+            raise UsageError(f"cannot start a transaction in state {self.state.value}")
+        handle = self._next_handle
+        self._next_handle += 1
+        send = _Send(handle, envelope, deque(range(len(envelope.recipients))))
+        self._sends[handle] = send
+        self._queue.append(send)
+        self._start_queued()
+        return handle
+
+    def cancel(self, handle: Handle) -> bool:
+        """Abandon a send: dropped if not started, ended with RSET if its DATA has not left.
+
+        A send cancelled while its transaction runs ends at the next reply
+        with RSET and a :class:`TransactionRefused`, and the session goes
+        on; a send still queued is dropped with no event.
+
+        :returns: False when its body is under way (or DATA was pipelined):
+            only dropping the connection can stop it then.
+        """
+        send = self._sends.get(handle)
+        if send is None:
+            return True  # reported already
+        if not send.running:
+            self._drop(send)
+            del self._sends[handle]
+            return True
+        running = [txn for txn in self._txns if txn.send is send]
+        if self.state not in (State.TRANSACTION, State.RESETTING) or any(
+            txn.data_sent for txn in running
+        ):
+            return False
+        for txn in running:
+            if txn.error is None:
+                txn.error = UsageError("the transaction was cancelled", step=self._step())
+        self._drop(send)
+        return True
+
+    def _drop(self, send: _Send) -> None:
+        """No further transaction for ``send``."""
+        send.todo.clear()
+        if send in self._queue:
+            self._queue.remove(send)
+
+    def _can_start(self) -> bool:
+        state = self.state
+        if state is State.READY:
+            return True
+        return self.pipelining and (state is State.DATA_END or state is State.RESETTING)
+
+    def _recipient_limit(self) -> int | None:
+        limits = (self.max_recipients, self._learned_limit, self._limits.get("RCPTMAX"))
+        known = [limit for limit in limits if limit is not None]
+        return min(known) if known else None
+
+    def _start_queued(self) -> None:
+        """Start the queued sends the conversation allows now, oldest first."""
+        while self._queue and self._can_start():
+            send = self._queue[0]
+            envelope = send.envelope
+            if not send.started:
+                try:
+                    send.bdat = use_bdat(envelope, self.extensions)
+                    params = mail_parameters(envelope, self.extensions, self.tls_active)
+                except SMTPError as error:
+                    self._queue.popleft()
+                    del self._sends[send.handle]
+                    self._events.append(TransactionRefused(send.handle, error))
+                    continue
+                send.mail_command = f"MAIL FROM:{path(envelope.sender)}{params}"
+            if envelope.all_or_nothing:
+                batch = list(send.todo)
+                send.todo.clear()
+            else:
+                domains = self._limits.get("RCPTDOMAINMAX")
+                batch = take_batch(send.todo, envelope.recipients, self._recipient_limit(), domains)
+            if not send.todo:
+                self._queue.popleft()
+            self._begin(send, batch)
+
+    def _begin(self, send: _Send, indices: list[int]) -> None:
+        """Send one transaction's MAIL (and, pipelined, its RCPTs and DATA)."""
+        self._go(Input.MAIL)
+        txn = _Transaction(send, indices, pipelined=self.pipelining)
         self._txns.append(txn)
-        txn.mail_command = f"MAIL FROM:{path(envelope.sender)}{params}"
-        if envelope.reset_first:
+        send.running += 1
+        send.started += 1
+        if send.envelope.reset_first and send.started == 1:
             self._send("RSET", Step.RSET, _PROBE)
             if not txn.pipelined:
                 return  # MAIL follows the RSET's reply
-        self._send(txn.mail_command, Step.MAIL)
+        self._send(send.mail_command, Step.MAIL)
         if txn.pipelined:
-            while txn.next_rcpt < len(envelope.recipients):
+            while txn.next_rcpt < len(txn.indices):
                 self._send_next_rcpt(txn)
             if self._data_pipelined(txn):
                 txn.data_sent = True
@@ -414,60 +474,7 @@ class ClientMachine:
         """DATA goes with MAIL and RCPT, unless the RCPT replies must be seen first."""
         return txn.pipelined and not txn.envelope.all_or_nothing and not txn.bdat
 
-    def _use_bdat(self, envelope: Envelope) -> bool:
-        offered = "CHUNKING" in self.extensions
-        if envelope.binary or envelope.chunking:
-            if not offered:
-                raise ExtensionUnavailable("CHUNKING")
-            if not self.pipelining:
-                raise ExtensionUnavailable(
-                    "PIPELINING", "txcolombe sends BDAT only to servers that offer PIPELINING"
-                )
-            if envelope.binary and "BINARYMIME" not in self.extensions:
-                raise ExtensionUnavailable("BINARYMIME")
-            return True
-        return envelope.chunking is None and offered and self.pipelining
-
-    def _mail_parameters(self, envelope: Envelope, bdat: bool) -> str:
-        params = ""
-        mailboxes = [*envelope.recipients]
-        if envelope.sender is not None:
-            mailboxes.append(envelope.sender)
-        if any(m.needs_smtputf8 for m in mailboxes):
-            if "SMTPUTF8" not in self.extensions:
-                raise UTF8Unsupported(
-                    "a non-ASCII address needs SMTPUTF8, which the server does not offer",
-                    step=Step.MAIL,
-                )
-            params += " SMTPUTF8"
-        if envelope.binary:
-            params += " BODY=BINARYMIME"
-        elif "8BITMIME" in self.extensions:
-            params += " BODY=8BITMIME"
-        if envelope.size is not None and "SIZE" in self.extensions:
-            limit = self.extensions.size
-            if limit is not None and envelope.size > limit:
-                raise MessageTooLarge(
-                    f"the message ({envelope.size} octets) is over the server's"
-                    f" limit of {limit} octets",
-                    step=Step.MAIL,
-                )
-            params += f" SIZE={envelope.size}"
-        wants_dsn = envelope.dsn is not None or any(
-            o.notify or o.orcpt is not None for o in envelope.rcpt_options
-        )
-        if wants_dsn:
-            if "DSN" not in self.extensions:
-                raise ExtensionUnavailable("DSN")
-            if envelope.dsn is not None:
-                params += envelope.dsn.mail_parameters()
-        if envelope.requiretls:
-            if "REQUIRETLS" not in self.extensions or not self.tls_active:
-                raise ExtensionUnavailable(
-                    "REQUIRETLS", "REQUIRETLS needs TLS and a server that offers it"
-                )
-            params += " REQUIRETLS"
-        return params
+    # -- the body ------------------------------------------------------------------
 
     def send_body(self, chunk: bytes) -> None:
         """Send the next chunk of the body (after :class:`BodyWanted`).
@@ -480,8 +487,6 @@ class ClientMachine:
         if self.state is not State.BODY or self._encoder is None:
             raise UsageError(f"send_body() in state {self.state.value}")
         txn = self._current()
-        if txn.error is not None:
-            return  # a BDAT was refused: the rest of the body is dropped
         try:
             data = self._encoder.encode(chunk)
         except SMTPError as error:
@@ -497,11 +502,6 @@ class ClientMachine:
         self._bdat_size += len(data)
         if self._bdat_size >= BDAT_CHUNK:
             self._send_bdat(last=False)
-
-    @property
-    def body_refused(self) -> bool:
-        """True when the server refused a BDAT chunk: stop the body, call :meth:`end_body`."""
-        return self.state is State.BODY and bool(self._txns) and self._txns[0].error is not None
 
     def _send_bdat(self, *, last: bool) -> None:
         data = b"".join(self._bdat_buffer)
@@ -523,9 +523,6 @@ class ClientMachine:
         self._encoder = None
         txn = self._current()
         if txn.bdat:
-            if txn.error is not None:
-                self._abandon(txn, txn.error)
-                return
             if tail:
                 self._bdat_buffer.append(tail)
             self._send_bdat(last=True)
@@ -534,12 +531,20 @@ class ClientMachine:
             if self.trace is not None:
                 self.trace(">", f"<{octets} octets of data>")
             self._pending.append((Step.DATA_END, None))
-        self.state = State.DATA_END
+        self._go(Input.END_OF_DATA)
+        self._start_queued()
 
     # -- internals ------------------------------------------------------------------
 
+    def _go(self, what: Input) -> None:
+        """Make the move :data:`TRANSITIONS` lists for ``what`` in this state."""
+        try:
+            self.state = TRANSITIONS[self.state, what]
+        except KeyError:
+            raise UsageError(f"{what.value} in state {self.state.value}") from None
+
     def _send(
-        self, line: str, step: Step, arg: str | None = None, *, shown: str | None = None
+        self, line: str, step: Step, arg: int | None = None, *, shown: str | None = None
     ) -> None:
         if self.trace is not None:
             self.trace(">", shown if shown is not None else line)
@@ -547,12 +552,13 @@ class ClientMachine:
         self._pending.append((step, arg))
 
     def _send_next_rcpt(self, txn: _Transaction) -> None:
-        index = txn.next_rcpt
+        position = txn.next_rcpt
+        index = txn.indices[position]
         rcpt = txn.envelope.recipients[index]
         txn.next_rcpt += 1
         options = txn.envelope.rcpt_options
         params = options[index].parameters() if index < len(options) else ""
-        self._send(f"RCPT TO:{path(rcpt)}{params}", Step.RCPT, str(rcpt))
+        self._send(f"RCPT TO:{path(rcpt)}{params}", Step.RCPT, position)
 
     def _handle(self, reply: Reply) -> None:
         self.replies_received += 1
@@ -575,14 +581,14 @@ class ClientMachine:
 
     # -- session set-up -------------------------------------------------------------
 
-    def _on_greeting(self, reply: Reply, _: str | None) -> None:
+    def _on_greeting(self, reply: Reply, _: int | None) -> None:
         if reply.code != 220:
             self._fatal(error_for_reply(reply, Step.GREETING, "the server refused the session"))
             return
-        self.state = State.SETUP
+        self._go(Input.GREETED)
         self._send(f"EHLO {self.domain}", Step.EHLO)
 
-    def _on_ehlo(self, reply: Reply, _: str | None) -> None:
+    def _on_ehlo(self, reply: Reply, _: int | None) -> None:
         if reply.code != 250:
             if reply.code in (500, 502) and not self._needs_tls():
                 self._send(f"HELO {self.domain}", Step.HELO)
@@ -592,7 +598,7 @@ class ClientMachine:
         self.extensions = Extensions.from_reply(reply)
         self._after_hello()
 
-    def _on_helo(self, reply: Reply, _: str | None) -> None:
+    def _on_helo(self, reply: Reply, _: int | None) -> None:
         if reply.code != 250:
             self._fatal(error_for_reply(reply, Step.HELO))
             return
@@ -625,11 +631,11 @@ class ClientMachine:
             return
         self._ready()
 
-    def _on_starttls(self, reply: Reply, _: str | None) -> None:
+    def _on_starttls(self, reply: Reply, _: int | None) -> None:
         if reply.code != 220:
             self._fatal(error_for_reply(reply, Step.STARTTLS))
             return
-        self.state = State.TLS_WAIT
+        self._go(Input.TLS_ACCEPTED)
         self._events.append(StartTLS())
 
     def _start_auth(self, authentication: Authentication) -> None:
@@ -663,7 +669,7 @@ class ClientMachine:
         bare = f"AUTH {mechanism.value}"
         self._send(line, Step.AUTH, shown=None if line == bare else f"{bare} ****")
 
-    def _on_auth(self, reply: Reply, _: str | None) -> None:
+    def _on_auth(self, reply: Reply, _: int | None) -> None:
         sasl = self._sasl
         if reply.code == 334 and sasl is not None:
             try:
@@ -693,41 +699,13 @@ class ClientMachine:
         self._ready()
 
     def _ready(self) -> None:
-        self.state = State.READY
+        self._go(Input.SET_UP)
         self._events.append(Ready(self.extensions, self.tls_active))
-
-    def _finish(self, event: TransactionDone | TransactionFailed) -> None:
-        """The oldest transaction is over; report it, then QUIT if asked to."""
-        self._txns.popleft()
-        self._events.append(event)
-        if self._txns:
-            return
-        self.state = State.READY
-        if self._quit_requested:
-            self._quit_requested = False
-            self.quit()
-
-    def cancel_transaction(self, index: int) -> bool:
-        """Abandon the ``index``-th running transaction (0: the oldest) with RSET.
-
-        Possible only before its DATA (or first BDAT) leaves; it then ends
-        with RSET at the next reply it gets, and with a
-        :class:`TransactionFailed` event like any refused one, and the
-        session goes on.
-
-        :returns: False when the body is under way (or DATA was pipelined):
-            only dropping the connection can stop it then.
-        """
-        txn = self._txns[index]
-        if txn.data_sent or self.state not in (State.TRANSACTION, State.RESETTING):
-            return False
-        if txn.error is None:
-            txn.error = UsageError("the transaction was cancelled", step=self.waiting_for)
-        return True
+        self._start_queued()
 
     # -- transaction replies --------------------------------------------------------
 
-    def _on_mail(self, reply: Reply, _: str | None) -> None:
+    def _on_mail(self, reply: Reply, _: int | None) -> None:
         txn = self._current()
         if reply.code // 100 != 2:
             txn.error = error_for_reply(reply, Step.MAIL, "sender refused")
@@ -740,26 +718,42 @@ class ClientMachine:
             else:
                 self._send_next_rcpt(txn)
 
-    def _on_rcpt(self, reply: Reply, rcpt: str | None) -> None:
+    def _on_rcpt(self, reply: Reply, position: int | None) -> None:
         txn = self._current()
         # Counted, not read off accepted/refused: a recipient may be listed twice.
         txn.rcpt_replies += 1
-        last = txn.rcpt_replies == len(txn.envelope.recipients)
         if txn.error is not None:
             # MAIL failed (these are the pipelined replies that follow) or the
             # transaction was cancelled. Without a pipelined DATA to answer
             # last (all-or-nothing), end here.
+            last = txn.rcpt_replies == len(txn.indices)
             if not txn.pipelined or (last and not self._data_pipelined(txn)):
                 self._abandon(txn, txn.error)
             return
-        assert rcpt is not None
-        (txn.accepted if reply.code // 100 == 2 else txn.refused)[rcpt] = reply
-        if txn.next_rcpt < len(txn.envelope.recipients):
+        assert position is not None
+        index = txn.indices[position]
+        rcpt = str(txn.envelope.recipients[index])
+        if reply.code // 100 == 2:
+            txn.accepted[rcpt] = reply
+        elif not too_many_recipients(reply):
+            txn.refused[rcpt] = reply
+        elif not txn.accepted or txn.envelope.all_or_nothing:
+            # No progress to make in another transaction: a temporary refusal.
+            txn.refused[rcpt] = as_temporary(reply)
+        else:
+            self._defer(txn, position)
+        if txn.next_rcpt < len(txn.indices):
             if not txn.pipelined:
                 self._send_next_rcpt(txn)
             return
-        if not last:
+        if txn.rcpt_replies < len(txn.indices):
             return
+        if txn.deferred:
+            # RFC 5321 §4.5.3.1.10: the rest go in the next transaction, first.
+            send = txn.send
+            send.todo.extendleft(reversed(txn.deferred))
+            if send not in self._queue:
+                self._queue.appendleft(send)
         error = self._recipients_error(txn)
         if self._data_pipelined(txn):
             txn.error = error  # DATA is on its way already; its reply decides
@@ -771,6 +765,19 @@ class ClientMachine:
             txn.data_sent = True
             self._send("DATA", Step.DATA)
 
+    def _defer(self, txn: _Transaction, position: int) -> None:
+        """The server takes no more recipients in this transaction (452, or 552)."""
+        if not txn.deferred:
+            # Learnt for the rest of the session: as many as it answered before.
+            limit = txn.rcpt_replies - 1
+            if self._learned_limit is None or limit < self._learned_limit:
+                self._learned_limit = limit
+        txn.deferred.append(txn.indices[position])
+        if not txn.pipelined:
+            # Lock-step: the ones not asked yet go along, unasked.
+            txn.deferred.extend(txn.indices[txn.next_rcpt :])
+            del txn.indices[txn.next_rcpt :]
+
     def _recipients_error(self, txn: _Transaction) -> SMTPError | None:
         if not txn.accepted:
             return RecipientsRefused("no recipient was accepted", txn.refused)
@@ -778,7 +785,7 @@ class ClientMachine:
             return RecipientsRefused("not every recipient was accepted", txn.refused)
         return None
 
-    def _on_data(self, reply: Reply, _: str | None) -> None:
+    def _on_data(self, reply: Reply, _: int | None) -> None:
         txn = self._current()
         if reply.code == 354 and txn.error is not None:
             # RFC 2920 §3.1: DATA accepted with nothing to deliver; end it empty.
@@ -796,52 +803,64 @@ class ClientMachine:
 
     def _begin_body(self, txn: _Transaction) -> None:
         txn.data_sent = True
-        self.state = State.BODY
+        self._go(Input.BODY)
         self._encoder = DataEncoder(
             allow_8bit="8BITMIME" in self.extensions or txn.envelope.binary,
             stuff=not txn.bdat,
             raw=txn.envelope.binary,
         )
-        self._events.append(BodyWanted())
+        # The recipients of this send's next transactions are known by now.
+        self._events.append(BodyWanted(txn.send.handle, again=bool(txn.send.todo)))
 
-    def _on_bdat(self, reply: Reply, _: str | None) -> None:
+    def _on_bdat(self, reply: Reply, _: int | None) -> None:
         txn = self._current()
-        if reply.code // 100 != 2 and txn.error is None:
-            txn.error = error_for_reply(reply, Step.BODY, "message refused")
+        if reply.code // 100 == 2 or txn.error is not None:
+            return
+        error = error_for_reply(reply, Step.BODY, "message refused")
+        if self.state is not State.BODY:
+            txn.error = error  # the last chunk has left: its reply ends the transaction
+            return
+        # RFC 3030 §2: no more chunks once one is refused; the driver stops the body.
+        self._encoder = None
+        self._bdat_buffer.clear()
+        self._bdat_size = 0
+        self._events.append(BodyRefused(txn.send.handle))
+        self._abandon(txn, error)
 
-    def _on_data_end(self, reply: Reply, _: str | None) -> None:
+    def _on_data_end(self, reply: Reply, _: int | None) -> None:
         txn = self._current()
         if txn.error is not None and (txn.empty_data or txn.bdat):
             self._abandon(txn, txn.error)
         elif reply.code // 100 == 2:
-            self._finish(TransactionDone(txn.accepted, txn.refused, reply))
+            self._finish(TransactionDone(txn.send.handle, txn.accepted, txn.refused, reply))
         else:
-            self._finish(
-                TransactionFailed(error_for_reply(reply, Step.DATA_END, "message refused"))
-            )
+            self._finish(error_for_reply(reply, Step.DATA_END, "message refused"))
 
     def _abandon(self, txn: _Transaction, error: SMTPError) -> None:
         """End a failed transaction with RSET; report it once RSET is answered."""
         txn.error = error
-        self.state = State.RESETTING
+        if not isinstance(error, RecipientsRefused):
+            self._drop(txn.send)  # the message itself failed: no further transaction
+        self._go(Input.RSET)
         self._send("RSET", Step.RSET)
+        self._start_queued()
 
-    def _on_rset(self, reply: Reply, arg: str | None) -> None:
+    def _on_rset(self, reply: Reply, arg: int | None) -> None:
         txn = self._current()
         if arg == _PROBE:
             if reply.code // 100 != 2:
                 self._fatal(error_for_reply(reply, Step.RSET))
             elif not txn.pipelined:
-                self._send(txn.mail_command, Step.MAIL)
+                self._send(txn.send.mail_command, Step.MAIL)
             return
         if reply.code // 100 != 2:
             self._txns.popleft()
-            self._events.append(TransactionFailed(txn.error or error_for_reply(reply, Step.RSET)))
+            self._transaction_over(txn, txn.error or error_for_reply(reply, Step.RSET))
             self._fatal(error_for_reply(reply, Step.RSET))
             return
-        self._finish(TransactionFailed(txn.error or error_for_reply(reply, Step.RSET)))
+        self._finish(txn.error or error_for_reply(reply, Step.RSET))
 
-    def _on_unexpected(self, reply: Reply, _: str | None) -> None:
+    def _on_unexpected(self, reply: Reply, _: int | None) -> None:
         self._fatal(UnexpectedResponse("unexpected reply", reply=reply))
 
     def _current(self) -> _Transaction:
@@ -849,9 +868,40 @@ class ClientMachine:
             raise UnexpectedResponse("a transaction reply outside a transaction")
         return self._txns[0]
 
+    def _finish(self, result: TransactionDone | SMTPError) -> None:
+        """The oldest transaction is over; report it, go on, then QUIT if asked to."""
+        self._transaction_over(self._txns.popleft(), result)
+        if self._txns:
+            return
+        self._go(Input.IDLE)
+        self._start_queued()
+        if self._quit_requested and not self._txns:
+            self._quit_requested = False
+            self.quit()
+
+    def _transaction_over(self, txn: _Transaction, result: TransactionDone | SMTPError) -> None:
+        """Count one transaction in its send; report the send once none is left."""
+        send = txn.send
+        send.running -= 1
+        if isinstance(result, TransactionDone):
+            send.tally.delivered(result)
+        else:
+            send.tally.failed(txn.names(), result, txn.refused)
+            if not isinstance(result, RecipientsRefused):
+                self._drop(send)
+        if send.running == 0 and not send.todo and send.handle in self._sends:
+            del self._sends[send.handle]  # not reported yet (nor failed with the session)
+            self._events.append(send.tally.result(send.handle))
+
     # -- failure ------------------------------------------------------------------
 
     def _fail_session(self, error: SMTPError) -> None:
+        # A send split over transactions keeps what was delivered already.
+        for send in list(self._sends.values()):
+            if send.tally.parts:
+                self._events.append(send.tally.done(send.handle))
+        self._sends.clear()
+        self._queue.clear()
         self._events.append(SessionFailed(error))
 
     def _fatal(self, error: SMTPError, *, quit: bool = True) -> None:
@@ -859,23 +909,27 @@ class ClientMachine:
         if self.state in (State.CLOSED, State.QUITTING):
             return
         if error.step is None:
-            error.step = self.waiting_for
+            error.step = self._step()
         self._fail_session(error)
-        if quit and self.state not in (State.BODY, State.TLS_WAIT):
-            self.state = State.QUITTING
+        if quit and (self.state, Input.QUIT) in TRANSITIONS:
+            self._go(Input.QUIT)
             self._send("QUIT", Step.QUIT)
         else:
             self._close(clean=False)
 
     def _close(self, *, clean: bool) -> None:
-        self.state = State.CLOSED
+        if self._sends:  # dropped by quit() mid-body, or before the session was set up
+            step = self._step()
+            self._fail_session(ConnectionLost("the connection was dropped by quit()", step=step))
+        self._go(Input.CLOSE)
         self._pending.clear()
         self._txns.clear()
+        self._queue.clear()
         self._encoder = None
         self._events.append(Closed(clean))
 
 
-_HANDLERS: dict[Step, Callable[[ClientMachine, Reply, str | None], None]] = {
+_HANDLERS: dict[Step, Callable[[ClientMachine, Reply, int | None], None]] = {
     Step.GREETING: ClientMachine._on_greeting,
     Step.EHLO: ClientMachine._on_ehlo,
     Step.HELO: ClientMachine._on_helo,
@@ -887,6 +941,5 @@ _HANDLERS: dict[Step, Callable[[ClientMachine, Reply, str | None], None]] = {
     Step.BODY: ClientMachine._on_bdat,
     Step.DATA_END: ClientMachine._on_data_end,
     Step.RSET: ClientMachine._on_rset,
-    Step.NOOP: ClientMachine._on_unexpected,
     Step.QUIT: ClientMachine._on_unexpected,
 }

@@ -10,9 +10,10 @@ else, including every decision, is the machine's.
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
@@ -27,24 +28,27 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from txcolombe.client.machine import (
+from txcolombe.client.body import CHUNK, IterableProducer
+from txcolombe.client.envelope import Envelope
+from txcolombe.client.events import (
+    BodyRefused,
     BodyWanted,
-    ClientMachine,
     Closed,
-    Envelope,
+    Event,
+    Handle,
     Ready,
     SessionFailed,
     StartTLS,
-    State,
-    TLSMode,
     TransactionDone,
-    TransactionFailed,
+    TransactionRefused,
 )
+from txcolombe.client.machine import ClientMachine, TLSMode, Trace
 from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.client.receipt import Receipt, TLSInfo
 from txcolombe.codec.address import address_literal
@@ -54,6 +58,7 @@ from txcolombe.codec.errors import (
     SMTPError,
     Step,
     TLSFailure,
+    UsageError,
 )
 
 log = Logger(namespace="txcolombe")
@@ -82,11 +87,18 @@ class _BodyConsumer:
 
 _CLEAN_CLOSE = Failure(ConnectionDone())  # type: ignore[no-untyped-call]
 
+#: Makes the connection's machine once connected, given the address literal
+#: of our end (the EHLO name when none is configured) and the trace to use.
+MachineFactory = Callable[[str, Trace | None], ClientMachine]
+
 
 @implementer(IHandshakeListener)
 class SMTPClientProtocol(Protocol):
     """One SMTP client connection.
 
+    :param new_machine: makes the :class:`ClientMachine` when the
+        connection is made (:data:`MachineFactory`).
+    :param trace: log the conversation at debug level (the machine's trace).
     :ivar ready: fires with this protocol once the session is set up
         (greeting, EHLO, STARTTLS, AUTH), or fails with an :class:`SMTPError`.
     :ivar closed: fires when the connection is gone.
@@ -94,7 +106,7 @@ class SMTPClientProtocol(Protocol):
 
     def __init__(
         self,
-        machine: ClientMachine,
+        new_machine: MachineFactory,
         *,
         reactor: IReactorTime,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
@@ -102,11 +114,11 @@ class SMTPClientProtocol(Protocol):
         peer: str = "",
         trace: bool = True,
     ) -> None:
-        self.machine = machine
+        self._new_machine = new_machine
+        self._machine: ClientMachine | None = None
         self.peer = peer
         self._trace: list[str] = []
-        if trace and machine.trace is None:
-            machine.trace = self._trace_line
+        self._tracing = trace
         self.ready: Deferred[SMTPClientProtocol] = Deferred()
         self.closed: Deferred[None] = Deferred()
         self.tls_info: TLSInfo | None = None
@@ -116,10 +128,10 @@ class SMTPClientProtocol(Protocol):
         self._timer: IDelayedCall | None = None
         self._timer_step: Step | None = None
         self._timer_replies = 0
-        self._waiting: deque[_Send] = deque()  # not yet started in the machine
-        self._running: deque[_Send] = deque()  # started, oldest first
+        self._sends: dict[Handle, _Send] = {}  # by the machine's handle
         self._body: IBodyProducer | None = None
         self._consumer: _BodyConsumer | None = None
+        self._recording: _Spool | None = None  # a body that will be sent again
         self._failure: SMTPError | None = None
         self._gone = False
 
@@ -129,9 +141,16 @@ class SMTPClientProtocol(Protocol):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
-        if not self.machine.domain:
-            self.machine.domain = _local_literal(self.transport)
+        trace = self._trace_line if self._tracing else None
+        self._machine = self._new_machine(_local_literal(self.transport), trace)
         self._process()
+
+    @property
+    def machine(self) -> ClientMachine:
+        """The connection's state machine (there is none before the connection)."""
+        if self._machine is None:
+            raise UsageError("the connection is not made yet")
+        return self._machine
 
     def dataReceived(self, data: bytes) -> None:
         self.machine.receive_data(data)
@@ -154,11 +173,12 @@ class SMTPClientProtocol(Protocol):
     def connectionLost(self, reason: Failure = _CLEAN_CLOSE) -> None:
         self._gone = True
         self._cancel_timer()
-        step = self.machine.waiting_for
+        step = None  # the machine knows where the conversation was
         if isinstance(reason.value, _TLS_ERRORS) and self.tls_info is None:
             step = Step.TLS  # the handshake itself failed
-        self.machine.connection_lost(_error_from(reason, step))
-        self._process()
+        if self._machine is not None:
+            self._machine.connection_lost(_error_from(reason, step))
+            self._process()
         self._stop_body()
         if self._failure is None:
             self._failure = ConnectionLost("the connection is closed")
@@ -193,15 +213,19 @@ class SMTPClientProtocol(Protocol):
         """
         if self._failure is not None:
             return fail(self._failure)
-        item = _Send(envelope, body, Deferred(lambda _: self._cancel(item)))
-        self._waiting.append(item)
+        try:
+            handle = self.machine.start_transaction(envelope)
+        except SMTPError as error:
+            return fail(error)
+        result: Deferred[Receipt] = Deferred(lambda _: self._cancel(handle))
+        self._sends[handle] = _Send(body, result)
         self._process()
-        return item.result
+        return result
 
     def quit(self) -> Deferred[None]:
         """Say QUIT and close; fires when the connection is gone."""
-        if not self._gone:
-            self.machine.quit()
+        if not self._gone and self._machine is not None:
+            self._machine.quit()
             self._process()
         return self.closed
 
@@ -210,25 +234,15 @@ class SMTPClientProtocol(Protocol):
         if self.transport is not None and not self._gone:
             self._transport.abortConnection()
 
-    def _cancel(self, item: _Send) -> None:
+    def _cancel(self, handle: Handle) -> None:
         """A send not started leaves the queue; one started before its body
         ends with RSET; only one mid-body costs the connection."""
-        if item in self._waiting:
-            self._waiting.remove(item)
-        elif item not in self._running or not self.machine.cancel_transaction(
-            self._running.index(item)
-        ):
+        if self._gone:
+            return
+        if self.machine.cancel(handle):
+            self._close_send(handle)
+        else:
             self.abort()
-
-    def _start_waiting(self) -> None:
-        while self._waiting and self.machine.can_start:
-            item = self._waiting.popleft()
-            try:
-                self.machine.start_transaction(item.envelope)
-            except SMTPError as error:
-                _fire(item.result, None, error)
-                continue
-            self._running.append(item)
 
     # -- the machine's events ------------------------------------------------------
 
@@ -237,11 +251,6 @@ class SMTPClientProtocol(Protocol):
 
     def _process(self) -> None:
         while True:
-            if self.machine.body_refused and self._consumer is not None:
-                # A BDAT chunk was refused: stop reading the body, end the transaction.
-                self._stop_body()
-                self.machine.end_body()
-            self._start_waiting()
             data = self.machine.data_to_send()
             if data and self.transport is not None and not self._gone:
                 self.transport.write(data)
@@ -255,44 +264,60 @@ class SMTPClientProtocol(Protocol):
             self._trace.clear()
         self._update_timer()
 
-    def _on_event(self, event: object) -> None:
+    def _on_event(self, event: Event) -> None:
         if isinstance(event, Ready):
             self.ready.callback(self)
         elif isinstance(event, StartTLS):
             self._start_tls()
         elif isinstance(event, BodyWanted):
-            self._start_body()
+            self._start_body(event)
+        elif isinstance(event, BodyRefused):
+            self._stop_body()
         elif isinstance(event, TransactionDone):
-            receipt = Receipt(
-                accepted=event.accepted,
-                refused=event.refused,
-                reply=event.reply,
-                tls=self.tls_info,
-                extensions=self.machine.extensions,
-            )
-            self._finish_txn(receipt, None)
-        elif isinstance(event, TransactionFailed):
-            self._finish_txn(None, event.error)
+            self._fire(event.handle, self._receipt(event), None)
+        elif isinstance(event, TransactionRefused):
+            self._fire(event.handle, None, event.error)
         elif isinstance(event, SessionFailed):
             self._failure = event.error
             self._stop_body()
             if not self.ready.called:
                 self.ready.errback(event.error)
-            for item in (*self._running, *self._waiting):
-                _fire(item.result, None, event.error)
-            self._running.clear()
-            self._waiting.clear()
+            for handle in list(self._sends):
+                self._fire(handle, None, event.error)
         elif isinstance(event, Closed):
             self._cancel_timer()
+            self._stop_body()  # quit() mid-body drops the connection
             if self.transport is not None and not self._gone:
                 if event.clean:
                     self.transport.loseConnection()
                 else:
                     self._transport.abortConnection()
 
-    def _finish_txn(self, receipt: Receipt | None, error: SMTPError | None) -> None:
-        if self._running:
-            _fire(self._running.popleft().result, receipt, error)
+    def _receipt(self, event: TransactionDone) -> Receipt:
+        return Receipt(
+            accepted=event.accepted,
+            refused=event.refused,
+            reply=event.reply,
+            tls=self.tls_info,
+            extensions=self.machine.extensions,
+            parts=tuple(self._receipt(part) for part in event.parts),
+        )
+
+    def _fire(self, handle: Handle, receipt: Receipt | None, error: SMTPError | None) -> None:
+        """Fire the send's Deferred unless it was cancelled already."""
+        item = self._close_send(handle)
+        if item is None or item.result.called:
+            return
+        if receipt is not None:
+            item.result.callback(receipt)
+        else:
+            item.result.errback(error)
+
+    def _close_send(self, handle: Handle) -> _Send | None:
+        item = self._sends.pop(handle, None)
+        if item is not None and item.spool is not None:
+            item.spool.close()
+        return item
 
     def _start_tls(self) -> None:
         if self._tls is None or self.transport is None:
@@ -305,8 +330,16 @@ class SMTPClientProtocol(Protocol):
 
     # -- the body ------------------------------------------------------------
 
-    def _start_body(self) -> None:
-        self._body = body = self._running[0].body
+    def _start_body(self, event: BodyWanted) -> None:
+        item = self._sends[event.handle]
+        if item.spool is None:
+            body = item.body
+            if event.again:  # the same body goes in another transaction next
+                item.spool = self._recording = _Spool()
+        else:
+            # Complete: the machine sends no more of a send whose body was cut short.
+            body = item.spool.producer(self.reactor)
+        self._body = body
         self._consumer = consumer = _BodyConsumer(self)
         if self.transport is not None:
             # The transport pauses the producer when the server reads slowly.
@@ -315,8 +348,8 @@ class SMTPClientProtocol(Protocol):
         done.addCallbacks(self._body_done, self._body_failed)
 
     def _body_chunk(self, data: bytes) -> None:
-        if self.machine.state is not State.BODY:
-            return
+        if self._recording is not None:
+            self._recording.write(data)
         self.machine.send_body(data)
         self._process()
         if self._timer is not None and self._timer_step is Step.BODY:
@@ -328,6 +361,7 @@ class SMTPClientProtocol(Protocol):
             return False
         self._consumer.closed = True
         self._consumer = None
+        self._recording = None
         if self.transport is not None and not self._gone:
             self._transport.unregisterProducer()
         return True
@@ -335,14 +369,13 @@ class SMTPClientProtocol(Protocol):
     def _body_done(self, _: object) -> None:
         if not self._release_body():
             return
-        if self.machine.state is State.BODY:
-            self.machine.end_body()
-            self._process()
+        self.machine.end_body()
+        self._process()
 
     def _body_failed(self, failure: Failure) -> None:
         if not self._release_body():
             return
-        if isinstance(failure.value, CancelledError) or self.machine.state is not State.BODY:
+        if isinstance(failure.value, CancelledError):
             return
         error = InvalidBody(f"the body could not be read: {failure.value}", step=Step.BODY)
         error.__cause__ = failure.value
@@ -363,8 +396,6 @@ class SMTPClientProtocol(Protocol):
     def _update_timer(self) -> None:
         """One timer for the step the machine waits on, restarted by each reply."""
         step = None if self._gone else self.machine.waiting_for
-        if step is not None and self.machine.state is State.QUITTING:
-            step = Step.QUIT  # after a fatal error: only the QUIT grace
         replies = self.machine.replies_received
         if step is not None and step == self._timer_step and self._timer is not None:
             if replies != self._timer_replies:
@@ -401,21 +432,46 @@ def _local_literal(transport: object) -> str:
 
 @dataclass(eq=False)
 class _Send:
-    """One queued transaction."""
+    """One send: its body, its result, and a copy of the body to send it again."""
 
-    envelope: Envelope
     body: IBodyProducer
     result: Deferred[Receipt]
+    spool: _Spool | None = None
 
 
-def _fire(result: Deferred[Receipt], receipt: Receipt | None, error: SMTPError | None) -> None:
-    """Fire ``result`` unless it was cancelled already."""
-    if result.called:
-        return
-    if receipt is not None:
-        result.callback(receipt)
-    else:
-        result.errback(error)
+class _Spool:
+    """A copy of a body as the producer wrote it, for the send's next transaction.
+
+    Needed only when a send's recipients are split over transactions: a
+    producer runs once. Kept in memory up to :data:`SPOOL_IN_MEMORY`, then
+    in an anonymous temporary file, closed with the send.
+    """
+
+    def __init__(self) -> None:
+        # Lives as long as its send, closed by close(): no with-block fits.
+        self._file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115
+        self.length = 0
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self.length += len(data)
+
+    def producer(self, reactor: IReactorTime) -> IBodyProducer:
+        """A producer of the whole body again, one chunk per turn of ``reactor``."""
+        self._file.seek(0)
+        cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+        return IterableProducer(self._chunks(), self.length, cooperator)
+
+    def _chunks(self) -> Iterator[bytes]:
+        while chunk := self._file.read(CHUNK):
+            yield chunk
+
+    def close(self) -> None:
+        self._file.close()
+
+
+#: Octets of a spooled body kept in memory before it goes to a temporary file.
+SPOOL_IN_MEMORY = 4 * 1024 * 1024
 
 
 _TLS_ERRORS = (SSL.Error, VerificationError, CertificateError)

@@ -27,6 +27,9 @@ class Receipt:
     :ivar reply: the server's reply to the end of data.
     :ivar tls: the TLS session used, or None for plaintext.
     :ivar extensions: what the server advertised (after STARTTLS, if used).
+    :ivar parts: when the recipients were more than one transaction takes
+        (RFC 5321 §4.5.3.1.8), each delivered transaction's own receipt
+        (``reply`` is then the first one's); empty for one transaction.
     """
 
     accepted: Mapping[str, Reply]
@@ -34,6 +37,7 @@ class Receipt:
     reply: Reply
     tls: TLSInfo | None = None
     extensions: Extensions = field(default_factory=Extensions)
+    parts: tuple[Receipt, ...] = ()
 
     @property
     def queue_id(self) -> str | None:

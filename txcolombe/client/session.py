@@ -5,7 +5,7 @@ run transactions one after another (colombe's ``Sendmail_with_starttls.many``).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -31,7 +31,7 @@ from txcolombe.client.connect import (
     tls_options,
     wrap_tls,
 )
-from txcolombe.client.machine import ClientMachine, Envelope, TLSMode
+from txcolombe.client.machine import ClientMachine, Envelope, TLSMode, Trace
 from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.client.protocol import SMTPClientProtocol
 from txcolombe.client.receipt import Receipt, TLSInfo
@@ -344,21 +344,26 @@ def connect(
     if tls_mode is not TLSMode.NONE:
         creator = tls_options(host, tls=tls, trust_root=trust_root)
 
-    machine = ClientMachine(
-        ehlo or "",
-        tls=tls_mode,
-        authentication=authentication,
-        server_host=host.name,
-        server_port=port,
-    )
-    protocol = SMTPClientProtocol(
-        machine,
-        reactor=reactor,
-        timeouts=timeouts,
-        tls=creator,
-        peer=f"{host.name}:{port}",
-        trace=trace,
-    )
+    def new_protocol(credentials: Authentication | None) -> SMTPClientProtocol:
+        def new_machine(local_name: str, trace: Trace | None) -> ClientMachine:
+            return ClientMachine(
+                ehlo or local_name,
+                tls=tls_mode,
+                authentication=credentials,
+                trace=trace,
+                server_host=host.name,
+                server_port=port,
+            )
+
+        return SMTPClientProtocol(
+            new_machine,
+            reactor=reactor,
+            timeouts=timeouts,
+            tls=creator,
+            peer=f"{host.name}:{port}",
+            trace=trace,
+        )
+
     implicit = creator if tls_mode is TLSMode.IMPLICIT else None
     try:
         if endpoint is None:
@@ -370,15 +375,14 @@ def connect(
     except SMTPError as error:
         return fail(error)
     if authentication is not None and authentication.token_provider is not None:
-        return _with_token(authentication, machine, endpoint, protocol, host, port)
-    return _connect(endpoint, protocol, host, port)
+        return _with_token(authentication, new_protocol, endpoint, host, port)
+    return _connect(endpoint, new_protocol(authentication), host, port)
 
 
 def _with_token(
     authentication: Authentication,
-    machine: ClientMachine,
+    new_protocol: Callable[[Authentication], SMTPClientProtocol],
     endpoint: IStreamClientEndpoint,
-    protocol: SMTPClientProtocol,
     host: Host,
     port: int,
 ) -> Deferred[Session]:
@@ -386,14 +390,14 @@ def _with_token(
 
     async def run() -> Session:
         try:
-            machine.authentication = await resolve_token(authentication)
+            credentials = await resolve_token(authentication)
         except SMTPError:
             raise
         except Exception as error:
             raise AuthenticationError(
                 f"the OAuth token provider failed: {error}", step=Step.AUTH
             ) from error
-        return await _connect(endpoint, protocol, host, port)
+        return await _connect(endpoint, new_protocol(credentials), host, port)
 
     return Deferred.fromCoroutine(run())
 

@@ -21,5 +21,4 @@ class Step(enum.Enum):
     BODY = "message body"
     DATA_END = "end of data"
     RSET = "RSET"
-    NOOP = "NOOP"
     QUIT = "QUIT"
