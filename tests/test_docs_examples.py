@@ -145,7 +145,7 @@ def docs_world(fake: MemorySMTP, directory: Path) -> Iterator[None]:
         (task, "react", react),
         (_sslverify, "platformTrust", lambda: fake.trust_root),
         (DELIVER, "default_resolver", lambda: fake.resolver),
-        (DELIVER, "_default_reactor", no_default_reactor),
+        (DELIVER, "default_reactor", no_default_reactor),
         (SESSION, "default_domain", lambda: "client.example.com"),
         (SESSION, "endpoint_for", guarded_endpoint_for),
     ]

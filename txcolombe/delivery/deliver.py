@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 
 from txcolombe.client.body import Body, check_body
 from txcolombe.client.machine import TLSMode
-from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
+from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts, default_reactor
 from txcolombe.client.receipt import Receipt
 from txcolombe.client.session import Session, connect
 from txcolombe.codec.address import Mailbox, parse_domain, parse_sender
@@ -240,7 +240,7 @@ def deliver(
             authentication=authentication,
             ehlo=parse_domain(domain) if domain is not None else None,
             timeouts=timeouts,
-            reactor=reactor if reactor is not None else _default_reactor(),
+            reactor=reactor if reactor is not None else default_reactor(),
             resolver=resolver if resolver is not None else default_resolver(),
             port=port,
             max_addresses=max_addresses,
@@ -278,12 +278,6 @@ def _ip(text: str) -> IPAddress | None:
         return ipaddress.ip_address(text)
     except ValueError:
         return None
-
-
-def _default_reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 async def _deliver(
