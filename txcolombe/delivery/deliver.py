@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -71,7 +71,15 @@ from txcolombe.delivery.dns import (
     lookup_mx,
 )
 from txcolombe.delivery.mtasts import MTASTS, CachedPolicy, Mode
-from txcolombe.delivery.outcome import Attempt, DeliveryResult, DeliveryStatus, Outcome, TLSStatus
+from txcolombe.delivery.outcome import (
+    Attempt,
+    DeliveryResult,
+    DeliveryStatus,
+    Outcome,
+    TLSStatus,
+    error_verdict,
+    recipient_verdict,
+)
 from txcolombe.delivery.replay import ReplayableBody
 from txcolombe.delivery.routing import (
     DEFAULT_MAX_ADDRESSES,
@@ -94,7 +102,6 @@ from txcolombe.delivery.routing import (
     loop_reply,
     order_addresses,
     order_exchangers,
-    split_refused,
 )
 from txcolombe.delivery.tlspolicy import CheckedTLS, TLSLevel, TLSPolicy
 
@@ -598,43 +605,33 @@ class _DomainDelivery:
                 await session.quit()
         return verdict
 
-    def _receipt(self, target: Target, tls: TLSStatus, receipt: Receipt) -> None:
+    def _receipt(self, target: Target, tls: TLSStatus, result: Receipt | RecipientsRefused) -> None:
+        """Settle what the transaction settled; a recipient refused for now
+        keeps its place for the next exchanger."""
         for key, mailbox in list(self.pending.items()):
-            wire = str(mailbox)
-            if wire in receipt.accepted:
-                self._settle(
-                    key,
-                    DeliveryStatus.DELIVERED,
-                    target=target,
-                    reply=receipt.reply,
-                    tls=tls,
-                    receipt=receipt,
-                )
-        self._refusals(target, tls, receipt.refused)
-
-    def _refusals(self, target: Target, tls: TLSStatus, refused: Mapping[str, Reply]) -> None:
-        temporary, permanent = split_refused(refused)
-        for key, mailbox in list(self.pending.items()):
-            wire = str(mailbox)
-            if wire in temporary:
-                self.deferred_replies[key] = temporary[wire]  # try the next exchanger
-            elif wire in permanent:
-                reply = permanent[wire]
-                error = error_for_reply(reply, Step.RCPT, "recipient refused")
-                self._settle(
-                    key, DeliveryStatus.PERMANENT, target=target, reply=reply, error=error, tls=tls
-                )
+            verdict = recipient_verdict(result, str(mailbox))
+            if verdict is None:
+                continue
+            if verdict.status is DeliveryStatus.TEMPORARY:
+                assert verdict.reply is not None
+                self.deferred_replies[key] = verdict.reply  # try the next exchanger
+                continue
+            receipt = result if isinstance(result, Receipt) else None
+            self._settle(
+                key, verdict.status, target=target, reply=verdict.reply, error=verdict.error,
+                tls=tls, receipt=receipt if verdict.status is DeliveryStatus.DELIVERED else None,
+            )  # fmt: skip
 
     def _failed_transaction(self, target: Target, tls: TLSStatus, error: SMTPError) -> Next:
         if isinstance(error, RecipientsRefused):
-            self._refusals(target, tls, error.refused)
+            self._receipt(target, tls, error)
             # A recipient neither accepted nor refused (all-or-nothing, a
             # pipelined failure) keeps its place for the next exchanger.
             return Next.NEXT_ADDRESS if self.pending else Next.STOP
         verdict = after_transaction_error(error)
         if verdict is Next.STOP:
+            status = error_verdict(error).status
             for key in list(self.pending):
-                status = DeliveryStatus.TEMPORARY if error.temporary else DeliveryStatus.PERMANENT
                 self._settle(key, status, target=target, reply=error.reply, error=error, tls=tls)
         return verdict
 
@@ -659,6 +656,7 @@ class _DomainDelivery:
             status=status,
             mx=target.host if target is not None else None,
             address=str(target.address) if target is not None else None,
+            port=self.options.port if target is not None else None,
             reply=reply,
             error=error,
             tls=tls,
