@@ -5,7 +5,7 @@ submission server (:func:`submit`); a port of colombe's ``sendmail-lwt``.
 from txcolombe import _moved
 from txcolombe.client.api import sendmail, submit
 from txcolombe.client.machine import TLSMode
-from txcolombe.client.options import Timeouts
+from txcolombe.client.options import ConnectOptions, MessageOptions, Timeouts
 from txcolombe.client.pool import Pool
 from txcolombe.client.receipt import Receipt, TLSInfo
 from txcolombe.client.session import Session, connect
@@ -28,6 +28,7 @@ __all__ = [
     "MTASTS",
     "AddressPreference",
     "Attempt",
+    "ConnectOptions",
     "DeliveryResult",
     "DeliveryStatus",
     "Outcome",
@@ -42,6 +43,7 @@ __all__ = [
     "Extensions",
     "Mailbox",
     "Mechanism",
+    "MessageOptions",
     "Notify",
     "Receipt",
     "Recipient",
