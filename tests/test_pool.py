@@ -8,9 +8,20 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.ssl import Certificate
 
-from txcolombe import ConnectionFailed, InvalidArgument, Pool, Receipt, TLSMode, UsageError
-from txcolombe.client.options import ConnectOptions
+from txcolombe import (
+    DSN,
+    ConnectionFailed,
+    ConnectOptions,
+    InvalidArgument,
+    MessageOptions,
+    Pool,
+    Receipt,
+    Return,
+    TLSMode,
+    UsageError,
+)
 from txcolombe.testing import MemorySMTP, MemorySMTPServer
+from txcolombe.testing.memory import DEFAULT_EXTENSIONS
 
 MESSAGE = b"Subject: pooled\r\n\r\nhello\r\n"
 
@@ -240,3 +251,22 @@ def test_close_with_abort_drops_busy_sessions(fake: MemorySMTP) -> None:
     with pytest.raises(ConnectionFailed):
         result(busy)
     assert fake.server.connections[0].closed
+
+
+def test_message_options_as_one_object_send_what_the_keywords_send() -> None:
+    sent: list[list[str]] = []
+    for as_object in (False, True):
+        fake = MemorySMTP(MemorySMTPServer(extensions=(*DEFAULT_EXTENSIONS, "DSN")))
+        pool = Pool(reactor=fake.reactor)
+        wishes = {"dsn": DSN(ret=Return.HDRS, envid="e1")}
+        extra: dict[str, Any] = {"message": MessageOptions(**wishes)} if as_object else wishes
+        d = pool.send(
+            "mx.example.org", "a@example.com", ["b@example.org"], MESSAGE,
+            domain="client.example.com", tls_mode=TLSMode.NONE, endpoint=fake.endpoint(),
+            **extra,
+        )  # fmt: skip
+        fake.flush()
+        result(d)
+        sent.append(fake.server.commands)
+    assert sent[0] == sent[1]
+    assert any(c.startswith("MAIL") and "RET=HDRS" in c and "ENVID=e1" in c for c in sent[0])
