@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 
 from txcolombe.client.body import Body, check_body
 from txcolombe.client.machine import TLSMode
-from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts, default_reactor
+from txcolombe.client.options import DEFAULT_TIMEOUTS, MessageOptions, Timeouts, default_reactor
 from txcolombe.client.receipt import Receipt
 from txcolombe.client.session import Session, connect
 from txcolombe.codec.address import Mailbox, parse_domain, parse_sender
@@ -152,8 +152,7 @@ class _Options:
     address_preference: AddressPreference
     dns_timeout: Sequence[float]
     rng: random.Random | None
-    dsn: DSN | None
-    requiretls: bool
+    message: MessageOptions
     local_names: frozenset[str]
     local_addresses: frozenset[IPAddress]
 
@@ -255,8 +254,7 @@ def deliver(
             address_preference=preference,
             dns_timeout=tuple(dns_timeout),
             rng=rng,
-            dsn=dsn,
-            requiretls=requiretls,
+            message=MessageOptions(dsn=dsn, requiretls=requiretls),
             **_identities(local_identities),
         )
     except ValueError as error:
@@ -585,12 +583,8 @@ class _DomainDelivery:
         options = self.options
         sent = list(self.pending.values())
         try:
-            receipt = await session.send(
-                options.sender,
-                sent,
-                self.body.producer(),
-                dsn=options.dsn,
-                requiretls=options.requiretls,
+            receipt = await session.send_message(
+                options.sender, sent, self.body.producer(), options.message
             )
         except SMTPError as error:
             self.attempts.append(Attempt(target.host, str(target.address), error, tls))
