@@ -271,10 +271,10 @@ class Pool:
     ) -> Receipt:
         retried = False
         while True:
-            conn = await self._take(key)
+            conn = self._take_now(key) or await self._take(key)
             reused = conn.given > 1 and conn.in_flight == 1
             try:
-                session = await conn.ready()
+                session = conn.session or await conn.ready()
                 return await session.send_message(
                     sender, recipients, body, message, reset_first=reused and self._reset_idle
                 )
@@ -289,23 +289,33 @@ class Pool:
             finally:
                 self._release(conn)
 
+    def _take_now(self, key: _Key) -> _Connection | None:
+        """A session of ``key`` with room in its pipeline, opened if need be;
+        None when the message must wait."""
+        if self._closed:
+            raise UsageError("the pool is closed")
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot()
+        conn = self._pick(key, slot)
+        if conn is not None:
+            conn.stop_timer()
+            conn.in_flight += 1
+            conn.given += 1
+            self._uses += 1
+            conn.last_used = self._uses
+        return conn
+
     async def _take(self, key: _Key) -> _Connection:
-        """A session of ``key`` with room in its pipeline, opened if need be."""
-        slot = self._slots.setdefault(key, _Slot())
+        """Wait for room in a session of ``key``."""
+        slot = self._slots[key]
         while True:
-            if self._closed:
-                raise UsageError("the pool is closed")
-            conn = self._pick(key, slot)
-            if conn is not None:
-                conn.stop_timer()
-                conn.in_flight += 1
-                conn.given += 1
-                self._uses += 1
-                conn.last_used = self._uses
-                return conn
             waiter: Deferred[None] = Deferred(lambda d: slot.waiters.remove(d))
             slot.waiters.append(waiter)
             await waiter
+            conn = self._take_now(key)
+            if conn is not None:
+                return conn
 
     def _pick(self, key: _Key, slot: _Slot) -> _Connection | None:
         usable = [c for c in slot.connections if c.open]

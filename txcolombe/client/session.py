@@ -139,9 +139,10 @@ class Session:
             message = either(
                 MessageOptions(all_or_nothing, dsn, requiretls, chunking, binary), options
             )
+            checked = check_message(sender, recipients, body, dsn=message.dsn)
         except SMTPError as error:
             return fail(error)
-        return self.send_message(sender, recipients, body, message, reset_first=reset_first)
+        return self.send_message(sender, checked, body, message, reset_first=reset_first)
 
     def send_message(
         self,
@@ -152,10 +153,10 @@ class Session:
         *,
         reset_first: bool = False,
     ) -> Deferred[Receipt]:
-        """:meth:`send` with its options as one object (what the pool and
-        :func:`~txcolombe.client.api.sendmail` call)."""
+        """:meth:`send` with its options as one object, for arguments already
+        checked by :func:`check_message` (the pool, :func:`~txcolombe.client.api.sendmail`
+        and ``deliver()`` check them once, before any connection)."""
         try:
-            recipients = check_message(sender, recipients, body, dsn=message.dsn)
             mailboxes, rcpt_options = recipient_options(recipients, message.dsn)
             producer = body_producer(body, cooperator=self._cooperator)
             envelope = Envelope(
