@@ -31,10 +31,10 @@ from txcolombe.codec.errors import (
     error_for_reply,
 )
 from txcolombe.codec.reply import Reply
+from txcolombe.delivery.outcome import DeliveryStatus, Outcome, failed
 from txcolombe.relay.metrics import prometheus_text
 from txcolombe.relay.queue import STATE_RETRY, QueueManager, RetryPolicy
 from txcolombe.relay.spool import REMOVAL_DELAY, Spool
-from txcolombe.relay.transport import Outcome, Status, outcome_from_error
 
 
 def reply(text: str) -> Reply:
@@ -77,8 +77,8 @@ def logged() -> Iterator[list[str]]:
     ],
 )
 def test_the_relays_own_failures_defer_never_bounce(error: BaseException, reason: str) -> None:
-    out = outcome_from_error(error, "smarthost[587]", smarthost=True)
-    assert out.status is Status.DEFERRED, out
+    out = failed("r@y.test", error, smarthost=True, mx="smarthost", port=587)
+    assert out.status is DeliveryStatus.TEMPORARY, out
     assert out.local == reason
     assert out.status_code.startswith("4.")
     assert out.text and out.text != "local error: "
@@ -93,17 +93,17 @@ def test_the_relays_own_failures_defer_never_bounce(error: BaseException, reason
     ],
 )
 def test_the_messages_own_failures_still_fail(error: BaseException) -> None:
-    out = outcome_from_error(error, "mx.y.test[25]")
-    assert out.status is Status.FAILED and out.local == ""
+    out = failed("r@y.test", error, mx="mx.y.test", port=25)
+    assert out.status is DeliveryStatus.PERMANENT and out.local == ""
 
 
 def test_temporary_failures_of_the_next_hop_are_not_counted_as_ours() -> None:
     busy = error_for_reply(reply("421 4.3.2 Shutting down"), Step.MAIL)
     assert isinstance(busy, ServiceUnavailable)
-    out = outcome_from_error(busy, "smarthost[587]", smarthost=True)
-    assert out.status is Status.DEFERRED and out.local == ""
-    dns = outcome_from_error(DNSFailure("SERVFAIL for y.test"), "y.test")
-    assert dns.status is Status.DEFERRED and dns.local == ""  # deliver() classified it
+    out = failed("r@y.test", busy, smarthost=True, mx="smarthost", port=587)
+    assert out.status is DeliveryStatus.TEMPORARY and out.local == ""
+    dns = failed("r@y.test", DNSFailure("SERVFAIL for y.test"))
+    assert dns.status is DeliveryStatus.TEMPORARY and dns.local == ""  # deliver() classified it
 
 
 # -- the queue keeps such mail -------------------------------------------------------
@@ -121,8 +121,12 @@ class FailingTransport(ScriptedTransport):
         sent = super().send(destination, sender, recipients, data)
         if self.error is None:
             return sent
-        out = outcome_from_error(self.error, "smarthost[587]", smarthost=True)
-        return succeed({str(r): out for r in recipients})
+        return succeed(
+            {
+                str(r): failed(str(r), self.error, smarthost=True, mx="smarthost", port=587)
+                for r in recipients
+            }
+        )
 
 
 def make_failing(

@@ -10,9 +10,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from txcolombe.codec.address import Mailbox
+from txcolombe.codec.reply import Reply
+from txcolombe.delivery.outcome import DeliveryStatus, Outcome
 from txcolombe.relay.queue import QueueManager, RetryPolicy
 from txcolombe.relay.spool import REMOVAL_DELAY, Spool
-from txcolombe.relay.transport import Outcome, Status
 from txcolombe.server.machine import Envelope
 
 DATA = b"Subject: test\r\nMessage-ID: <m1@x.test>\r\n\r\nbody\r\n"
@@ -34,15 +35,20 @@ class ScriptedTransport:
     ) -> Deferred[dict[str, Outcome]]:
         names = [str(r) for r in recipients]
         self.calls.append((self.clock.seconds(), str(sender) if sender else None, names, data))
-        ok = Outcome(Status.DELIVERED, "250 2.0.0 Ok", "2.0.0", "sink[1]")
-        return succeed({n: self.script.get(n.split("@")[0], ok) for n in names})
+        return succeed({n: self.script.get(n.split("@")[0], OK) for n in names})
 
     def close(self) -> Deferred[None]:
         return succeed(None)
 
 
-TEMP = Outcome(Status.DEFERRED, "450 4.2.1 Mailbox busy", "4.2.1", "mx.y.test[25]")
-PERM = Outcome(Status.FAILED, "550 5.1.1 No such user", "5.1.1", "mx.y.test[25]")
+def scripted(status: DeliveryStatus, code: int, text: str, mx: str, port: int) -> Outcome:
+    """An outcome the scripted transport gives whichever recipient it is for."""
+    return Outcome("", "", status, mx, reply=Reply.of(code, text), port=port)
+
+
+OK = scripted(DeliveryStatus.DELIVERED, 250, "2.0.0 Ok", "sink", 1)
+TEMP = scripted(DeliveryStatus.TEMPORARY, 450, "4.2.1 Mailbox busy", "mx.y.test", 25)
+PERM = scripted(DeliveryStatus.PERMANENT, 550, "5.1.1 No such user", "mx.y.test", 25)
 
 
 def make(

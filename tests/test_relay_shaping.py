@@ -15,6 +15,9 @@ from twisted.names import dns
 
 from tests.test_relay_mx import Zone
 from txcolombe.codec.address import Mailbox
+from txcolombe.codec.reply import Reply
+from txcolombe.delivery.outcome import DeliveryStatus as Status
+from txcolombe.delivery.outcome import Outcome
 from txcolombe.delivery.shaping import (
     BackoffRules,
     Limits,
@@ -28,7 +31,6 @@ from txcolombe.delivery.shaping.backoff import SiteState
 from txcolombe.relay.control import ControlProtocol, _print_shaping
 from txcolombe.relay.metrics import prometheus_text
 from txcolombe.relay.shaped import ShapedTransport, shaping_snapshot
-from txcolombe.relay.transport import Outcome, Status
 
 
 class SharedZone(Zone):
@@ -37,6 +39,11 @@ class SharedZone(Zone):
     def __init__(self) -> None:
         super().__init__()
         self.records[b"three.test"] = [dns.Record_MX(10, b"mx1.one.test")]
+
+
+def _outcome(name: str, domain: str, status: Status, text: str = "250 2.0.0 OK") -> Outcome:
+    code, _, rest = text.partition(" ")
+    return Outcome(name, domain, status, mx=f"mx.{domain}", reply=Reply.of(int(code), rest))
 
 
 class Inner:
@@ -62,8 +69,7 @@ class Inner:
             self.held.append(Deferred())
             return self.held[-1]
         status, text = self.reply
-        code = text.split(" ")[1] if status is not Status.DELIVERED else "2.0.0"
-        return succeed({n: Outcome(status, text, code, f"mx.{destination}") for n in names})
+        return succeed({n: _outcome(n, destination, status, text) for n in names})
 
     def close(self) -> Deferred[None]:
         self.closed = True
@@ -119,9 +125,9 @@ def test_domains_of_one_site_share_its_rate() -> None:
 def test_a_slow_down_reply_suspends_the_site() -> None:
     clock = Clock()
     transport, inner, shaper = shaped(clock, message_rate=Rate.parse("10/s"))
-    inner.reply = (Status.DEFERRED, "421 4.7.0 Too many messages, slow down")
+    inner.reply = (Status.TEMPORARY, "421 4.7.0 Too many messages, slow down")
     first = result(send(transport, "a@one.test"))
-    assert first["a@one.test"].status is Status.DEFERRED
+    assert first["a@one.test"].status is Status.TEMPORARY
     snapshot = shaper.snapshot()["mx1.one.test"]
     assert snapshot["suspended"] and snapshot["reason"].startswith("421 4.7.0")
     # Another domain of the site waits out the suspension too.
@@ -143,9 +149,9 @@ def test_a_slow_down_reply_suspends_the_site() -> None:
 def test_other_failures_do_not_suspend() -> None:
     clock = Clock()
     transport, inner, shaper = shaped(clock)
-    inner.reply = (Status.FAILED, "550 5.1.1 No such user")
+    inner.reply = (Status.PERMANENT, "550 5.1.1 No such user")
     result(send(transport, "a@one.test"))
-    inner.reply = (Status.DEFERRED, "450 4.2.0 Mailbox busy")
+    inner.reply = (Status.TEMPORARY, "450 4.2.0 Mailbox busy")
     result(send(transport, "b@one.test"))
     assert shaper.snapshot()["mx1.one.test"]["suspended"] is False
     assert len(inner.calls) == 2
@@ -158,13 +164,15 @@ def test_the_connection_cap_holds_deliveries() -> None:
     first, second = send(transport, "a@one.test"), send(transport, "b@three.test")
     assert len(inner.calls) == 1 and shaper.snapshot()["mx1.one.test"]["waiting"] == 1
     clock.advance(30)
-    inner.held[0].callback({"a@one.test": Outcome(Status.DELIVERED, "250 ok", "2.0.0")})
+    inner.held[0].callback({"a@one.test": _outcome("a@one.test", "one.test", Status.DELIVERED)})
     assert result(first)["a@one.test"].status is Status.DELIVERED
     # The slot is free: the second delivery starts, and holds it.
     assert [t for t, _, _ in inner.calls] == [0.0, 30.0]
     assert not second.called
     assert shaper.snapshot()["mx1.one.test"]["connections_open"] == 1
-    inner.held[1].callback({"b@three.test": Outcome(Status.DELIVERED, "250 ok", "2.0.0")})
+    inner.held[1].callback(
+        {"b@three.test": _outcome("b@three.test", "three.test", Status.DELIVERED)}
+    )
     assert result(second)["b@three.test"].status is Status.DELIVERED
     assert shaper.snapshot()["mx1.one.test"]["connections_open"] == 0
 
@@ -186,7 +194,7 @@ def test_a_broken_store_defers_as_the_relays_own_failure() -> None:
     clock = Clock()
     transport, inner, _ = shaped(clock, store=BrokenStore())
     out = result(send(transport, "a@one.test"))["a@one.test"]
-    assert out.status is Status.DEFERRED and out.local == "software"
+    assert out.status is Status.TEMPORARY and out.local == "software"
     assert out.text == "traffic shaping unavailable: ConnectionError: redis is down"
     assert inner.calls == []
 
@@ -199,7 +207,7 @@ def test_cancelled_while_waiting_is_a_shutdown_and_frees_the_slot() -> None:
     assert not waiting.called
     waiting.cancel()
     out = result(waiting)["b@one.test"]
-    assert out.status is Status.DEFERRED and out.local == "shutdown"
+    assert out.status is Status.TEMPORARY and out.local == "shutdown"
     assert shaper.snapshot()["mx1.one.test"]["connections_open"] == 0
     result(transport.close())
     assert inner.closed
@@ -208,7 +216,7 @@ def test_cancelled_while_waiting_is_a_shutdown_and_frees_the_slot() -> None:
 def test_queue_tool_and_metrics_show_the_sites(capsys: pytest.CaptureFixture[str]) -> None:
     clock = Clock()
     transport, inner, shaper = shaped(clock)
-    inner.reply = (Status.DEFERRED, '421 4.7.28 "rate" limited')
+    inner.reply = (Status.TEMPORARY, '421 4.7.28 "rate" limited')
     result(send(transport, "a@one.test"))
 
     class Queue:

@@ -5,7 +5,7 @@ submission server (:func:`submit`); a port of colombe's ``sendmail-lwt``.
 from txcolombe import _moved
 from txcolombe.client.api import sendmail, submit
 from txcolombe.client.machine import TLSMode
-from txcolombe.client.options import Timeouts
+from txcolombe.client.options import ConnectOptions, MessageOptions, Timeouts
 from txcolombe.client.pool import Pool
 from txcolombe.client.receipt import Receipt, TLSInfo
 from txcolombe.client.session import Session, connect
@@ -33,6 +33,7 @@ __all__ = [
     "AddressPreference",
     "Attempt",
     "DKIMSigner",
+    "ConnectOptions",
     "DeliveryResult",
     "DeliveryStatus",
     "Outcome",
@@ -47,6 +48,7 @@ __all__ = [
     "Extensions",
     "Mailbox",
     "Mechanism",
+    "MessageOptions",
     "Notify",
     "Receipt",
     "Recipient",

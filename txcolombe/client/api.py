@@ -10,7 +10,6 @@ over one connection.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -21,9 +20,9 @@ from twisted.python.failure import Failure
 from txcolombe.client.body import Body
 from txcolombe.client.connect import Destination
 from txcolombe.client.machine import TLSMode
-from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
+from txcolombe.client.options import DEFAULT_TIMEOUTS, ConnectOptions, MessageOptions, Timeouts
 from txcolombe.client.receipt import Receipt
-from txcolombe.client.session import Session, TrustRoot, check_message, connect
+from txcolombe.client.session import Session, TrustRoot, check_message, open_session
 from txcolombe.client.signing import DKIM, signed_body, signers
 from txcolombe.codec.address import Mailbox
 from txcolombe.codec.dsn import DSN, Recipient
@@ -80,10 +79,10 @@ def sendmail(
     mode = TLSMode.OPPORTUNISTIC if starttls else TLSMode.NONE
     return _send_one(
         destination, sender, recipients, body,
-        _SendOptions(all_or_nothing, dsn, requiretls, chunking, binary, dkim),
-        port=port, tls_mode=mode, domain=domain, tls=tls, trust_root=trust_root,
-        authentication=authentication, timeouts=timeouts, reactor=reactor,
-        endpoint=endpoint,
+        ConnectOptions(port, mode, domain, tls, trust_root, authentication, timeouts, endpoint),
+        MessageOptions(all_or_nothing, dsn, requiretls, chunking, binary),
+        reactor,
+        dkim,
     )  # fmt: skip
 
 
@@ -124,21 +123,11 @@ def submit(
     mode = TLSMode.REQUIRED if starttls else TLSMode.IMPLICIT
     return _send_one(
         destination, sender, recipients, body,
-        _SendOptions(all_or_nothing, dsn, requiretls, chunking, binary, dkim),
-        port=port, tls_mode=mode, domain=domain, tls=tls, trust_root=trust_root,
-        authentication=authentication, timeouts=timeouts, reactor=reactor,
-        endpoint=endpoint,
+        ConnectOptions(port, mode, domain, tls, trust_root, authentication, timeouts, endpoint),
+        MessageOptions(all_or_nothing, dsn, requiretls, chunking, binary),
+        reactor,
+        dkim,
     )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class _SendOptions:
-    all_or_nothing: bool
-    dsn: DSN | None
-    requiretls: bool
-    chunking: bool | None
-    binary: bool
-    dkim: DKIM
 
 
 def _send_one(
@@ -146,32 +135,25 @@ def _send_one(
     sender: str | Mailbox | None,
     recipients: Iterable[str | Mailbox | Recipient],
     body: Body,
-    send: _SendOptions,
-    **options: Any,
+    options: ConnectOptions,
+    message: MessageOptions,
+    reactor: Any,
+    dkim: DKIM,
 ) -> Deferred[Receipt]:
     try:
-        recipients = check_message(sender, recipients, body, dsn=send.dsn)
-        dkim = signers(send.dkim)
+        recipients = check_message(sender, recipients, body, dsn=message.dsn)
+        signing = signers(dkim)
     except SMTPError as error:
         return fail(error)
 
     async def signed() -> Receipt:
-        async with signed_body(body, dkim) as message:
-            return await run(message)
+        async with signed_body(body, signing) as signed_message:
+            return await run(signed_message)
 
     async def run(body: Body) -> Receipt:
-        session: Session = await connect(destination, **options)
+        session: Session = await open_session(destination, options, reactor)
         try:
-            return await session.send(
-                sender,
-                recipients,
-                body,
-                all_or_nothing=send.all_or_nothing,
-                dsn=send.dsn,
-                requiretls=send.requiretls,
-                chunking=send.chunking,
-                binary=send.binary,
-            )
+            return await session.send_message(sender, recipients, body, message)
         finally:
             # The reply that decided the outcome is in: report it now. QUIT
             # and close go on in the background, bounded by the quit timeout.

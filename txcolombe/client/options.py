@@ -1,10 +1,36 @@
-"""The client's configuration types: what a caller may set, apart from the code that uses it."""
+"""The client's configuration types: what a caller may set, apart from the code that uses it.
+
+:class:`ConnectOptions` says how to reach and talk to a server,
+:class:`MessageOptions` what one message asks for. Both are frozen and
+compare by value, so that two equal :class:`ConnectOptions` name one kind of
+session: :class:`~txcolombe.client.pool.Pool` keys its sessions by them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+
+from txcolombe.client.machine import TLSMode
+from txcolombe.codec.dsn import DSN
+from txcolombe.codec.errors import InvalidArgument
+from txcolombe.codec.sasl import Authentication
 from txcolombe.codec.step import Step
+
+#: A trust root, or the path of a PEM file of CA certificates.
+TrustRoot = IOpenSSLTrustRoot | str | os.PathLike[str]
+
+
+def default_reactor() -> Any:
+    """The global reactor, for a caller that gave none (imported late: installing
+    another reactor must stay possible until the first connection)."""
+    from twisted.internet import reactor
+
+    return reactor
 
 
 @dataclass(frozen=True)
@@ -41,3 +67,108 @@ _TIMEOUT_FIELDS = {
 
 
 DEFAULT_TIMEOUTS = Timeouts()
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """How to reach a server and set a session up (the keywords of
+    :func:`~txcolombe.client.session.connect`).
+
+    Objects without a value of their own (TLS options, trust roots,
+    endpoints) compare by identity: give the same object to share sessions.
+    """
+
+    port: int = 25
+    tls_mode: TLSMode = TLSMode.OPPORTUNISTIC
+    domain: str | None = None
+    """The EHLO name; None: this host's FQDN, else our address literal."""
+    tls: IOpenSSLClientConnectionCreator | None = None
+    trust_root: TrustRoot | None = None
+    authentication: Authentication | None = None
+    timeouts: Timeouts = DEFAULT_TIMEOUTS
+    endpoint: IStreamClientEndpoint | None = None
+    trace: bool = True
+    """Log the conversation at debug level (credentials masked)."""
+
+    def __hash__(self) -> int:
+        # By value, like the generated one, except that a value that cannot
+        # be hashed (a twisted Certificate as trust root compares by value but
+        # has no hash) counts by its type alone: equal options still hash alike.
+        return hash(tuple(_hashable(getattr(self, f.name)) for f in fields(self)))
+
+    def check(self) -> None:
+        """Refuse wrong types, before anything is connected (or hashed).
+
+        :raises InvalidArgument: the first wrong value found.
+        """
+        port = self.port
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise InvalidArgument(f"the port must be an int, not {type(port).__name__}")
+        if not 0 < port < 65536:
+            raise InvalidArgument(f"invalid port {port}: not between 1 and 65535")
+        if not isinstance(self.tls_mode, TLSMode):
+            raise InvalidArgument(f"tls_mode must be a TLSMode, not {_kind(self.tls_mode)}")
+        if self.domain is not None and not isinstance(self.domain, str):
+            raise InvalidArgument(f"the domain must be a str or None, not {_kind(self.domain)}")
+        if self.tls is not None and not IOpenSSLClientConnectionCreator.providedBy(self.tls):
+            raise InvalidArgument(
+                "tls must provide IOpenSSLClientConnectionCreator (optionsForClientTLS),"
+                f" not {_kind(self.tls)}"
+            )
+        if self.authentication is not None and not isinstance(self.authentication, Authentication):
+            raise InvalidArgument(
+                f"authentication must be an Authentication, not {_kind(self.authentication)}"
+            )
+        if not isinstance(self.timeouts, Timeouts):
+            raise InvalidArgument(f"timeouts must be a Timeouts, not {_kind(self.timeouts)}")
+
+
+@dataclass(frozen=True)
+class MessageOptions:
+    """What one message asks of the server (the keywords of
+    :meth:`~txcolombe.client.session.Session.send`).
+
+    :ivar all_or_nothing: send no DATA unless every recipient is accepted.
+    :ivar dsn: delivery status notification options (RFC 3461).
+    :ivar requiretls: ask for REQUIRETLS (RFC 8689).
+    :ivar chunking: BDAT (RFC 3030): None uses it when offered with
+        PIPELINING, True requires it, False never uses it.
+    :ivar binary: send the body untouched with BODY=BINARYMIME.
+    """
+
+    all_or_nothing: bool = False
+    dsn: DSN | None = None
+    requiretls: bool = False
+    chunking: bool | None = None
+    binary: bool = False
+
+
+_Options = TypeVar("_Options", ConnectOptions, MessageOptions)
+
+
+def either(keywords: _Options, given: object) -> _Options:
+    """The options object a caller passed (``options=``), else the one built
+    from its keywords.
+
+    :raises InvalidArgument: ``given`` is of the wrong type, or both an
+        object and keywords that differ from the defaults were given.
+    """
+    if given is None:
+        return keywords
+    kind = type(keywords)
+    if not isinstance(given, kind):
+        raise InvalidArgument(f"options must be a {kind.__name__}, not {_kind(given)}")
+    if keywords != kind():
+        raise InvalidArgument("give the options as keywords or as options=, not both")
+    return given
+
+
+def _hashable(value: object) -> int:
+    try:
+        return hash(value)
+    except TypeError:
+        return hash(type(value))
+
+
+def _kind(value: object) -> str:
+    return type(value).__name__

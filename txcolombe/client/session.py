@@ -32,7 +32,15 @@ from txcolombe.client.connect import (
     wrap_tls,
 )
 from txcolombe.client.machine import ClientMachine, Envelope, TLSMode, Trace
-from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
+from txcolombe.client.options import (
+    DEFAULT_TIMEOUTS,
+    ConnectOptions,
+    MessageOptions,
+    Timeouts,
+    TrustRoot,
+    default_reactor,
+    either,
+)
 from txcolombe.client.protocol import SMTPClientProtocol
 from txcolombe.client.receipt import Receipt, TLSInfo
 from txcolombe.client.signing import DKIM, signed_producer
@@ -48,8 +56,7 @@ from txcolombe.codec.errors import (
 from txcolombe.codec.extensions import Extensions
 from txcolombe.codec.sasl import Authentication, resolve_token
 
-#: A trust root, or the path of a PEM file of CA certificates.
-TrustRoot = IOpenSSLTrustRoot | str | os.PathLike[str]
+__all__ = ["Session", "TrustRoot", "check_message", "connect", "open_session"]
 
 
 class Session:
@@ -103,6 +110,7 @@ class Session:
         chunking: bool | None = None,
         binary: bool = False,
         reset_first: bool = False,
+        options: MessageOptions | None = None,
         dkim: DKIM = None,
     ) -> Deferred[Receipt]:
         """Send one message; fires with its :class:`Receipt`.
@@ -119,12 +127,10 @@ class Session:
         stays usable for the next); one whose DATA or body is under way can
         only be stopped by aborting the connection.
 
-        :param dsn: delivery status notification options (RFC 3461); a
-            :class:`~txcolombe.codec.dsn.Recipient` sets them for one recipient.
-        :param requiretls: ask for REQUIRETLS (RFC 8689).
-        :param chunking: BDAT (RFC 3030): None uses it when offered with
-            PIPELINING, True requires it, False never uses it.
-        :param binary: send the body untouched with BODY=BINARYMIME.
+        ``all_or_nothing``, ``dsn``, ``requiretls``, ``chunking`` and
+        ``binary`` are those of :class:`~txcolombe.client.options.MessageOptions`;
+        ``options`` gives them as one object instead.
+
         :param reset_first: send RSET before MAIL (pipelined when the server
             allows): checks that a connection that sat idle is still alive
             before the message is at stake.
@@ -136,19 +142,40 @@ class Session:
             extension the server lacks; nothing is sent for the message.
         """
         try:
-            recipients = check_message(sender, recipients, body, dsn=dsn)
-            mailboxes, options = recipient_options(recipients, dsn)
+            message = either(
+                MessageOptions(all_or_nothing, dsn, requiretls, chunking, binary), options
+            )
+            checked = check_message(sender, recipients, body, dsn=message.dsn)
+        except SMTPError as error:
+            return fail(error)
+        return self.send_message(sender, checked, body, message, reset_first=reset_first, dkim=dkim)
+
+    def send_message(
+        self,
+        sender: str | Mailbox | None,
+        recipients: Iterable[str | Mailbox | Recipient],
+        body: Body,
+        message: MessageOptions,
+        *,
+        reset_first: bool = False,
+        dkim: DKIM = None,
+    ) -> Deferred[Receipt]:
+        """:meth:`send` with its options as one object, for arguments already
+        checked by :func:`check_message` (the pool, :func:`~txcolombe.client.api.sendmail`
+        and ``deliver()`` check them once, before any connection)."""
+        try:
+            mailboxes, rcpt_options = recipient_options(recipients, message.dsn)
             producer = signed_producer(body, dkim, cooperator=self._cooperator)
             envelope = Envelope(
                 parse_sender(sender),
                 mailboxes,
                 size=known_length(producer),
-                all_or_nothing=all_or_nothing,
-                rcpt_options=options,
-                dsn=dsn,
-                requiretls=requiretls,
-                chunking=chunking,
-                binary=binary,
+                all_or_nothing=message.all_or_nothing,
+                rcpt_options=rcpt_options,
+                dsn=message.dsn,
+                requiretls=message.requiretls,
+                chunking=message.chunking,
+                binary=message.binary,
                 reset_first=reset_first,
             )
         except SMTPError as error:
@@ -254,36 +281,6 @@ def _trust_root(trust_root: object) -> IOpenSSLTrustRoot | None:
     return root
 
 
-def _check_connection(
-    port: object,
-    tls_mode: object,
-    domain: object,
-    tls: object,
-    authentication: object,
-    timeouts: object,
-) -> None:
-    """Refuse wrong types among :func:`connect`'s arguments."""
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise InvalidArgument(f"the port must be an int, not {type(port).__name__}")
-    if not 0 < port < 65536:
-        raise InvalidArgument(f"invalid port {port}: not between 1 and 65535")
-    if not isinstance(tls_mode, TLSMode):
-        raise InvalidArgument(f"tls_mode must be a TLSMode, not {type(tls_mode).__name__}")
-    if domain is not None and not isinstance(domain, str):
-        raise InvalidArgument(f"the domain must be a str or None, not {type(domain).__name__}")
-    if tls is not None and not IOpenSSLClientConnectionCreator.providedBy(tls):
-        raise InvalidArgument(
-            "tls must provide IOpenSSLClientConnectionCreator (optionsForClientTLS),"
-            f" not {type(tls).__name__}"
-        )
-    if authentication is not None and not isinstance(authentication, Authentication):
-        raise InvalidArgument(
-            f"authentication must be an Authentication, not {type(authentication).__name__}"
-        )
-    if not isinstance(timeouts, Timeouts):
-        raise InvalidArgument(f"timeouts must be a Timeouts, not {type(timeouts).__name__}")
-
-
 class _ProtocolFactory(Factory):
     """Hands out the one protocol instance made for this connection."""
 
@@ -309,6 +306,7 @@ def connect(
     reactor: Any = None,
     endpoint: IStreamClientEndpoint | None = None,
     trace: bool = True,
+    options: ConnectOptions | None = None,
 ) -> Deferred[Session]:
     """Connect to ``destination`` and set the session up; fires with a :class:`Session`.
 
@@ -326,23 +324,41 @@ def connect(
         names the server for certificate checks.
     :param trace: log the SMTP conversation at debug level (credentials
         masked); False saves its cost where volume is high (a relay).
+    :param options: all of the above but ``reactor`` as one
+        :class:`~txcolombe.client.options.ConnectOptions` instead.
     """
     try:
-        _check_connection(port, tls_mode, domain, tls, authentication, timeouts)
+        chosen = either(
+            ConnectOptions(
+                port, tls_mode, domain, tls, trust_root, authentication, timeouts, endpoint, trace
+            ),
+            options,
+        )
+    except SMTPError as error:
+        return fail(error)
+    return open_session(destination, chosen, reactor)
+
+
+def open_session(
+    destination: Destination, options: ConnectOptions, reactor: Any = None
+) -> Deferred[Session]:
+    """:func:`connect` with its options as one object."""
+    port, tls_mode, authentication = options.port, options.tls_mode, options.authentication
+    try:
+        options.check()
         if tls_mode is TLSMode.NONE and authentication is not None:
             raise UsageError("authentication is never sent without TLS")
         host = Host.parse(destination)
-        ehlo = parse_domain(domain) if domain is not None else default_domain()
-        trust_root = _trust_root(trust_root)
+        ehlo = parse_domain(options.domain) if options.domain is not None else default_domain()
+        trust_root = _trust_root(options.trust_root)
     except SMTPError as error:
         return fail(error)
     if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+        reactor = default_reactor()
+    timeouts, endpoint = options.timeouts, options.endpoint
     creator = None
     if tls_mode is not TLSMode.NONE:
-        creator = tls_options(host, tls=tls, trust_root=trust_root)
+        creator = tls_options(host, tls=options.tls, trust_root=trust_root)
 
     def new_protocol(credentials: Authentication | None) -> SMTPClientProtocol:
         def new_machine(local_name: str, trace: Trace | None) -> ClientMachine:
@@ -361,7 +377,7 @@ def connect(
             timeouts=timeouts,
             tls=creator,
             peer=f"{host.name}:{port}",
-            trace=trace,
+            trace=options.trace,
         )
 
     implicit = creator if tls_mode is TLSMode.IMPLICIT else None

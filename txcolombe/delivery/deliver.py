@@ -26,7 +26,7 @@ import contextlib
 import functools
 import ipaddress
 import random
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from txcolombe.client.body import Body, check_body
 from txcolombe.client.connect import Host, connect_error
 from txcolombe.client.machine import TLSMode
-from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
+from txcolombe.client.options import DEFAULT_TIMEOUTS, MessageOptions, Timeouts
 from txcolombe.client.receipt import Receipt
 from txcolombe.client.replay import ReplayableBody
 from txcolombe.client.session import Session, connect
@@ -77,7 +77,15 @@ from txcolombe.delivery.dns import (
 )
 from txcolombe.delivery.eyeballs import RacingEndpoint
 from txcolombe.delivery.mtasts import MTASTS, CachedPolicy, Mode
-from txcolombe.delivery.outcome import Attempt, DeliveryResult, DeliveryStatus, Outcome, TLSStatus
+from txcolombe.delivery.outcome import (
+    Attempt,
+    DeliveryResult,
+    DeliveryStatus,
+    Outcome,
+    TLSStatus,
+    error_verdict,
+    recipient_verdict,
+)
 from txcolombe.delivery.routing import (
     DEFAULT_MAX_ADDRESSES,
     DEFAULT_MAX_SESSIONS,
@@ -100,7 +108,6 @@ from txcolombe.delivery.routing import (
     order_addresses,
     order_exchangers,
     recipient_key,
-    split_refused,
 )
 from txcolombe.delivery.tlspolicy import CheckedTLS, TLSLevel, TLSPolicy
 
@@ -151,8 +158,7 @@ class _Options:
     address_preference: AddressPreference
     dns_timeout: Sequence[float]
     rng: random.Random | None
-    dsn: DSN | None
-    requiretls: bool
+    message: MessageOptions
     local_names: frozenset[str]
     local_addresses: frozenset[IPAddress]
     deliverer: Deliverer
@@ -267,8 +273,7 @@ def deliver(
             address_preference=preference,
             dns_timeout=tuple(dns_timeout),
             rng=rng,
-            dsn=dsn,
-            requiretls=requiretls,
+            message=MessageOptions(dsn=dsn, requiretls=requiretls),
             deliverer=agent,
             dkim=signers(dkim),
             **_identities(local_identities),
@@ -705,12 +710,8 @@ class _DomainDelivery:
         sent = [self.recipient_options.get(key, mailbox) for key, mailbox in self.pending.items()]
         keep = False
         try:
-            receipt = await session.send(
-                options.sender,
-                sent,
-                self.body.producer(),
-                dsn=options.dsn,
-                requiretls=options.requiretls,
+            receipt = await session.send_message(
+                options.sender, sent, self.body.producer(), options.message
             )
         except SMTPError as error:
             if idle.uses > 1 and _stale(error):
@@ -731,43 +732,33 @@ class _DomainDelivery:
                     await session.quit()
         return verdict
 
-    def _receipt(self, target: Target, tls: TLSStatus, receipt: Receipt) -> None:
+    def _receipt(self, target: Target, tls: TLSStatus, result: Receipt | RecipientsRefused) -> None:
+        """Settle what the transaction settled; a recipient refused for now
+        keeps its place for the next exchanger."""
         for key, mailbox in list(self.pending.items()):
-            wire = str(mailbox)
-            if wire in receipt.accepted:
-                self._settle(
-                    key,
-                    DeliveryStatus.DELIVERED,
-                    target=target,
-                    reply=receipt.reply,
-                    tls=tls,
-                    receipt=receipt,
-                )
-        self._refusals(target, tls, receipt.refused)
-
-    def _refusals(self, target: Target, tls: TLSStatus, refused: Mapping[str, Reply]) -> None:
-        temporary, permanent = split_refused(refused)
-        for key, mailbox in list(self.pending.items()):
-            wire = str(mailbox)
-            if wire in temporary:
-                self.deferred_replies[key] = temporary[wire]  # try the next exchanger
-            elif wire in permanent:
-                reply = permanent[wire]
-                error = error_for_reply(reply, Step.RCPT, "recipient refused")
-                self._settle(
-                    key, DeliveryStatus.PERMANENT, target=target, reply=reply, error=error, tls=tls
-                )
+            verdict = recipient_verdict(result, str(mailbox))
+            if verdict is None:
+                continue
+            if verdict.status is DeliveryStatus.TEMPORARY:
+                assert verdict.reply is not None
+                self.deferred_replies[key] = verdict.reply  # try the next exchanger
+                continue
+            receipt = result if isinstance(result, Receipt) else None
+            self._settle(
+                key, verdict.status, target=target, reply=verdict.reply, error=verdict.error,
+                tls=tls, receipt=receipt if verdict.status is DeliveryStatus.DELIVERED else None,
+            )  # fmt: skip
 
     def _failed_transaction(self, target: Target, tls: TLSStatus, error: SMTPError) -> Next:
         if isinstance(error, RecipientsRefused):
-            self._refusals(target, tls, error.refused)
+            self._receipt(target, tls, error)
             # A recipient neither accepted nor refused (all-or-nothing, a
             # pipelined failure) keeps its place for the next exchanger.
             return Next.NEXT_ADDRESS if self.pending else Next.STOP
         verdict = after_transaction_error(error)
         if verdict is Next.STOP:
+            status = error_verdict(error).status
             for key in list(self.pending):
-                status = DeliveryStatus.TEMPORARY if error.temporary else DeliveryStatus.PERMANENT
                 self._settle(key, status, target=target, reply=error.reply, error=error, tls=tls)
         return verdict
 
@@ -792,6 +783,7 @@ class _DomainDelivery:
             status=status,
             mx=target.host if target is not None else None,
             address=str(target.address) if target is not None else None,
+            port=self.options.port if target is not None else None,
             reply=reply,
             error=error,
             tls=tls,

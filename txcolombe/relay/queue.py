@@ -13,7 +13,7 @@ Nothing leaves the spool unaccounted for:
 
 - a failure that is the relay's own (its smarthost credentials, TLS, the
   network, DNS, its configuration; see
-  :func:`~txcolombe.relay.transport.local_reason`) only defers the message,
+  :func:`~txcolombe.delivery.outcome.local_reason`) only defers the message,
   is logged once when it starts and when it ends, and is counted
   (``deferred_local``, per reason);
 - a message whose bounce (or delay warning) cannot be spooled, e.g. on a
@@ -33,6 +33,7 @@ with a ``Clock``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import json
 import re
@@ -47,9 +48,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txcolombe.codec.address import Mailbox, parse_recipient, parse_sender
+from txcolombe.codec.errors import SMTPError
+from txcolombe.delivery.outcome import DeliveryStatus, Outcome, failed, with_class
 from txcolombe.relay.bounce import RecipientReport, build_dsn
 from txcolombe.relay.spool import IncomingFile, Spool, new_queue_id
-from txcolombe.relay.transport import Outcome, Status, Transport, outcome_from_error
+from txcolombe.relay.transport import Transport
 from txcolombe.server.machine import Envelope
 from txcolombe.server.received import received_header
 
@@ -100,7 +103,7 @@ class Counters:
     spool_errors: int = 0
     """Bounces, warnings or states that could not be written (retried later)."""
     local_reasons: dict[str, int] = field(default_factory=dict)
-    """``deferred_local`` by reason (:data:`~txcolombe.relay.transport.LOCAL_REASONS`)."""
+    """``deferred_local`` by reason (:data:`~txcolombe.delivery.outcome.LOCAL_REASONS`)."""
 
 
 @dataclass
@@ -538,7 +541,7 @@ class QueueManager:
                 else:  # a transport that broke its promise never to fail
                     error = value.value if isinstance(value, Failure) else None
                     error = error if error is not None else RuntimeError(str(value))
-                    outcomes.update(dict.fromkeys(map(str, rcpts), outcome_from_error(error, dest)))
+                    outcomes.update({str(r): failed(str(r), error, domain=dest) for r in rcpts})
             self._finished(message, outcomes, data, started)
 
         finished: Deferred[Any] = DeferredList(attempts, consumeErrors=True)
@@ -559,29 +562,31 @@ class QueueManager:
         now = self.reactor.seconds()
         abandoned = True  # by a shutdown, every one of them
         for rcpt in message.pending:
-            outcome = outcomes.get(rcpt.address) or Outcome(
-                Status.DEFERRED, "delivery attempt abandoned", "4.3.0", local="software"
+            outcome = outcomes.get(rcpt.address) or _abandoned(
+                rcpt.address, "delivery attempt abandoned", "software"
             )
             if self._stopping and outcome.local in ("shutdown", "software"):
-                outcome = Outcome(
-                    Status.DEFERRED, SHUTDOWN_TEXT, "4.3.2", outcome.relay, "shutdown"
+                outcome = dataclasses.replace(
+                    _abandoned(rcpt.address, SHUTDOWN_TEXT, "shutdown"),
+                    mx=outcome.mx,
+                    port=outcome.port,
                 )
             abandoned = abandoned and outcome.local == "shutdown"
             if outcome.local != "shutdown":
                 rcpt.attempts += 1
             self._note_local(outcome)
-            rcpt.last_error = "" if outcome.status is Status.DELIVERED else outcome.text
-            rcpt.status_code, rcpt.relay = outcome.status_code, outcome.relay
+            rcpt.last_error = "" if outcome.delivered else outcome.text
+            rcpt.status_code, rcpt.relay = outcome.status_code, relay_name(outcome)
             status = outcome.status
             text = outcome.text
-            if status is Status.DEFERRED and now - message.arrival >= self.policy.lifetime:
-                status = Status.FAILED
+            if outcome.temporary and now - message.arrival >= self.policy.lifetime:
+                status = DeliveryStatus.PERMANENT
                 text = f"{EXPIRED}; last error: {outcome.text}"
                 rcpt.last_error = text
-            if status is Status.DELIVERED:
+            if status is DeliveryStatus.DELIVERED:
                 rcpt.status = DELIVERED
                 self.counters.delivered += 1
-            elif status is Status.FAILED:
+            elif status is DeliveryStatus.PERMANENT:
                 rcpt.status = FAILED
                 self.counters.bounced += 1
             else:
@@ -591,10 +596,10 @@ class QueueManager:
                     reasons = self.counters.local_reasons
                     reasons[outcome.local] = reasons.get(outcome.local, 0) + 1
             self.event(
-                message.id, **{"to": rcpt.address, "relay": outcome.relay or "none",
+                message.id, **{"to": rcpt.address, "relay": rcpt.relay or "none",
                                "delay": round(now - message.arrival, 3),
                                "delays": round(now - started, 3),
-                               "dsn": outcome.status_code, "status": status.value,
+                               "dsn": outcome.status_code, "status": _STATUS_WORDS[status],
                                "reply": text},
             )  # fmt: skip
         if not abandoned:
@@ -605,10 +610,10 @@ class QueueManager:
         """Log when a failure of the relay's own starts, changes or ends (not
         once per message: it meets every message alike)."""
         if outcome.local in ("", "shutdown"):
-            if outcome.status is Status.DELIVERED and self._local_failure is not None:
+            if outcome.delivered and self._local_failure is not None:
                 log.info(
                     "delivering again through {relay} after the relay's own failure ({reason})",
-                    relay=outcome.relay, reason=self._local_failure[0],
+                    relay=relay_name(outcome), reason=self._local_failure[0],
                 )  # fmt: skip
                 self._local_failure = None
             return
@@ -617,7 +622,7 @@ class QueueManager:
             log.error(
                 "the relay's own failure ({reason}) delivering through {relay}: {text}; "
                 "messages stay queued (deferred, not bounced) until it is fixed",
-                reason=outcome.local, relay=outcome.relay or "none", text=outcome.text,
+                reason=outcome.local, relay=relay_name(outcome) or "none", text=outcome.text,
             )  # fmt: skip
 
     def _settle(self, message: Message, data: bytes, *, abandoned: bool) -> None:
@@ -709,7 +714,7 @@ class QueueManager:
             self._undeliverable_notice(message, failed)
             return succeed(None)
         reports = [
-            RecipientReport(r.address, "failed", _as_class(r.status_code, "5"), r.last_error,
+            RecipientReport(r.address, "failed", _as_class(r.status_code, PERMANENT), r.last_error,
                             _host(r.relay))
             for r in failed
         ]  # fmt: skip
@@ -753,7 +758,7 @@ class QueueManager:
         if message.sender is None:
             return succeed(None)
         reports = [
-            RecipientReport(r.address, "delayed", _as_class(r.status_code, "4"), r.last_error,
+            RecipientReport(r.address, "delayed", _as_class(r.status_code, TEMPORARY), r.last_error,
                             _host(r.relay))
             for r in message.pending
         ]  # fmt: skip
@@ -904,10 +909,38 @@ class QueueManager:
         return True
 
 
-def _as_class(code: str, klass: str) -> str:
-    if code and code[0] == klass:
-        return code
-    return klass + (code[1:] if code else ".0.0")
+def _as_class(code: str, status: DeliveryStatus) -> str:
+    """A stored status code in the class of ``status`` (X.0.0 for none)."""
+    try:
+        major, minor, detail = (int(part) for part in code.split("."))
+    except ValueError:
+        return ".".join(map(str, with_class(None, status)))
+    return ".".join(map(str, with_class((major, minor, detail), status)))
+
+
+def relay_name(outcome: Outcome) -> str:
+    """Where an outcome was decided, for logs and DSNs: ``host[port]``, the
+    host alone, or else the recipient's domain."""
+    if outcome.mx and outcome.port is not None:
+        return f"{outcome.mx}[{outcome.port}]"
+    return outcome.mx or outcome.domain
+
+
+def _abandoned(recipient: str, text: str, reason: str) -> Outcome:
+    """An attempt that ended without a word from the transport."""
+    domain = recipient.rpartition("@")[2]
+    error = SMTPError(text, temporary=True)
+    return Outcome(recipient, domain, DeliveryStatus.TEMPORARY, error=error, local=reason)
+
+
+TEMPORARY, PERMANENT = DeliveryStatus.TEMPORARY, DeliveryStatus.PERMANENT
+
+#: How the relay's log words each status (Postfix's).
+_STATUS_WORDS = {
+    DeliveryStatus.DELIVERED: "delivered",
+    DeliveryStatus.TEMPORARY: "deferred",
+    DeliveryStatus.PERMANENT: "failed",
+}
 
 
 def _host(relay: str) -> str | None:

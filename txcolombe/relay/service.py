@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from txcolombe.client.machine import TLSMode
+from txcolombe.client.options import default_reactor
 from txcolombe.codec.address import Mailbox, parse_domain
 from txcolombe.codec.errors import InvalidAddress
 from txcolombe.codec.reply import Reply
@@ -198,9 +199,7 @@ class RelayService(service.MultiService):
 
     def _on_hup(self, signum: int, frame: object) -> None:
         # A signal handler may interrupt the reactor anywhere: hand over.
-        from twisted.internet import reactor
-
-        reactor.callFromThread(self._reload)  # type: ignore[attr-defined]
+        default_reactor().callFromThread(self._reload)
 
     def _reload(self) -> None:
         if self.reload is not None:
@@ -352,9 +351,7 @@ def reload_settings(options: Any, factory: SMTPServerFactory, handler: RelayHand
 def make_service(options: Any, reactor: Any = None) -> RelayService:
     """The relay described by ``options`` (a parsed :class:`Options`)."""
     if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+        reactor = default_reactor()
     lock_spool(Path(options["spool"]))
     hostname = options["hostname"] or default_hostname()
     tls = _server_tls(options)

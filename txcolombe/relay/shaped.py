@@ -19,9 +19,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from txcolombe.codec.address import Mailbox
-from txcolombe.codec.errors import RoutingError
+from txcolombe.codec.errors import RoutingError, SMTPError
+from txcolombe.delivery.outcome import DeliveryStatus, Outcome, failed
 from txcolombe.delivery.shaping import Lease, Shaper, SiteResolver
-from txcolombe.relay.transport import Outcome, Status, Transport, outcome_from_error
+from txcolombe.relay.transport import Transport
 
 log = Logger(namespace="txcolombe.relay")
 
@@ -73,19 +74,27 @@ class ShapedTransport:
         except CancelledError as error:
             if lease is not None:
                 lease.release()
-            return dict.fromkeys(names, outcome_from_error(error, destination))
+            return {name: failed(name, error, domain=destination) for name in names}
         except Exception as error:
             if lease is not None:
                 lease.release()
             log.error("traffic shaping failed for {site}: {error}", site=site, error=error)
             text = f"traffic shaping unavailable: {type(error).__name__}: {error}"
-            outcome = Outcome(Status.DEFERRED, text, "4.3.0", destination, local="software")
-            return dict.fromkeys(names, outcome)
+            unavailable = SMTPError(text, temporary=True)
+            return {
+                name: Outcome(
+                    name, destination, DeliveryStatus.TEMPORARY, error=unavailable, local="software"
+                )
+                for name in names
+            }
         try:
             outcomes = await self.inner.send(destination, sender, recipients, data, *args, **kwargs)
         finally:
             lease.release()
-        for text in sorted({o.text for o in outcomes.values() if o.status is not Status.DELIVERED}):
+        undelivered = {
+            o.text for o in outcomes.values() if o.status is not DeliveryStatus.DELIVERED
+        }
+        for text in sorted(undelivered):
             self.shaper.report(site, text).addErrback(
                 lambda f: log.failure("cannot report a reply of {site}", f, site=site)
             )

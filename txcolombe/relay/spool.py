@@ -57,6 +57,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txcolombe.client.options import default_reactor
 from txcolombe.relay.child import reap_later, spawn
 from txcolombe.relay.committer import (
     REPLY_SIZE,
@@ -115,9 +116,7 @@ class Spool:
         self, directory: Path, *, reactor: Any = None, fsync: bool = True, inline: bool = False
     ) -> None:
         if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+            reactor = default_reactor()
         self.directory = Path(directory)
         self.queue_dir = self.directory / "queue"
         self._dir = str(self.queue_dir)

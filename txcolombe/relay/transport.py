@@ -2,163 +2,38 @@
 
 A :class:`Transport` routes each recipient to a destination key and sends one
 message to a group of recipients of one destination, answering with one
-:class:`Outcome` per recipient. :class:`SmarthostTransport` keeps a pool of
-txcolombe :class:`~txcolombe.client.session.Session`\\ s: each is reused for message
-after message, with the messages pipelined; at most ``concurrency`` at a
-time, closed after ``idle_timeout`` seconds of idleness.
+:class:`~txcolombe.delivery.outcome.Outcome` per recipient, the type
+:func:`txcolombe.deliver` reports too. :class:`SmarthostTransport` is a
+:class:`~txcolombe.client.pool.Pool` with a fixed route: a few sessions to
+the smarthost, each reused for message after message with the messages
+pipelined. :class:`MXTransport` is :func:`txcolombe.deliver`.
 """
 
 from __future__ import annotations
 
-import enum
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
-from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IResolver
 from twisted.python.failure import Failure
 
 from txcolombe.client.machine import TLSMode
-from txcolombe.client.options import Timeouts
+from txcolombe.client.options import ConnectOptions, Timeouts
+from txcolombe.client.pool import Pool
 from txcolombe.client.receipt import Receipt
-from txcolombe.client.session import Session, connect
 from txcolombe.codec.address import Mailbox
-from txcolombe.codec.errors import (
-    AuthenticationError,
-    ConnectionFailed,
-    EightBitUnsupported,
-    MessageTooLarge,
-    NameResolutionFailed,
-    RecipientsRefused,
-    RoutingError,
-    SMTPError,
-    Step,
-    TLSError,
-    UsageError,
-    UTF8Unsupported,
-)
-from txcolombe.codec.reply import Reply
+from txcolombe.codec.errors import RecipientsRefused, SMTPError
 from txcolombe.codec.sasl import Authentication
-
-log = Logger(namespace="txcolombe.relay")
-
-
-class Status(enum.Enum):
-    DELIVERED = "delivered"
-    DEFERRED = "deferred"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one recipient in one attempt.
-
-    :ivar text: the remote reply (``550 5.1.1 ...``) or our description.
-    :ivar status_code: the RFC 3463 code for DSNs.
-    :ivar local: why the failure is the relay's own (one of :data:`LOCAL_REASONS`),
-        not the message's; "" when it is the message's (or no failure).
-    """
-
-    status: Status
-    text: str
-    status_code: str
-    relay: str = ""
-    local: str = ""
-
-
-#: The relay's own failures, by reason, with the RFC 3463 code they defer with.
-LOCAL_REASONS = {
-    "auth": "4.7.0",  # our credentials or SASL set-up (534, 535, 538, 454, 530)
-    "tls": "4.7.0",  # TLS to the next hop
-    "dns": "4.4.3",  # resolving the next hop
-    "connection": "4.4.1",  # reaching the next hop
-    "session": "4.4.2",  # the smarthost refused the session (greeting, EHLO)
-    "config": "4.3.5",  # a configuration the relay cannot use (bad port, ...)
-    "shutdown": "4.3.2",  # abandoned because the relay is stopping
-    "software": "4.3.0",  # an unexpected error in the relay
-}
-
-#: Usage errors that are about the message, not about the relay: the next hop
-#: can never take this message as it is.
-_MESSAGE_ERRORS = (MessageTooLarge, EightBitUnsupported, UTF8Unsupported)
-
-#: Steps before the first transaction: a reply there is about the session.
-_SETUP_STEPS = (Step.CONNECT, Step.GREETING, Step.EHLO, Step.HELO, Step.STARTTLS, Step.TLS)
-
-
-def local_reason(error: BaseException, *, smarthost: bool = False) -> str:
-    """Why ``error`` is the relay's own failure rather than the message's;
-    "" when it is the message's.
-
-    The relay's own failures (its credentials, TLS, the network, DNS, its
-    configuration) must never bounce a message: they would bounce every
-    message, and then every bounce (Postfix's ``smtp_sasl_auth_soft_bounce``).
-    With ``smarthost``, a refusal of the session itself (greeting, EHLO) is
-    ours too: every message would meet it.
-    """
-    if isinstance(error, CancelledError):
-        return "shutdown"
-    if not isinstance(error, SMTPError):
-        return "software"
-    if isinstance(error, AuthenticationError) or error.step is Step.AUTH:
-        return "auth"
-    if isinstance(error, TLSError):
-        return "tls"
-    if isinstance(error, RoutingError) and not smarthost:
-        return ""  # about the recipients' domain: deliver() has classified it
-    if isinstance(error, NameResolutionFailed):
-        return "dns"
-    if isinstance(error, ConnectionFailed):
-        return "connection"
-    if isinstance(error, _MESSAGE_ERRORS):
-        return ""
-    if isinstance(error, UsageError):
-        return "config"
-    if smarthost and error.step in _SETUP_STEPS:
-        return "session"
-    return ""
-
-
-def outcome_from_reply(reply: Reply, relay: str) -> Outcome:
-    if reply.code < 400:
-        status = Status.DELIVERED
-    elif reply.code < 500:
-        status = Status.DEFERRED
-    else:
-        status = Status.FAILED
-    enhanced = reply.enhanced_status
-    if enhanced is not None:
-        code = ".".join(map(str, enhanced))
-    else:
-        code = {Status.DELIVERED: "2.0.0", Status.DEFERRED: "4.0.0", Status.FAILED: "5.0.0"}[status]
-    return Outcome(status, str(reply), code, relay)
-
-
-def outcome_from_error(error: BaseException, relay: str, *, smarthost: bool = False) -> Outcome:
-    """The outcome of an attempt that failed with ``error``: deferred when the
-    failure is temporary or the relay's own (:func:`local_reason`)."""
-    reason = local_reason(error, smarthost=smarthost)
-    if reason:
-        text = str(error) or type(error).__name__
-        if reason == "shutdown":
-            text = "delivery abandoned: cancelled"
-        elif reason == "software":
-            text = f"local error: {type(error).__name__}: {text}"
-        code = LOCAL_REASONS[reason]
-        if isinstance(error, SMTPError) and error.enhanced_status is not None:
-            code = "4." + ".".join(map(str, error.enhanced_status[1:]))
-        return Outcome(Status.DEFERRED, text, code, relay, local=reason)
-    assert isinstance(error, SMTPError)
-    if error.reply is not None:
-        out = outcome_from_reply(error.reply, relay)
-        if error.temporary and out.status is Status.FAILED:
-            return Outcome(Status.DEFERRED, out.text, "4" + out.status_code[1:], relay)
-        return out
-    if error.temporary:
-        return Outcome(Status.DEFERRED, str(error), "4.4.1", relay)
-    return Outcome(Status.FAILED, str(error), "5.3.0", relay)
+from txcolombe.delivery.outcome import (
+    DeliveryStatus,
+    Outcome,
+    failed,
+    local_reason,
+    recipient_verdict,
+)
 
 
 class Transport(Protocol):
@@ -188,16 +63,35 @@ class Smarthost:
     domain: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
 
+    @property
+    def options(self) -> ConnectOptions:
+        """How the relay's sessions to it are set up."""
+        return ConnectOptions(
+            port=self.port,
+            tls_mode=self.tls,
+            domain=self.domain,
+            trust_root=self.trust_root,
+            authentication=self.authentication,
+            timeouts=self.timeouts,
+            # The relay logs one line per delivery; the per-exchange debug
+            # trace would cost more than the transactions at its volume.
+            trace=False,
+        )
+
+
+#: Messages in flight on one session to the smarthost before another is opened.
+PIPELINE_DEPTH = 16
+
 
 class SmarthostTransport:
     """Every recipient goes to one smarthost, over a few pipelined sessions.
 
-    A message is handed to the open session with the fewest transactions
-    under way; the session queues it behind them and pipelines its MAIL,
-    RCPT and DATA with the previous final dot, so a stream of messages
-    costs about one round trip each. Another session is opened (at most
-    ``concurrency``) only when every open one has :data:`PIPELINE_DEPTH`
-    transactions queued. Sessions idle for ``idle_timeout`` seconds QUIT.
+    A message is handed to the open session with the fewest messages in
+    flight; the session pipelines its MAIL, RCPT and DATA with the previous
+    final dot, so a stream of messages costs about one round trip each.
+    Another session is opened (at most ``concurrency``) only when every open
+    one has :data:`PIPELINE_DEPTH` messages in flight. Sessions idle for
+    ``idle_timeout`` seconds QUIT.
     """
 
     def __init__(
@@ -209,12 +103,18 @@ class SmarthostTransport:
         idle_timeout: float = 30.0,
     ) -> None:
         self.smarthost = smarthost
-        self.reactor = reactor
-        self.idle_timeout = idle_timeout
-        self.concurrency = max(1, concurrency)
-        self._pool: list[_Connection] = []
-        self.connections = 0
         self.relay = f"{smarthost.host}[{smarthost.port}]"
+        self._options = smarthost.options
+        self.pool = Pool(
+            max_per_destination=max(1, concurrency),
+            idle_timeout=idle_timeout,
+            max_messages=None,
+            pipeline=PIPELINE_DEPTH,
+            # Sessions in use are checked by the messages themselves; the
+            # relay retries a message that met a dead one at its next attempt.
+            reset_idle=False,
+            reactor=reactor,
+        )
 
     def route(self, recipient: Mailbox) -> str:
         return self.relay
@@ -222,152 +122,47 @@ class SmarthostTransport:
     def send(
         self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
     ) -> Deferred[dict[str, Outcome]]:
-        conn = self._pick()
-        conn.queued += 1
-        conn.stop_idle_timer()
-        if conn.session is not None:
-            sent = _send_on(conn.session, sender, recipients, data)
-        else:
-            sent = conn.ready().addCallback(_send_on, sender, recipients, data)
-        return sent.addBoth(self._outcomes, conn, recipients)
-
-    def _pick(self) -> _Connection:
-        best = min(self._pool, key=lambda c: c.queued, default=None)
-        if best is None or (best.queued >= PIPELINE_DEPTH and len(self._pool) < self.concurrency):
-            best = _Connection(self)
-            self._pool.append(best)
-        return best
-
-    def _connect(self) -> Deferred[Session]:
-        host = self.smarthost
-        self.connections += 1
-        return connect(
-            host.host, port=host.port, tls_mode=host.tls, domain=host.domain,
-            trust_root=host.trust_root, authentication=host.authentication,
-            timeouts=host.timeouts, reactor=self.reactor,
-            # The relay logs one line per delivery; the per-exchange debug
-            # trace would cost more than the transactions at its volume.
-            trace=False,
-        )  # fmt: skip
-
-    def _gone(self, conn: _Connection) -> None:
-        if conn in self._pool:
-            self._pool.remove(conn)
+        # Small bodies are written at once by txcolombe.client.body (no reactor turn).
+        sent = self.pool.send(
+            self.smarthost.host, sender, list(recipients), data, options=self._options
+        )
+        return sent.addBoth(self._outcomes, recipients)
 
     def _outcomes(
-        self, result: Receipt | Failure, conn: _Connection, recipients: Sequence[Mailbox]
+        self, result: Receipt | Failure, recipients: Sequence[Mailbox]
     ) -> dict[str, Outcome]:
-        conn.queued -= 1
-        if conn.queued == 0:
-            conn.start_idle_timer()
-        names = [str(r) for r in recipients]
-        relay = self.relay
+        host, port = self.smarthost.host, self.smarthost.port
         if isinstance(result, Failure):
-            error = result.value if result.value is not None else RuntimeError(str(result))
-            if isinstance(error, RecipientsRefused):
-                return {
-                    name: outcome_from_reply(error.refused[name], relay)
-                    if name in error.refused
-                    else outcome_from_error(error, relay, smarthost=True)
-                    for name in names
-                }
-            return dict.fromkeys(names, outcome_from_error(error, relay, smarthost=True))
+            error: BaseException = result.value or RuntimeError(str(result))
         out: dict[str, Outcome] = {}
-        accepted = outcome_from_reply(result.reply, relay)
-        for name in names:
-            if name in result.accepted:
-                out[name] = accepted
-            elif name in result.refused:
-                out[name] = outcome_from_reply(result.refused[name], relay)
+        for mailbox in recipients:
+            name = str(mailbox)
+            domain = mailbox.domain or ""
+            if isinstance(result, Receipt):
+                verdict = recipient_verdict(result, name)
+            elif isinstance(error, RecipientsRefused):
+                verdict = recipient_verdict(error, name)
             else:
-                out[name] = Outcome(Status.DEFERRED, "no reply for recipient", "4.0.0", relay)
+                verdict = None
+            if verdict is None and isinstance(result, Receipt):
+                unanswered = SMTPError("no reply for recipient", temporary=True)
+                out[name] = Outcome(
+                    name, domain, DeliveryStatus.TEMPORARY, host, error=unanswered, port=port
+                )
+            elif verdict is None:
+                out[name] = failed(name, error, smarthost=True, mx=host, port=port, domain=domain)
+            else:
+                delivered = verdict.status is DeliveryStatus.DELIVERED
+                receipt = result if delivered and isinstance(result, Receipt) else None
+                out[name] = Outcome(
+                    name, domain, verdict.status, host, reply=verdict.reply,
+                    error=verdict.error, receipt=receipt, port=port,
+                )  # fmt: skip
         return out
 
     def close(self) -> Deferred[None]:
         """QUIT the idle sessions, drop the busy ones."""
-        closing = []
-        for conn in list(self._pool):
-            closing.append(conn.close())
-        self._pool.clear()
-        return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
-
-
-#: Transactions queued on a session before another session is opened.
-PIPELINE_DEPTH = 16
-
-
-class _Connection:
-    """One pooled session to the smarthost, from its connection attempt on."""
-
-    def __init__(self, transport: SmarthostTransport) -> None:
-        self.transport = transport
-        self.session: Session | None = None
-        self.queued = 0
-        self._idle: IDelayedCall | None = None
-        self._waiting: list[Deferred[Session]] = []
-        self._error: Failure | None = None
-        self._attempt = transport._connect()
-        self._attempt.addCallbacks(self._connected, self._failed)
-
-    def ready(self) -> Deferred[Session]:
-        """Fires with the session once it is set up (or fails as the attempt did)."""
-        if self._error is not None:
-            return fail(self._error)
-        d: Deferred[Session] = Deferred()
-        self._waiting.append(d)
-        return d
-
-    def _connected(self, session: Session) -> None:
-        self.session = session
-        session.closed.addBoth(self._closed)
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(session)
-        if self.queued == 0:
-            self.start_idle_timer()
-
-    def _failed(self, failure: Failure) -> None:
-        self._error = failure
-        self.transport._gone(self)
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.errback(failure)
-
-    def _closed(self, _: object) -> None:
-        self.stop_idle_timer()
-        self.transport._gone(self)
-
-    def start_idle_timer(self) -> None:
-        if self._idle is None and self.session is not None:
-            self._idle = self.transport.reactor.callLater(self.transport.idle_timeout, self._expire)
-
-    def stop_idle_timer(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
-
-    def _expire(self) -> None:
-        self._idle = None
-        self.transport._gone(self)
-        if self.session is not None:
-            self.session.quit()
-
-    def close(self) -> Deferred[None]:
-        self.stop_idle_timer()
-        if self.session is None:
-            self._attempt.cancel()
-            return succeed(None)
-        if self.queued:
-            self.session.abort()
-            return self.session.closed
-        return self.session.quit()
-
-
-def _send_on(
-    session: Session, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
-) -> Deferred[Receipt]:
-    # Small bodies are written at once by txcolombe.client.body (no reactor turn).
-    return session.send(sender, list(recipients), data)
+        return Deferred.fromCoroutine(self.pool.close(abort=True))
 
 
 REUSE_TIME = 2.0
@@ -380,15 +175,20 @@ class MXTransport:
     with one :class:`~txcolombe.delivery.deliverer.Deliverer` for the relay's
     lifetime (its DNS cache, limits and memory of dead hosts)."""
 
-    def __init__(self, *, reactor: Any, domain: str | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        reactor: Any,
+        domain: str | None = None,
+        port: int = 25,
+        resolver: IResolver | None = None,
+    ) -> None:
         from txcolombe.delivery.deliverer import Deliverer
 
         self.reactor = reactor
         self.domain = domain
-        self.deliverer = Deliverer(
-            resolver=options.pop("resolver", None), reactor=reactor, reuse_time=REUSE_TIME
-        )
-        self.options = options
+        self.port = port
+        self.deliverer = Deliverer(resolver=resolver, reactor=reactor, reuse_time=REUSE_TIME)
 
     def route(self, recipient: Mailbox) -> str:
         return (recipient.domain or "").lower()
@@ -407,34 +207,21 @@ class MXTransport:
         try:
             result = await deliver(
                 sender, names, data, domain=self.domain, reactor=self.reactor,
-                deliverer=self.deliverer, **self.options,
+                port=self.port, deliverer=self.deliverer,
             )  # fmt: skip
         except Exception as error:
-            return dict.fromkeys(names, outcome_from_error(error, destination))
-        return {name: _mx_outcome(result.get(name), destination) for name in names}
+            return {name: failed(name, error, domain=destination) for name in names}
+        return {name: _ours(name, result.get(name), destination) for name in names}
 
     def close(self) -> Deferred[None]:
         return self.deliverer.close()
 
 
-def _mx_outcome(outcome: Any, destination: str) -> Outcome:
-    """Read one per-recipient outcome of ``deliver()`` (duck-typed until its API settles)."""
+def _ours(name: str, outcome: Outcome | None, destination: str) -> Outcome:
+    """``deliver()``'s outcome, with a temporary failure of the relay's own named as such."""
     if outcome is None:
-        return Outcome(Status.DEFERRED, "no outcome for recipient", "4.0.0", destination)
-    relay = str(getattr(outcome, "mx", None) or getattr(outcome, "host", None) or destination)
-    reply = getattr(outcome, "reply", None)
-    error = getattr(outcome, "error", None)
-    if isinstance(error, BaseException):
-        out = outcome_from_error(error, relay)
-    elif isinstance(reply, Reply):
-        out = outcome_from_reply(reply, relay)
-    else:
-        return Outcome(Status.DEFERRED, f"unreadable outcome {outcome!r}", "4.0.0", relay)
-    # deliver() has the last word on the class (e.g. a null MX is permanent).
-    if getattr(outcome, "delivered", False):
-        return Outcome(Status.DELIVERED, out.text, out.status_code, relay)
-    if getattr(outcome, "permanent", False) and out.status is not Status.FAILED:
-        return Outcome(Status.FAILED, out.text, "5" + out.status_code[1:], relay)
-    if getattr(outcome, "temporary", False) and out.status is not Status.DEFERRED:
-        return Outcome(Status.DEFERRED, out.text, "4" + out.status_code[1:], relay)
-    return out
+        missing = SMTPError("no outcome for recipient", temporary=True)
+        return Outcome(name, destination, DeliveryStatus.TEMPORARY, error=missing)
+    if outcome.temporary and outcome.error is not None:
+        return dataclasses.replace(outcome, local=local_reason(outcome.error))
+    return outcome
