@@ -38,7 +38,6 @@ SANS_IO = ["codec", "client/machine.py", "server/machine.py"]
 IO_LIBRARIES = {"twisted", "OpenSSL", "service_identity", "treq", "zope", "socket", "asyncio"}
 
 LONG_MODULES: dict[str, str] = {
-    "testing/memory.py": "the in-memory server, to be rebuilt on server/machine.py (issue 10)",
     "client/machine.py": "the client's whole state machine; its events are to move out (issue 10)",
     "server/machine.py": "the server's whole state machine, kept in one place like h11's _state.py",
     "relay/queue.py": "per-recipient state, retries and bounces of the relay's queue",
