@@ -413,14 +413,14 @@ class ServerMachine:
             if self._replacement is not None and self.state not in (
                 ServerState.WAIT_AUTH,
                 ServerState.WAIT_STORE,
+                ServerState.SLEEP,
             ):
                 self._out.append(self._replacement)  # the command gave no reply
                 self._replacement = None
         else:
             self.state = ServerState.COMMAND
             if self._held in (_Held.BDAT, _Held.END):
-                if self._chunked:
-                    self._events.append(DataAborted())
+                self._abort_parts()
                 self._reset_transaction()
             self._auth_username = None
             self._out.append(reply)
@@ -435,8 +435,7 @@ class ServerMachine:
         if self.state is ServerState.WAIT_STORE:
             self._closing = reply
             return
-        if self._chunked:
-            self._events.append(DataAborted())
+        self._abort_parts()
         self._close(reply)
 
     def timed_out(self) -> None:
@@ -566,7 +565,7 @@ class ServerMachine:
                     self._hold(_Held.AUTH_LINE, "AUTH", line.decode("utf-8", "replace"), line)
                 else:
                     self._auth_input(line)
-            elif self.intercept:
+            elif self.intercept and not self._chunk_follows(line):
                 verb, _, argument = line.decode("utf-8", "replace").partition(" ")
                 self._hold(_Held.COMMAND, verb.upper(), argument, line)
             else:
@@ -656,27 +655,25 @@ class ServerMachine:
     def _check_mail_parameters(self, parsed: PathArgument) -> str | None:
         """Refuse a parameter of an extension not offered, or a bad value; the BODY type."""
         body_type = None
-        dsn = self.offers("DSN") is not None
         for key, value in parsed.params.items():
             if key == "SIZE":
                 if value is None or not value.isdigit():
                     raise CommandSyntaxError(501, "5.5.4 Bad SIZE parameter")
             elif key == "BODY":
-                types = ["7BIT", "8BITMIME"]
-                if self.offers("BINARYMIME") is not None:
-                    types.append("BINARYMIME")
-                if value is None or value.upper() not in types:
+                body_type = (value or "").upper()
+                if body_type not in ("7BIT", "8BITMIME") and not (
+                    body_type == "BINARYMIME" and self.offers("BINARYMIME") is not None
+                ):
                     raise CommandSyntaxError(501, "5.5.4 Bad BODY parameter")
-                body_type = value.upper()
             elif key == "SMTPUTF8":
                 if value is not None:
                     raise CommandSyntaxError(501, "5.5.4 SMTPUTF8 takes no value")
             elif key == "AUTH":
                 pass  # RFC 4954 §5: may be ignored
-            elif key == "RET" and dsn:
+            elif key == "RET" and self.offers("DSN") is not None:
                 if value is None or value.upper() not in ("FULL", "HDRS"):
                     raise CommandSyntaxError(501, "5.5.4 Bad RET parameter")
-            elif key == "ENVID" and dsn:
+            elif key == "ENVID" and self.offers("DSN") is not None:
                 if not value:
                     raise CommandSyntaxError(501, "5.5.4 Bad ENVID parameter")
             else:
@@ -899,8 +896,13 @@ class ServerMachine:
         if self._data_problem is None:
             self._data_problem = reply
             self._data = []
-            if self._chunked:
-                self._events.append(DataAborted())
+            self._abort_parts()
+
+    def _abort_parts(self) -> None:
+        """The parts of the body handed over (:class:`BodyData`) are void, once."""
+        if self._chunked:
+            self._chunked = False
+            self._events.append(DataAborted())
 
     def _segment(self, seg: bytes, at_line_start: bool, *, stuffed: bool = True) -> None:
         """Body lines (each ending in LF, but for an overlong or a last BDAT
@@ -1001,6 +1003,15 @@ class ServerMachine:
         self.state = ServerState.BDAT
         self._bdat_line = f"BDAT {argument}"
 
+    def _chunk_follows(self, line: bytes) -> bool:
+        """A BDAT command whose chunk will be read: held once that is done."""
+        verb, _, argument = line.partition(b" ")
+        return (
+            verb.upper() == b"BDAT"
+            and _BDAT.match(argument.decode("ascii", "replace")) is not None
+            and self.offers("CHUNKING") is not None
+        )
+
     def _bdat_bytes(self) -> bool:
         """Consume what is buffered of the chunk; True once it is read whole."""
         take = min(self._bdat_left, len(self._in))
@@ -1043,8 +1054,7 @@ class ServerMachine:
         if refusal is not None:
             if self.in_transaction:
                 self._reject("END-OF-MESSAGE", refusal, self._first_recipient())
-            if self._chunked:
-                self._events.append(DataAborted())
+            self._abort_parts()
             self._reset_transaction()
             self._error(refusal)
             return
