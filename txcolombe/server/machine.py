@@ -36,10 +36,11 @@ Intake rules enforced here: STARTTLS discards anything pipelined after it;
 AUTH is offered and accepted only under TLS (unless ``auth_without_tls``);
 recipients outside ``local_domains`` need relay permission (a trusted
 network or AUTH), else 554 5.7.1; at most ``max_recipients`` (452) and the
-SIZE limit (552); in DATA, a bare CR or LF (SMTP smuggling), a line over 998
-octets or ``max_hops`` ``Received:`` headers reject the message (``lenient``
-lifts these and accepts any MAIL and RCPT parameter). BDAT (RFC 3030) is read
-when CHUNKING is advertised: each chunk is consumed whole, even when refused.
+SIZE limit (552); in the body, a bare CR or LF (SMTP smuggling), a line over
+998 octets or ``max_hops`` ``Received:`` headers reject the message
+(``lenient`` lifts these and accepts any MAIL and RCPT parameter). The body,
+from DATA or from BDAT (RFC 3030, when CHUNKING is advertised: each chunk is
+consumed whole, even when refused), is read by :class:`~txcolombe.codec.data.DataDecoder`.
 Every buffer is bounded, and with ``body_chunk`` so is the body held: past
 that many octets it is handed to the driver as it comes. After
 ``soft_error_limit`` errors each error reply is delayed by ``error_sleep``
@@ -66,6 +67,7 @@ from txcolombe.codec.command import (
     parse_mail,
     parse_rcpt,
 )
+from txcolombe.codec.data import DataDecoder
 from txcolombe.codec.errors import InvalidAddress
 from txcolombe.codec.reply import Reply
 from txcolombe.server.events import (
@@ -107,8 +109,6 @@ __all__ = [
 MAX_COMMAND_LINE = 2048
 #: RFC 4954 §4: an AUTH line may be 12288 octets.
 MAX_AUTH_LINE = 12288
-#: RFC 5321 §4.5.3.1.6: 998 octets of text per line.
-MAX_TEXT_LINE = 998
 
 
 @dataclass(frozen=True)
@@ -464,13 +464,8 @@ class ServerMachine:
         self._held_octets = 0
         self._chunked = False
         self._data_size = 0
-        self._data_problem: Reply | None = None
-        self._in_headers = True
-        self._hops = 0
-        self._long_line = False
-        self._after_crlf = True
+        self._body: DataDecoder | None = None
         self._bdat_used = False
-        self._bdat_tail = bytearray()
 
     def _reply(self, reply: Reply | bytes) -> None:
         if self._replacement is not None:
@@ -730,6 +725,7 @@ class ServerMachine:
             raise CommandSyntaxError(503, "5.5.1 Error: DATA after BDAT")
         if self._body_type == "BINARYMIME":
             raise CommandSyntaxError(503, "5.5.1 Error: BINARYMIME needs BDAT")
+        self._body = self._decoder(stuffed=True)
         self.state = ServerState.DATA
         self._reply(_DATA_INTRO)
 
@@ -846,57 +842,33 @@ class ServerMachine:
         self.state = ServerState.WAIT_AUTH
         self._events.append(AuthRequest(self._auth_mechanism, username, password))
 
-    # -- DATA and BDAT ---------------------------------------------------------------
-    #
-    # The body is handled a run of complete lines at a time, with bytes
-    # methods (find, count, replace) rather than line by line: the checks are
-    # the same, their cost is C's. Only the unfinished last line stays
-    # buffered, and at most MAX_TEXT_LINE + 2 octets of it. DATA and BDAT
-    # share every check (_segment); only DATA is dot-stuffed.
+    # -- DATA and BDAT: codec.data.DataDecoder reads and checks the body ---------
+
+    def _decoder(self, *, stuffed: bool) -> DataDecoder:
+        return DataDecoder(
+            self._accept,
+            self._refused,
+            stuffed=stuffed,
+            lenient=self.config.lenient,
+            raw=self._body_type == "BINARYMIME",
+        )
 
     def _data_bytes(self) -> bool:
         """Consume what is buffered of the body; True when the message ended."""
-        buf = self._in
-        at_line_start = self._after_crlf and not self._long_line
-        if at_line_start and buf[:3] == b".\r\n":
-            end = 0
+        body = self._body
+        assert body is not None
+        if not body.read(self._in):
+            return False
+        if self.intercept:
+            self._hold(_Held.END, END_OF_DATA, "")
         else:
-            found = buf.find(b"\r\n.\r\n")
-            end = found + 2 if found >= 0 else -1
-        if end >= 0:
-            if end:
-                self._segment(bytes(buf[:end]), at_line_start)
-            del buf[: end + 3]
-            if self.intercept:
-                self._hold(_Held.END, END_OF_DATA, "")
-            else:
-                self._end_of_data()
-            return True
-        last = buf.rfind(b"\n")
-        if last >= 0:
-            self._segment(bytes(buf[: last + 1]), at_line_start)
-            del buf[: last + 1]
-        if len(buf) > MAX_TEXT_LINE + 2:
-            # Keep a final CR: it may begin the CRLF.
-            keep = 1 if buf.endswith(b"\r") else 0
-            self._long(buf, len(buf) - keep, at_line_start, stuffed=True)
-        return False
+            self._end_of_data()
+        return True
 
-    def _long(self, buf: bytearray, cut: int, at_line_start: bool, *, stuffed: bool) -> None:
-        """An unfinished line over the limit: refused, or (``lenient``) taken as it is."""
-        if self.config.lenient:
-            self._segment(bytes(buf[:cut]), at_line_start, stuffed=stuffed)
-        else:
-            self._problem(_r(550, "5.5.6 Message has a line longer than 998 octets"))
-            self._long_line = True
-            self._after_crlf = False
-        del buf[:cut]
-
-    def _problem(self, reply: Reply) -> None:
-        if self._data_problem is None:
-            self._data_problem = reply
-            self._data = []
-            self._abort_parts()
+    def _refused(self) -> None:
+        """The body is refused (its decoder's ``problem``): drop what is held."""
+        self._data = []
+        self._abort_parts()
 
     def _abort_parts(self) -> None:
         """The parts of the body handed over (:class:`BodyData`) are void, once."""
@@ -904,45 +876,13 @@ class ServerMachine:
             self._chunked = False
             self._events.append(DataAborted())
 
-    def _segment(self, seg: bytes, at_line_start: bool, *, stuffed: bool = True) -> None:
-        """Body lines (each ending in LF, but for an overlong or a last BDAT
-        line), still dot-stuffed when ``stuffed``.
-
-        ``at_line_start`` is False when ``seg`` begins with the rest of an
-        overlong line, already refused (or, ``lenient``, taken).
-        """
-        self._long_line = False
-        self._after_crlf = seg.endswith(b"\r\n")
-        if self._data_problem is not None:
-            return  # refused already: only looking for the end
-        lenient = self.config.lenient
-        if not lenient:
-            crlf = seg.count(b"\r\n")
-            if seg.count(b"\n") != crlf:
-                self._problem(_r(550, "5.5.2 Message contains bare LF (RFC 5321 §2.3.8)"))
-                return
-            if seg.count(b"\r") != crlf:
-                self._problem(_r(550, "5.5.2 Message contains bare CR (RFC 5321 §2.3.8)"))
-                return
-        if stuffed:
-            if at_line_start and seg[:1] == b".":
-                seg = seg[1:]
-            if b"\n." in seg:
-                seg = seg.replace(b"\r\n.", b"\r\n")
-        if not lenient:
-            if len(seg) > MAX_TEXT_LINE + 2 and max(map(len, seg.split(b"\r\n"))) > MAX_TEXT_LINE:
-                self._problem(_r(550, "5.5.6 Message has a line longer than 998 octets"))
-                return
-            if self._in_headers:
-                self._headers(seg, at_line_start)
-        self._accept(seg)
-
     def _accept(self, seg: bytes) -> None:
-        """Checked body octets: count them, hold them, hand them over past ``body_chunk``."""
+        """Decoded body octets: count them, hold them, hand them over past ``body_chunk``."""
         self._data_size += len(seg)
         limit = self._size_limit()
         if limit is not None and self._data_size > limit:
-            self._problem(_r(552, "5.3.4 Message size exceeds fixed limit"))
+            assert self._body is not None
+            self._body.refuse(_r(552, "5.3.4 Message size exceeds fixed limit"))
             return
         self._data.append(seg)
         self._held_octets += len(seg)
@@ -954,26 +894,13 @@ class ServerMachine:
             self._held_octets = 0
             self._events.append(BodyData(self._envelope(), data))
 
-    def _headers(self, seg: bytes, at_line_start: bool) -> None:
-        """Count the Received fields of the header section; note where it ends."""
-        if at_line_start and seg.startswith(b"\r\n"):
-            self._in_headers = False
-            return
-        blank = seg.find(b"\r\n\r\n")
-        if blank >= 0:
-            self._in_headers = False
-            seg = seg[: blank + 2]
-        lower = seg.lower()
-        self._hops += lower.count(b"\nreceived:")
-        if at_line_start and lower.startswith(b"received:"):
-            self._hops += 1
-
     def _end_of_data(self) -> None:
-        cfg = self.config
-        if self._data_problem is None and self._hops >= cfg.max_hops and not cfg.lenient:
-            self._problem(_r(554, "5.4.6 Too many hops (mail loop?)"))
-        if self._data_problem is not None:
-            problem = self._data_problem
+        body = self._body
+        assert body is not None
+        if body.hops >= self.config.max_hops:
+            body.refuse(_r(554, "5.4.6 Too many hops (mail loop?)"))
+        if body.problem is not None:
+            problem = body.problem
             self._reject("END-OF-MESSAGE", problem, self._first_recipient())
             self._reset_transaction()
             self.state = ServerState.COMMAND
@@ -996,6 +923,8 @@ class ServerMachine:
             refusal = _r(503, "5.5.1 Error: need MAIL command")
         elif not self.recipients:
             refusal = _r(554, "5.5.1 Error: no valid recipients")
+        if refusal is None and self._body is None:
+            self._body = self._decoder(stuffed=False)
         self._bdat_refusal = refusal
         self._bdat_left = int(match.group(1))
         self._bdat_last = match.group(2) is not None
@@ -1019,8 +948,8 @@ class ServerMachine:
             chunk = bytes(self._in[:take])
             del self._in[:take]
             self._bdat_left -= take
-            if self._bdat_refusal is None and self._data_problem is None:
-                self._bdat_feed(chunk)
+            if self._bdat_refusal is None and self._body is not None:
+                self._body.write(chunk)
         if self._bdat_left:
             return False
         if self.intercept:
@@ -1030,27 +959,13 @@ class ServerMachine:
             self._bdat_done(hold_end=False)
         return True
 
-    def _bdat_feed(self, chunk: bytes) -> None:
-        """A chunk's octets: whole lines go through the checks DATA has."""
-        if self._body_type == "BINARYMIME":
-            self._accept(chunk)  # RFC 3030 §3: octets, not lines
-            return
-        tail = self._bdat_tail
-        tail += chunk
-        last = tail.rfind(b"\n")
-        if last >= 0:
-            self._segment(bytes(tail[: last + 1]), self._after_crlf, stuffed=False)
-            del tail[: last + 1]
-        if len(tail) > MAX_TEXT_LINE + 2:
-            keep = 1 if tail.endswith(b"\r") else 0
-            self._long(tail, len(tail) - keep, self._after_crlf, stuffed=False)
-
     def _bdat_done(self, *, hold_end: bool) -> None:
         """The chunk is read: answer it, or end the message with the LAST one."""
         self.state = ServerState.COMMAND
         refusal, self._bdat_refusal = self._bdat_refusal, None
-        if refusal is None and not self._bdat_last:
-            refusal = self._data_problem
+        body = self._body
+        if refusal is None and not self._bdat_last and body is not None:
+            refusal = body.problem
         if refusal is not None:
             if self.in_transaction:
                 self._reject("END-OF-MESSAGE", refusal, self._first_recipient())
@@ -1061,10 +976,8 @@ class ServerMachine:
         if not self._bdat_last:
             self._reply(_r(250, f"2.0.0 Ok: {self._data_size} octets so far"))
             return
-        if self._bdat_tail:
-            tail = bytes(self._bdat_tail)
-            self._bdat_tail.clear()
-            self._segment(tail, self._after_crlf, stuffed=False)
+        assert body is not None
+        body.close()
         if hold_end:
             self._hold(_Held.END, END_OF_DATA, "")
         else:
