@@ -46,7 +46,6 @@ SANS_IO = [
 IO_LIBRARIES = {"twisted", "OpenSSL", "service_identity", "treq", "zope", "socket", "asyncio"}
 
 LONG_MODULES: dict[str, str] = {
-    "testing/memory.py": "the in-memory server, to be rebuilt on server/machine.py (issue 10)",
     "client/machine.py": "every rule of the client's conversation in one class, like h11's"
     " _state.py; its events, state table, envelope checks and recipient splits are apart",
     "server/machine.py": "the server's whole state machine, kept in one place like h11's _state.py",

@@ -20,8 +20,7 @@ from txcolombe import (
     TLSMode,
     UsageError,
 )
-from txcolombe.testing import MemorySMTP, MemorySMTPServer
-from txcolombe.testing.memory import DEFAULT_EXTENSIONS
+from txcolombe.testing import DEFAULT_EXTENSIONS, MemorySMTP, MemorySMTPServer
 
 MESSAGE = b"Subject: pooled\r\n\r\nhello\r\n"
 

@@ -14,7 +14,7 @@ from txcolombe.codec.reply import Reply
 from txcolombe.delivery.outcome import DeliveryStatus, Outcome
 from txcolombe.relay.queue import QueueManager, RetryPolicy
 from txcolombe.relay.spool import REMOVAL_DELAY, Spool
-from txcolombe.server.machine import Envelope
+from txcolombe.server.machine import ServerEnvelope
 
 DATA = b"Subject: test\r\nMessage-ID: <m1@x.test>\r\n\r\nbody\r\n"
 
@@ -64,8 +64,8 @@ def make(
     return queue, transport, clock
 
 
-def envelope(sender: str | None, *rcpts: str) -> Envelope:
-    return Envelope(
+def envelope(sender: str | None, *rcpts: str) -> ServerEnvelope:
+    return ServerEnvelope(
         sender=Mailbox.parse(sender) if sender else None,
         recipients=tuple(Mailbox.parse(r) for r in rcpts),
         helo="c.test",
@@ -76,7 +76,7 @@ def envelope(sender: str | None, *rcpts: str) -> Envelope:
     )
 
 
-def accept(queue: QueueManager, env: Envelope, clock: Clock) -> str:
+def accept(queue: QueueManager, env: ServerEnvelope, clock: Clock) -> str:
     ids: list[str] = []
     queue.accept(env, DATA).addCallback(ids.append)
     clock.advance(0)

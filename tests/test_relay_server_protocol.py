@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 
 from txcolombe.codec.reply import Reply
-from txcolombe.server.machine import Envelope, ServerConfig
+from txcolombe.server.machine import ServerConfig, ServerEnvelope
 from txcolombe.server.protocol import (
     MAX_PENDING_INPUT,
     SMTPServerFactory,
@@ -29,7 +29,7 @@ class Handler:
     """Stores by answering from ``self.answers`` (a Deferred per message)."""
 
     def __init__(self) -> None:
-        self.stored: list[tuple[Envelope, bytes]] = []
+        self.stored: list[tuple[ServerEnvelope, bytes]] = []
         self.pending: list[Deferred[Reply]] = []
         self.hold = False
 
@@ -39,7 +39,7 @@ class Handler:
     def check_password(self, username: str, password: str) -> Deferred[bool]:
         return succeed(False)
 
-    def store(self, envelope: Envelope, data: bytes) -> Deferred[Reply]:
+    def store(self, envelope: ServerEnvelope, data: bytes) -> Deferred[Reply]:
         self.stored.append((envelope, data))
         if self.hold:
             d: Deferred[Reply] = Deferred()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 
@@ -17,8 +18,8 @@ from txcolombe.server.machine import (
     Rejected,
     ServerConfig,
     ServerMachine,
-    StartTLS,
-    State,
+    ServerStartTLS,
+    ServerState,
 )
 from txcolombe.server.received import received_header
 
@@ -46,8 +47,8 @@ def codes(machine: ServerMachine, data: bytes) -> list[int]:
     return [r.code for r in replies(machine)]
 
 
-def events(machine: ServerMachine) -> list[object]:
-    out = []
+def events(machine: ServerMachine) -> list[Any]:
+    out: list[Any] = []
     while (event := machine.next_event()) is not None:
         out.append(event)
     return out
@@ -85,7 +86,7 @@ def test_pipelined_transaction_and_exact_data() -> None:
     assert str(event.envelope.sender) == "a@x.test"
     assert [str(r) for r in event.envelope.recipients] == ["b@y.test"]
     assert event.envelope.protocol == "ESMTP"
-    assert m.state is State.WAIT_STORE
+    assert m.state is ServerState.WAIT_STORE
     # QUIT waits for the store's answer
     m.message_result(Reply.of(250, "2.0.0 Ok: queued as X"))
     assert [r.code for r in replies(m)] == [250, 221]
@@ -108,7 +109,7 @@ def test_ehlo_advertises_extensions_auth_only_under_tls() -> None:
     assert "AUTH" not in words
     assert codes(m, b"AUTH PLAIN AGEAYg==\r\n") == [538]
     assert codes(m, b"STARTTLS\r\nNOOP\r\n") == [220]  # the pipelined NOOP is discarded
-    assert isinstance(events(m)[0], StartTLS)
+    assert isinstance(events(m)[0], ServerStartTLS)
     m.tls_started()
     assert codes(m, b"MAIL FROM:<a@x.test>\r\n") == [503]  # EHLO again first
     m.receive_data(b"EHLO c.test\r\n")
@@ -143,7 +144,7 @@ def test_auth_cancel_and_garbage() -> None:
     assert codes(m, b"AUTH PLAIN\r\n*\r\n") == [334, 501]
     assert codes(m, b"AUTH PLAIN !!!\r\n") == [501]
     assert codes(m, b"AUTH CRAM-MD5\r\n") == [504]
-    assert m.state is State.COMMAND
+    assert m.state is ServerState.COMMAND
 
 
 def test_no_open_relay() -> None:
@@ -240,7 +241,7 @@ def test_data_rejections(body: bytes, status: str) -> None:
     (rejected,) = events(m)  # no message: the refusal, for the log
     assert isinstance(rejected, Rejected) and rejected.reply == reply
     assert rejected.stage == "END-OF-MESSAGE" and str(rejected.recipient) == "b@y.test"
-    assert m.state is State.COMMAND and not m.in_transaction
+    assert m.state is ServerState.COMMAND and not m.in_transaction
     assert codes(m, b"NOOP\r\n") == [250]
 
 
@@ -258,7 +259,7 @@ def test_smuggling_lf_dot_crlf_does_not_end_data() -> None:
     in_data(m)
     # "<LF>.<CR><LF>" followed by a smuggled command: still data, not a command.
     m.receive_data(b"Subject: x\r\n\r\nhi\n.\r\nMAIL FROM:<evil@x.test>\r\n")
-    assert replies(m) == [] and m.state is State.DATA
+    assert replies(m) == [] and m.state is ServerState.DATA
     m.receive_data(b".\r\n")
     assert [r.code for r in replies(m)] == [550]
     assert [type(e) for e in events(m)] == [Rejected]
@@ -448,7 +449,7 @@ def test_errors_past_the_soft_limit_are_delayed() -> None:
     assert codes(m, b"FOO\r\nFOO\r\nFOO\r\nNOOP\r\n") == [500, 500]  # the third waits
     (delay,) = events(m)
     assert isinstance(delay, Delay) and delay.seconds == 1.5
-    assert m.state is State.SLEEP and m.waiting
+    assert m.state is ServerState.SLEEP and m.waiting
     m.wake()
     assert [r.code for r in replies(m)] == [500, 250]  # then the rest is read
     m.receive_data(b"FOO\r\nFOO\r\n")

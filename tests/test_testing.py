@@ -20,8 +20,12 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+import txcolombe
+from txcolombe.codec.errors import StorageExceeded
 from txcolombe.codec.reply import Reply, ReplyParser
+from txcolombe.codec.step import Step
 from txcolombe.testing import (
+    DEFAULT_EXTENSIONS,
     END_OF_DATA,
     GREETING,
     MemoryConnection,
@@ -31,7 +35,7 @@ from txcolombe.testing import (
     Transaction,
 )
 
-# -- helpers ----------------------------------------------------------------------------
+# -- helpers --------------------------------------------------------------------------------
 
 
 def result_of(d: Deferred[Any]) -> Any:
@@ -114,7 +118,7 @@ def deliver(fake: MemorySMTP, client: RawClient, stuffed: bytes) -> list[int]:
     return codes(client.replies())
 
 
-# -- the conversation ------------------------------------------------------------------------
+# -- the conversation -----------------------------------------------------------------------
 
 
 def test_greeting_and_ehlo_advertise_the_extensions(fake: MemorySMTP) -> None:
@@ -236,6 +240,68 @@ def test_size_limit() -> None:
     assert codes(client.replies()) == [552]
     assert deliver(fake, client, b"0123456789\r\n.\r\n") == [250, 250, 354, 552]
     assert fake.server.transactions == []
+
+
+# -- BDAT -----------------------------------------------------------------------------------
+
+CHUNKING = (*DEFAULT_EXTENSIONS, "CHUNKING")
+
+
+def test_bdat_is_read_when_chunking_is_offered() -> None:
+    fake = MemorySMTP(MemorySMTPServer(extensions=CHUNKING))
+    client = greeted(fake)
+    client.send("MAIL FROM:<a@example.com>", "RCPT TO:<b@example.org>")
+    client.send(b"BDAT 6\r\n.dot\r\nBDAT 5 LAST\r\nend")  # send() adds a CRLF
+    fake.flush()
+    assert codes(client.replies()) == [250, 250, 250, 250]
+    [transaction] = fake.server.transactions
+    assert transaction.data == b".dot\r\nend\r\n"  # the chunks as they were sent
+    assert fake.server.commands[-2:] == ["BDAT 6", "BDAT 5 LAST"]
+    client.send("BDAT 3 LAST", "a", "NOOP")  # no transaction: refused, "a\r\n" read whole
+    fake.flush()
+    assert codes(client.replies()) == [503, 250]
+
+
+def test_bdat_without_chunking_is_an_unknown_command(fake: MemorySMTP) -> None:
+    client = greeted(fake)
+    client.send("MAIL FROM:<a@example.com>", "RCPT TO:<b@example.org>", "BDAT 2 LAST")
+    fake.flush()
+    assert codes(client.replies()) == [250, 250, 500]
+
+
+BIG = b"Subject: big\r\n\r\n" + b".a line of the body\r\n" * 40_000
+
+
+def test_the_client_sends_bdat_to_the_memory_server() -> None:
+    fake = MemorySMTP(MemorySMTPServer(extensions=CHUNKING))
+    d = txcolombe.sendmail(
+        "mx.example.org", "a@example.com", ["b@example.org"], BIG,
+        trust_root=fake.trust_root, reactor=fake.reactor,
+    )  # fmt: skip
+    receipt = fake.run(d)
+    transaction = fake.assert_sent(recipients=["b@example.org"], subject="big")
+    assert transaction.data == BIG and receipt.queue_id == transaction.queue_id
+    bdat = [c for c in fake.server.commands if c.startswith("BDAT")]
+    assert len(bdat) >= 3 and bdat[-1].endswith(" LAST") and "DATA" not in fake.server.commands
+    fake.assert_clean()
+
+
+@pytest.mark.parametrize("times", [1, None])
+def test_the_client_after_a_refused_bdat_chunk(times: int | None) -> None:
+    fake = MemorySMTP(MemorySMTPServer(extensions=CHUNKING))
+    fake.server.script("BDAT", Reply.of(552, "5.3.4 Message too big for me"), times=times)
+    d = txcolombe.sendmail(
+        "mx.example.org", "a@example.com", ["b@example.org"], BIG,
+        trust_root=fake.trust_root, reactor=fake.reactor,
+    )  # fmt: skip
+    with pytest.raises(StorageExceeded) as caught:
+        fake.run(d)
+    assert caught.value.code == 552 and caught.value.step is Step.BODY
+    commands = fake.server.commands
+    assert commands[-2:] == ["RSET", "QUIT"]
+    assert not any(c.endswith(" LAST") for c in commands)  # the body was stopped
+    fake.assert_nothing_sent()
+    fake.assert_clean()
 
 
 # -- STARTTLS and AUTH ----------------------------------------------------------------------
@@ -497,7 +563,7 @@ def test_response_positive() -> None:
     assert not Response(None, close=True).positive
 
 
-# -- transports and the pump -------------------------------------------------------------------
+# -- transports and the pump ----------------------------------------------------------------
 
 
 @implementer(IPushProducer)
@@ -558,3 +624,19 @@ def test_flush_gives_up_on_an_endless_conversation() -> None:
     fake.endpoint().connect(Factory.forProtocol(Chatty))
     with pytest.raises(RuntimeError, match="did not settle"):
         fake.flush()
+
+
+def test_the_server_protocol_keeps_its_old_name() -> None:
+    import txcolombe.testing as testing
+    from txcolombe.server.protocol import SMTPServerProtocol
+    from txcolombe.testing import MemoryServerProtocol
+
+    # One SMTPServerProtocol class in the package: the relay's; the in-memory
+    # server's protocol was renamed, and its 0.1 name still imports.
+    assert testing.SMTPServerProtocol is MemoryServerProtocol
+    assert MemoryServerProtocol is not SMTPServerProtocol
+    assert "SMTPServerProtocol" in dir(testing) and "MemoryServerProtocol" in testing.__all__
+    fake = MemorySMTP()
+    raw_connect(fake)
+    assert isinstance(fake.server.connections[0], MemoryServerProtocol)
+    assert fake.connections[0].server_protocol.machine is not None

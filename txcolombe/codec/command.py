@@ -39,10 +39,14 @@ class PathArgument:
     """The argument of MAIL or RCPT: the path (None for ``<>``) and parameters.
 
     :ivar params: keyword (upper case) to value (None for a bare keyword).
+    :ivar text: the path as written, without its angle brackets.
+    :ivar words: the parameters as written, in order.
     """
 
     mailbox: Mailbox | None
     params: dict[str, str | None] = field(default_factory=dict)
+    text: str = ""
+    words: tuple[str, ...] = ()
 
 
 def parse_command(line: bytes) -> Command:
@@ -73,13 +77,14 @@ def _split_path(argument: str, keyword: str) -> tuple[str, str]:
     return rest[: end + 1], rest[end + 1 :]
 
 
-def _params(text: str) -> dict[str, str | None]:
+def _params(words: list[str], strict: bool) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
-    for word in text.split():
+    for word in words:
         match = _PARAM.fullmatch(word)
-        if match is None:
+        if match is not None:
+            params[match.group(1).upper()] = match.group(2)
+        elif strict:
             raise CommandSyntaxError(501, f"5.5.4 Invalid parameter {word[:40]!r}")
-        params[match.group(1).upper()] = match.group(2)
     return params
 
 
@@ -91,9 +96,10 @@ def _strip_source_route(path: str) -> str:
     return f"<{inner}>"
 
 
-def parse_mail(argument: str) -> PathArgument:
+def parse_mail(argument: str, *, strict: bool = True) -> PathArgument:
     """The argument of MAIL: ``FROM:<path> [params]``.
 
+    :param strict: refuse a malformed parameter (else it is kept in ``words`` only).
     :raises CommandSyntaxError: bad syntax (501) or a bad address (553).
     """
     path, rest = _split_path(argument, "FROM:")
@@ -101,12 +107,14 @@ def parse_mail(argument: str) -> PathArgument:
         sender = parse_sender(_strip_source_route(path))
     except InvalidAddress:
         raise CommandSyntaxError(553, "5.1.7 Invalid sender address") from None
-    return PathArgument(sender, _params(rest))
+    words = rest.split()
+    return PathArgument(sender, _params(words, strict), path[1:-1], tuple(words))
 
 
-def parse_rcpt(argument: str) -> PathArgument:
+def parse_rcpt(argument: str, *, strict: bool = True) -> PathArgument:
     """The argument of RCPT: ``TO:<path> [params]``.
 
+    :param strict: refuse a malformed parameter (else it is kept in ``words`` only).
     :raises CommandSyntaxError: bad syntax (501) or a bad address (553).
     """
     path, rest = _split_path(argument, "TO:")
@@ -114,4 +122,5 @@ def parse_rcpt(argument: str) -> PathArgument:
         recipient = parse_recipient(_strip_source_route(path))
     except InvalidAddress:
         raise CommandSyntaxError(553, "5.1.3 Invalid recipient address") from None
-    return PathArgument(recipient, _params(rest))
+    words = rest.split()
+    return PathArgument(recipient, _params(words, strict), path[1:-1], tuple(words))

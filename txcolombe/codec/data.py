@@ -1,19 +1,25 @@
 """The message body as DATA sends it: CRLF lines, dot-stuffed, bounded (RFC 5321 §4.5.2).
 
-:class:`DataEncoder` is fed the body in chunks of any size and returns the
-bytes to send. It keeps just enough state to be right across chunk
-boundaries: whether the next byte starts a line, a CR that may be followed
-by LF at the start of the next chunk, and the length of the current line. Work is done on
-whole chunks with bytes methods (one split, two counts, one replace when a
-line starts with a dot; a regex only for stray CRs or LFs), never per line in
-Python.
+:class:`DataEncoder` (the client's) is fed the body in chunks of any size and
+returns the bytes to send. It keeps just enough state to be right across
+chunk boundaries: whether the next byte starts a line, a CR that may be
+followed by LF at the start of the next chunk, and the length of the current
+line. Work is done on whole chunks with bytes methods (one split, two counts,
+one replace when a line starts with a dot; a regex only for stray CRs or
+LFs), never per line in Python.
+
+:class:`DataDecoder` (the server's: the relay's intake and the test server
+run the same one) reads those bytes back, or BDAT's chunks (RFC 3030), and
+checks them, in the same way.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from txcolombe.codec.errors import EightBitUnsupported, InvalidBody, Step
+from txcolombe.codec.reply import Reply
 
 #: RFC 5321 §4.5.3.1.6: 1000 octets including CRLF.
 MAX_LINE = 998
@@ -113,3 +119,160 @@ class DataEncoder:
             tail += b".\r\n"
         self.octets_out += len(tail)
         return tail
+
+
+_BARE_LF = Reply.of(550, "5.5.2 Message contains bare LF (RFC 5321 §2.3.8)")
+_BARE_CR = Reply.of(550, "5.5.2 Message contains bare CR (RFC 5321 §2.3.8)")
+_LONG_LINE = Reply.of(550, "5.5.6 Message has a line longer than 998 octets")
+
+
+class DataDecoder:
+    """The message back out of DATA's bytes, or out of BDAT's chunks: checked.
+
+    The body is handled a run of complete lines at a time, with bytes
+    methods (find, count, replace) rather than line by line: the checks are
+    the same, their cost is C's. Only the unfinished last line is buffered,
+    and at most ``MAX_LINE + 2`` octets of it.
+
+    :param deliver: called with each run of decoded body octets (whole lines
+        but for an overlong line, or the last line of a BDAT body).
+    :param refused: called once, when :attr:`problem` is first set.
+    :param stuffed: DATA: the lines are dot-stuffed and end at ``CRLF.CRLF``
+        (:meth:`read`); else BDAT's chunks, taken as they are (:meth:`write`).
+    :param lenient: take bare CRs and LFs and lines of any length (and count
+        no ``Received:`` fields): a test server records what it gets.
+    :param raw: BINARYMIME: octets, not lines; nothing is checked.
+
+    :ivar problem: the refusal of a body not fit to pass on (a bare CR or LF,
+        SMTP smuggling; a line over 998 octets), or the one given to
+        :meth:`refuse`; nothing more is delivered once it is set.
+    :ivar hops: the ``Received:`` fields of the header section.
+    """
+
+    def __init__(
+        self,
+        deliver: Callable[[bytes], None],
+        refused: Callable[[], None],
+        *,
+        stuffed: bool = True,
+        lenient: bool = False,
+        raw: bool = False,
+    ) -> None:
+        self._deliver = deliver
+        self._refused = refused
+        self._stuffed = stuffed
+        self._check = not (lenient or raw)
+        self._raw = raw
+        self.problem: Reply | None = None
+        self.hops = 0
+        self._in_headers = True
+        self._long_line = False
+        self._after_crlf = True
+        self._tail = bytearray()
+
+    def refuse(self, reply: Reply) -> None:
+        """Refuse the message (the first refusal stands); deliver nothing more."""
+        if self.problem is None:
+            self.problem = reply
+            self._refused()
+
+    def read(self, buf: bytearray) -> bool:
+        """DATA: consume what ``buf`` holds of the body; True once the final dot is read."""
+        at_line_start = self._after_crlf and not self._long_line
+        if at_line_start and buf[:3] == b".\r\n":
+            end = 0
+        else:
+            found = buf.find(b"\r\n.\r\n")
+            end = found + 2 if found >= 0 else -1
+        if end >= 0:
+            if end:
+                self._segment(bytes(buf[:end]), at_line_start)
+            del buf[: end + 3]
+            return True
+        last = buf.rfind(b"\n")
+        if last >= 0:
+            self._segment(bytes(buf[: last + 1]), at_line_start)
+            del buf[: last + 1]
+        self._bound(buf, at_line_start)
+        return False
+
+    def write(self, chunk: bytes) -> None:
+        """BDAT: the next octets of the body."""
+        if self.problem is not None:
+            return
+        if self._raw:
+            self._deliver(chunk)  # RFC 3030 §3: octets, not lines
+            return
+        tail = self._tail
+        tail += chunk
+        last = tail.rfind(b"\n")
+        if last >= 0:
+            self._segment(bytes(tail[: last + 1]), self._after_crlf)
+            del tail[: last + 1]
+        self._bound(tail, self._after_crlf)
+
+    def close(self) -> None:
+        """BDAT: the body is complete; its last line need not end in CRLF."""
+        if self._tail:
+            tail = bytes(self._tail)
+            self._tail.clear()
+            self._segment(tail, self._after_crlf)
+
+    def _bound(self, buf: bytearray, at_line_start: bool) -> None:
+        """An unfinished line over the limit: refused, or (not checking) taken as it is."""
+        if len(buf) <= MAX_LINE + 2:
+            return
+        cut = len(buf) - (1 if buf.endswith(b"\r") else 0)  # a final CR may begin the CRLF
+        if self._check:
+            self.refuse(_LONG_LINE)
+            self._long_line = True
+            self._after_crlf = False
+        else:
+            self._segment(bytes(buf[:cut]), at_line_start)
+        del buf[:cut]
+
+    def _segment(self, seg: bytes, at_line_start: bool) -> None:
+        """Body lines (each ending in LF, but for an overlong or a last BDAT
+        line), still dot-stuffed for DATA.
+
+        ``at_line_start`` is False when ``seg`` begins with the rest of an
+        overlong line, already refused (or taken).
+        """
+        self._long_line = False
+        self._after_crlf = seg.endswith(b"\r\n")
+        if self.problem is not None:
+            return  # refused already: only looking for the end
+        if self._check:
+            crlf = seg.count(b"\r\n")
+            if seg.count(b"\n") != crlf:
+                self.refuse(_BARE_LF)
+                return
+            if seg.count(b"\r") != crlf:
+                self.refuse(_BARE_CR)
+                return
+        if self._stuffed:
+            if at_line_start and seg[:1] == b".":
+                seg = seg[1:]
+            if b"\n." in seg:
+                seg = seg.replace(b"\r\n.", b"\r\n")
+        if self._check:
+            if len(seg) > MAX_LINE + 2 and max(map(len, seg.split(b"\r\n"))) > MAX_LINE:
+                self.refuse(_LONG_LINE)
+                return
+            if self._in_headers:
+                self._headers(seg, at_line_start)
+        self._deliver(seg)
+
+    def _headers(self, seg: bytes, at_line_start: bool) -> None:
+        """Count the Received fields of the header section; note where it ends."""
+        if at_line_start and seg.startswith(b"\r\n"):
+            self._in_headers = False
+            return
+        blank = seg.find(b"\r\n\r\n")
+        if blank >= 0:
+            self._in_headers = False
+            seg = seg[: blank + 2]
+        lower = seg.lower()
+        self.hops += lower.count(b"\nreceived:")
+        if at_line_start and lower.startswith(b"received:"):
+            self.hops += 1

@@ -53,7 +53,7 @@ from txcolombe.delivery.outcome import DeliveryStatus, Outcome, failed, with_cla
 from txcolombe.relay.bounce import RecipientReport, build_dsn
 from txcolombe.relay.spool import IncomingFile, Spool, new_queue_id
 from txcolombe.relay.transport import Transport
-from txcolombe.server.machine import Envelope
+from txcolombe.server.machine import ServerEnvelope
 from txcolombe.server.received import received_header
 
 log = Logger(namespace="txcolombe.relay")
@@ -188,7 +188,7 @@ class Message:
         }
 
 
-def _intake_record(envelope: Envelope) -> dict[str, Any]:
+def _intake_record(envelope: ServerEnvelope) -> dict[str, Any]:
     """What the spool keeps of an SMTP envelope besides sender and recipients."""
     return {"client": envelope.client_address, "helo": envelope.helo,
             "protocol": envelope.protocol, "auth": envelope.authenticated,
@@ -383,7 +383,7 @@ class QueueManager:
 
     # -- intake -------------------------------------------------------------------------
 
-    def accept(self, envelope: Envelope, data: bytes) -> Deferred[str]:
+    def accept(self, envelope: ServerEnvelope, data: bytes) -> Deferred[str]:
         """Spool a message from the SMTP server, with our Received header."""
         queue_id = new_queue_id()
         header = received_header(envelope, self.hostname, queue_id, time.time())
@@ -396,7 +396,7 @@ class QueueManager:
             _intake_record(envelope), mailboxes,
         )  # fmt: skip
 
-    def accept_stream(self, envelope: Envelope) -> IncomingStream:
+    def accept_stream(self, envelope: ServerEnvelope) -> IncomingStream:
         """Start spooling a large message from the SMTP server as it arrives
         (our Received header first); it is queued once its end is durable."""
         queue_id = new_queue_id()

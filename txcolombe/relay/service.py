@@ -35,7 +35,7 @@ from txcolombe.relay.passwords import hash_password, load_users, verify_password
 from txcolombe.relay.queue import IncomingStream, QueueManager, RetryPolicy
 from txcolombe.relay.spool import Spool
 from txcolombe.relay.transport import MXTransport, Smarthost, SmarthostTransport, Transport
-from txcolombe.server.machine import Envelope, Rejected, ServerConfig
+from txcolombe.server.machine import Rejected, ServerConfig, ServerEnvelope
 from txcolombe.server.protocol import SMTPServerFactory
 
 log = Logger(namespace="txcolombe.relay")
@@ -135,10 +135,10 @@ class RelayHandler:
         result: Deferred[bool] = deferToThread(verify_password, stored, password)
         return result
 
-    def store(self, envelope: Envelope, data: bytes) -> Deferred[Reply]:
+    def store(self, envelope: ServerEnvelope, data: bytes) -> Deferred[Reply]:
         return self.queue.accept(envelope, data).addCallback(_queued_reply)
 
-    def open_message(self, envelope: Envelope) -> _Streamed:
+    def open_message(self, envelope: ServerEnvelope) -> _Streamed:
         return _Streamed(self.queue.accept_stream(envelope))
 
     def check_mail(self, client_address: str, sender: Mailbox | None) -> Reply | None:

@@ -46,12 +46,12 @@ from txcolombe.server.machine import (
     Close,
     DataAborted,
     Delay,
-    Envelope,
     MessageReceived,
     Rejected,
     ServerConfig,
+    ServerEnvelope,
     ServerMachine,
-    StartTLS,
+    ServerStartTLS,
 )
 
 log = Logger(namespace="txcolombe.server")
@@ -78,7 +78,7 @@ class ServerHandler(TypingProtocol):
     def check_password(self, username: str, password: str) -> Deferred[bool]:
         """Are these credentials right?"""
 
-    def store(self, envelope: Envelope, data: bytes) -> Deferred[Reply]:
+    def store(self, envelope: ServerEnvelope, data: bytes) -> Deferred[Reply]:
         """Take responsibility for the message; the reply (250 once it is durable)."""
 
 
@@ -98,7 +98,7 @@ class IncomingMessage(TypingProtocol):
 class StreamingHandler(ServerHandler, TypingProtocol):
     """A handler that takes large messages as they arrive."""
 
-    def open_message(self, envelope: Envelope) -> IncomingMessage:
+    def open_message(self, envelope: ServerEnvelope) -> IncomingMessage:
         """Start storing a message; its body follows."""
 
 
@@ -263,7 +263,7 @@ class SMTPServerProtocol(Protocol):
     def _on_event(self, event: object) -> None:
         machine = self.machine
         assert machine is not None
-        if isinstance(event, StartTLS):
+        if isinstance(event, ServerStartTLS):
             self._direct = None
             if self._tls is None or self._gone:
                 self.transport.loseConnection()  # type: ignore[union-attr]

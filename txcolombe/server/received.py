@@ -6,11 +6,11 @@ import functools
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-from txcolombe.server.machine import Envelope
+from txcolombe.server.machine import ServerEnvelope
 
 
 def received_header(
-    envelope: Envelope, hostname: str, queue_id: str, when: float, software: str = "txcolombe"
+    envelope: ServerEnvelope, hostname: str, queue_id: str, when: float, software: str = "txcolombe"
 ) -> bytes:
     """One ``Received:`` field, folded, ending in CRLF.
 

@@ -25,16 +25,25 @@ when the test advances it. Timeouts are tested by advancing it.
 :attr:`MemorySMTP.cooperator` runs on that clock too: give it to
 ``txcolombe.client.body.body_producer(..., cooperator=)`` for producers built by hand.
 
-The server (:class:`MemorySMTPServer`) speaks enough SMTP for a client:
-greeting, EHLO/HELO, STARTTLS (a real TLS handshake through
+The server (:class:`MemorySMTPServer`) is the server machine of
+:mod:`txcolombe.server.machine` (the relay's intake runs it too), driven in
+memory: greeting, EHLO/HELO, STARTTLS (a real TLS handshake through
 :mod:`twisted.protocols.tls`, with a certificate for :data:`DEFAULT_HOSTNAMES`
 signed by a throw-away CA: give :attr:`MemorySMTP.trust_root` as
 ``trust_root=``), AUTH PLAIN and LOGIN, MAIL/RCPT/DATA with dot-unstuffing,
-RSET, NOOP, QUIT. Each delivered message is recorded as a :class:`Transaction`
-with the message bytes exactly as received. Any reply can be scripted
+BDAT when CHUNKING is among its extensions, RSET, NOOP, QUIT. Each
+delivered message is recorded as a :class:`Transaction` with the message
+bytes exactly as received. Any reply can be scripted
 (:meth:`MemorySMTPServer.script`, :meth:`MemorySMTPServer.add_responder`):
 another code, raw bytes, a reply sent only after some fake seconds, no reply at
 all, a close or an abort after the reply.
+
+The modules: :mod:`~txcolombe.testing.server` (the server and its
+scripting), :mod:`~txcolombe.testing.transport` (in-memory transports),
+:mod:`~txcolombe.testing.network` (:class:`MemorySMTP`, its reactor and
+DNS), :mod:`~txcolombe.testing.ca` (the throw-away CA, by ``trustme``),
+:mod:`~txcolombe.testing.trial` (:class:`SMTPTestMixin`) and
+:mod:`~txcolombe.testing.pytest_plugin` (the ``smtp`` fixtures).
 """
 
 from __future__ import annotations
@@ -43,22 +52,22 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from txcolombe.testing.memory import (
+    from txcolombe.testing.network import MemoryResolver, MemorySMTP
+    from txcolombe.testing.server import (
         DEFAULT_EXTENSIONS,
         DEFAULT_HOSTNAMES,
         END_OF_DATA,
         GREETING,
-        MemoryConnection,
-        MemoryResolver,
-        MemorySMTP,
+        MemoryServerProtocol,
         MemorySMTPServer,
-        MemoryTransport,
         Responder,
         Response,
-        SMTPServerProtocol,
-        SMTPTestMixin,
         Transaction,
     )
+    from txcolombe.testing.transport import MemoryConnection, MemoryTransport
+    from txcolombe.testing.trial import SMTPTestMixin
+
+    SMTPServerProtocol = MemoryServerProtocol
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -69,6 +78,7 @@ __all__ = [
     "MemoryResolver",
     "MemorySMTP",
     "MemorySMTPServer",
+    "MemoryServerProtocol",
     "MemoryTransport",
     "Responder",
     "Response",
@@ -77,15 +87,37 @@ __all__ = [
     "Transaction",
 ]
 
-_HOME = {name: "txcolombe.testing.memory" for name in __all__}
-"""Where each public name lives: imported on first use, so that loading the
-pytest plugin (a module of this package) pulls in no fake reactor and no TLS."""
+_HOME = {
+    "DEFAULT_EXTENSIONS": "server",
+    "DEFAULT_HOSTNAMES": "server",
+    "END_OF_DATA": "server",
+    "GREETING": "server",
+    "MemoryServerProtocol": "server",
+    "MemorySMTPServer": "server",
+    "Responder": "server",
+    "Response": "server",
+    "Transaction": "server",
+    "MemoryConnection": "transport",
+    "MemoryTransport": "transport",
+    "MemoryResolver": "network",
+    "MemorySMTP": "network",
+    "SMTPTestMixin": "trial",
+}
+"""Where each public name lives (a module of this package): imported on
+first use, so that loading the pytest plugin (a module of this package too)
+pulls in no fake reactor and no TLS."""
+
+_RENAMED = {"SMTPServerProtocol": "MemoryServerProtocol"}
+"""Names of 0.1, kept: the server's protocol was renamed so that the package
+has one ``SMTPServerProtocol`` (:mod:`txcolombe.server.protocol`'s)."""
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _HOME:
+    home = _HOME.get(_RENAMED.get(name, name))
+    if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOME[name]), name)
+    module = importlib.import_module(f"{__name__}.{home}")
+    value = getattr(module, _RENAMED.get(name, name))
     globals()[name] = value
     return value
 
