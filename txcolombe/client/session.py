@@ -45,7 +45,7 @@ from txcolombe.codec.errors import (
     UsageError,
 )
 from txcolombe.codec.extensions import Extensions
-from txcolombe.codec.sasl import Authentication, resolve_token
+from txcolombe.codec.sasl import Authentication, refuse_without_tls, resolve_token
 
 #: A trust root, or the path of a PEM file of CA certificates.
 TrustRoot = IOpenSSLTrustRoot | str | os.PathLike[str]
@@ -323,8 +323,7 @@ def connect(
     """
     try:
         _check_connection(port, tls_mode, domain, tls, authentication, timeouts)
-        if tls_mode is TLSMode.NONE and authentication is not None:
-            raise UsageError("authentication is never sent without TLS")
+        refuse_without_tls(authentication, "tls_mode=NONE" if tls_mode is TLSMode.NONE else None)
         host = Host.parse(destination)
         ehlo = parse_domain(domain) if domain is not None else default_domain()
         trust_root = _trust_root(trust_root)

@@ -63,7 +63,7 @@ from txcolombe.codec.errors import (
     error_for_reply,
 )
 from txcolombe.codec.reply import Reply
-from txcolombe.codec.sasl import Authentication
+from txcolombe.codec.sasl import Authentication, refuse_without_tls
 from txcolombe.delivery.dns import (
     DEFAULT_DNS_TIMEOUT,
     default_resolver,
@@ -223,8 +223,9 @@ def deliver(
             raise UsageError("no recipients")
         check_body(body)
         policy = TLSPolicy.parse(tls_policy)
-        if authentication is not None and policy is TLSPolicy.NONE:
-            raise UsageError("authentication is never sent without TLS (tls_policy='none')")
+        refuse_without_tls(
+            authentication, "tls_policy='none'" if policy is TLSPolicy.NONE else None
+        )
         if max_concurrency < 1:
             raise UsageError("max_concurrency must be at least 1")
         if not 0 < port < 65536:

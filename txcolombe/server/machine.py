@@ -42,8 +42,6 @@ and smtpd_hard_error_limit).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import functools
 from collections import deque
@@ -54,6 +52,7 @@ from txcolombe.codec.address import Mailbox, parse_domain
 from txcolombe.codec.command import CommandSyntaxError, parse_command, parse_mail, parse_rcpt
 from txcolombe.codec.errors import InvalidAddress
 from txcolombe.codec.reply import Reply
+from txcolombe.codec.sasl import decode_base64
 
 #: RFC 5321 §4.5.3.1.4 says 512; SMTPUTF8 and parameters make lines longer.
 MAX_COMMAND_LINE = 2048
@@ -641,9 +640,9 @@ class ServerMachine:
 
     def _decode(self, text: str) -> str | None:
         try:
-            raw = b"" if text == "=" else base64.b64decode(text, validate=True)
+            raw = b"" if text == "=" else decode_base64(text)
             return raw.decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError, ValueError):
+        except ValueError:  # not base64 (decode_base64), or not UTF-8
             self.state = State.COMMAND
             self._error(_r(501, "5.5.2 Cannot decode response"))
             return None
