@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn, cast
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import CancelledError
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import (
@@ -43,6 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import provider
 
 from txcolombe.client.api import SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, sendmail, submit
+from txcolombe.client.connect import IOpenSSLTrustRoot
 from txcolombe.client.options import Timeouts
 from txcolombe.client.receipt import Receipt
 from txcolombe.codec.address import parse_domain, parse_recipient, parse_sender

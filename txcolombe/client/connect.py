@@ -14,7 +14,11 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
+# Twisted has no public name for the interface of a trust root: twisted.internet.ssl
+# exports what makes one (platformTrust, trustRootFromCertificates) but not
+# IOpenSSLTrustRoot itself. This is the package's one import of it; the other
+# modules take it from here.
+from twisted.internet._sslverify import IOpenSSLTrustRoot as IOpenSSLTrustRoot
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,

@@ -9,7 +9,6 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import (
     IAddress,
@@ -25,6 +24,7 @@ from txcolombe.client.body import Body, body_producer, check_body, known_length
 from txcolombe.client.connect import (
     Destination,
     Host,
+    IOpenSSLTrustRoot,
     connect_error,
     default_domain,
     endpoint_for,

@@ -29,7 +29,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -43,6 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txcolombe.client.body import Body, check_body
+from txcolombe.client.connect import IOpenSSLTrustRoot
 from txcolombe.client.machine import TLSMode
 from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.client.receipt import Receipt

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IResolver, IStreamClientEndpoint
@@ -46,6 +45,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
+from txcolombe.client.connect import IOpenSSLTrustRoot
 from txcolombe.codec.errors import MTASTSError, RoutingError
 from txcolombe.delivery.dns import DEFAULT_DNS_TIMEOUT, ResolvingEndpoint, lookup_txt
 

@@ -28,11 +28,11 @@ from service_identity.cryptography import (
     verify_certificate_hostname,
     verify_certificate_ip_address,
 )
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import CertificateOptions, platformTrust
 from zope.interface import implementer
 
+from txcolombe.client.connect import IOpenSSLTrustRoot
 from txcolombe.client.machine import TLSMode
 from txcolombe.codec.errors import UsageError
 
