@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn, cast
 
 from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import (
     FilteringLogObserver,
@@ -425,7 +426,7 @@ def start_logging(verbose: bool, *, out: IO[str] | None = None, indent: str = ""
 
 
 async def _send(
-    reactor: Any, args: argparse.Namespace, options: dict[str, Any], body: IO[bytes]
+    reactor: IReactorThreads, args: argparse.Namespace, options: dict[str, Any], body: IO[bytes]
 ) -> None:
     function = submit if args.mode == "submit" else sendmail
     sending = function(args.server, args.sender, args.recipients, body, reactor=reactor, **options)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import cast
 
 # Twisted has no public name for the interface of a trust root: twisted.internet.ssl
 # exports what makes one (platformTrust, trustRootFromCertificates) but not
@@ -35,6 +36,7 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IReactorTCP,
+    IReactorTime,
     IStreamClientEndpoint,
 )
 from twisted.internet.ssl import optionsForClientTLS
@@ -125,8 +127,10 @@ def wrap_tls(
     creator: IOpenSSLClientConnectionCreator, endpoint: IStreamClientEndpoint, reactor: object
 ) -> IStreamClientEndpoint:
     """``wrapClientTLS`` on our reactor (its ``clock`` keyword is recent)."""
+    # Every reactor keeps time; callers hold it by the interface they need most.
+    clock = cast(IReactorTime, reactor)
     try:
-        return wrapClientTLS(creator, endpoint, clock=reactor)  # type: ignore[arg-type]
+        return wrapClientTLS(creator, endpoint, clock=clock)
     except TypeError:
         return wrapClientTLS(creator, endpoint)
 

@@ -11,7 +11,7 @@ import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import SSL, crypto
 from twisted.application import service, strports
@@ -19,6 +19,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorThreads
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python import usage
@@ -200,7 +201,7 @@ class RelayService(service.MultiService):
         # A signal handler may interrupt the reactor anywhere: hand over.
         from twisted.internet import reactor
 
-        reactor.callFromThread(self._reload)  # type: ignore[attr-defined]
+        cast(IReactorThreads, reactor).callFromThread(self._reload)  # typed as a module
 
     def _reload(self) -> None:
         if self.reload is not None:
@@ -271,12 +272,13 @@ def build_transport(options: Any, hostname: str, reactor: Any) -> Transport:
     return MXTransport(reactor=reactor, domain=hostname, **mx)
 
 
-def _server_tls(options: Any) -> Any:
+def _server_tls(options: Any) -> IOpenSSLServerConnectionCreator | None:
     """The STARTTLS context of ``--tls-cert``/``--tls-key``, or None."""
     if not options["tls-cert"]:
         return None
     pem = Path(options["tls-cert"]).read_bytes() + b"\n" + Path(options["tls-key"]).read_bytes()
-    return ssl.PrivateCertificate.loadPEM(pem).options()  # type: ignore[no-untyped-call]
+    creator: IOpenSSLServerConnectionCreator = ssl.PrivateCertificate.loadPEM(pem).options()  # type: ignore[no-untyped-call]
+    return creator
 
 
 def server_config(
