@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import pytest
+import scramp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
@@ -25,9 +26,11 @@ from txcolombe.codec.sasl import (
     Mechanism,
     SASLClient,
     choose_mechanism,
+    decode_base64,
     decode_challenge,
     encode_initial,
     encode_response,
+    refuse_without_tls,
     resolve_token,
     saslprep,
 )
@@ -54,7 +57,7 @@ def scram_client(username: str = "user", password: str = "pencil", **options: An
 
 
 def server_first(
-    nonce: str = "rOprNGfwEbeRWgbNEkqO%srv", salt: str = "c2FsdA==", i: str = "4096"
+    nonce: str = "rOprNGfwEbeRWgbNEkqO%srv", salt: str = "W22ZaJ0SNY7soEsUEjb6gQ==", i: str = "4096"
 ) -> bytes:
     return f"r={nonce},s={salt},i={i}".encode()
 
@@ -352,6 +355,25 @@ def test_decode_invalid_challenge(text: str) -> None:
         decode_challenge(text)
     assert info.value.step is Step.AUTH
     assert info.value.temporary
+
+
+@pytest.mark.parametrize("text", ["abc", "VXNl cm5h", "é===", b"VXNl\ncm5h", "Zm9v\n"])
+def test_decode_base64_is_strict(text: str | bytes) -> None:
+    with pytest.raises(ValueError, match="not valid base64"):
+        decode_base64(text)
+
+
+def test_decode_base64() -> None:
+    assert decode_base64("Zm9vYmFy") == decode_base64(b"Zm9vYmFy") == b"foobar"
+    assert decode_base64("") == b""
+
+
+def test_credentials_are_refused_where_tls_is_ruled_out() -> None:
+    auth = Authentication("user", "secret")
+    with pytest.raises(UsageError, match=r"never sent without TLS \(tls_policy='none'\)"):
+        refuse_without_tls(auth, "tls_policy='none'")
+    refuse_without_tls(auth, None)
+    refuse_without_tls(None, "tls_policy='none'")
 
 
 def test_encode_initial_response() -> None:
@@ -694,28 +716,22 @@ def test_saslprep(text: str, prepared: str) -> None:
     ("text", "reason"),
     [
         ("\u0007", "control"),  # RFC 4013 §3 #6
-        ("\u0627\u0031", "right-to-left"),  # #7: bidi check
-        ("\u0627a\u0628", "mixed"),
-        ("a\u0627", "right-to-left"),
+        ("\u0627\u0031", "bidi"),  # #7: bidi check
+        ("\u0627a\u0628", "bidi"),  # right-to-left mixed with left-to-right
+        ("a\u0627", "bidi"),
         ("a\x7fb", "control"),
         ("\ue000", "private use"),
-        ("\ufdd0", "non-character"),
-        ("\ufffd", "plain text"),
+        ("\ufdd0", "non-char"),
+        ("\ufffd", "non-plaintext"),
         ("\u2ff0", "canonical"),
         ("\u200e", "display"),
-        ("\U000e0001", "tagging"),
+        ("\U000e0001", "tagged"),
         ("\U0001f600", "unassigned"),
     ],
 )
 def test_saslprep_prohibits(text: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         saslprep(text)
-
-
-def test_saslprep_unassigned_allowed_in_queries() -> None:
-    assert saslprep("a\U0001f600", allow_unassigned=True) == "a\U0001f600"
-    with pytest.raises(ValueError):
-        saslprep("a\u0007", allow_unassigned=True)
 
 
 # -- SCRAM-SHA-256 -----------------------------------------------------------------------------
@@ -762,12 +778,12 @@ def test_scram_wrong_server_signature(server_final: bytes) -> None:
 @pytest.mark.parametrize(
     ("server_final", "match"),
     [
-        (b"", "malformed"),
-        (b"x=1", "expected v="),
-        (b"r=abc", "expected v="),
-        (b"v=*not*base64*", "base64"),
+        (b"", "Malformed"),
+        (b"x=1", "Expected the attribute str to be one of \\['v\\*', 'e\\*'\\]"),
+        (b"r=abc", "Expected the attribute str"),
+        (b"v=*not*base64*", "base 64"),
         (b"\xff\xfe", "UTF-8"),
-        (b"junk", "malformed"),
+        (b"junk", "Malformed"),
     ],
 )
 def test_scram_malformed_server_final(server_final: bytes, match: str) -> None:
@@ -819,68 +835,84 @@ def test_scram_server_error_in_server_first() -> None:
 def test_scram_nonce_must_extend_the_clients(nonce: str) -> None:
     client = scram_client()
     client.initial()
-    with pytest.raises(InvalidChallenge, match="nonce"):
+    with pytest.raises(InvalidChallenge, match=r"(?i)nonce"):
         client.respond(server_first(nonce=nonce))
 
 
 def test_scram_nonce_characters() -> None:
     client = scram_client()
     client.initial()
-    with pytest.raises(InvalidChallenge, match="nonce"):
+    with pytest.raises(InvalidChallenge, match="Nonce contains invalid characters"):
         client.respond(server_first(nonce=RFC7677_NONCE + "a b"))
 
 
 @pytest.mark.parametrize(
-    ("count", "ok"),
+    ("count", "refusal"),
     [
-        ("4096", True),
-        ("4095", False),
-        ("1", False),
-        ("0", False),
-        ("04096", False),
-        ("-4096", False),
-        ("4096.0", False),
-        ("", False),
-        ("\u0664\u0660\u0669\u0666", False),  # Arabic-Indic digits
-        ("1000000", True),
-        ("1000001", False),
-        ("10000000000000000000000", False),
+        ("4096", None),
+        ("4095", "must not be < 4096"),
+        ("1", "must not be < 4096"),
+        ("0", "must not begin with a zero"),
+        ("04096", "must not begin with a zero"),
+        ("-4096", "only contain ASCII digits"),
+        ("4096.0", "only contain ASCII digits"),
+        ("", "must at least one character"),
+        ("\u0664\u0660\u0669\u0666", "only contain ASCII digits"),  # Arabic-Indic digits
+        ("1000000", None),
+        ("1000001", "iteration count 1000001 is above 1000000"),
+        ("10000000000000000000000", "must not be > "),
     ],
 )
-def test_scram_iteration_bounds(count: str, ok: bool) -> None:
+def test_scram_iteration_bounds(count: str, refusal: str | None) -> None:
     assert MIN_SCRAM_ITERATIONS == 4096
     assert MAX_SCRAM_ITERATIONS == 1_000_000
     client = scram_client()
     client.initial()
     challenge = server_first(i=count)
-    if ok:
+    if refusal is None:
         assert client.respond(challenge).startswith(b"c=biws,r=")
     else:
-        with pytest.raises(InvalidChallenge, match="iteration count"):
+        with pytest.raises(InvalidChallenge, match=refusal):
             client.respond(challenge)
 
 
 def test_scram_iteration_bounds_can_be_set() -> None:
-    client = scram_client(min_iterations=1, max_iterations=10)
+    client = scram_client(min_iterations=5000, max_iterations=6000)
     client.initial()
-    assert client.respond(server_first(i="2")).startswith(b"c=biws,")
-    strict = scram_client(min_iterations=10_000)
-    strict.initial()
-    with pytest.raises(InvalidChallenge, match="below 10000"):
-        strict.respond(server_first(i="4096"))
+    assert client.respond(server_first(i="5500")).startswith(b"c=biws,")
+    for count, match in (("4096", "below 5000"), ("6001", "above 6000")):
+        strict = scram_client(min_iterations=5000, max_iterations=6000)
+        strict.initial()
+        with pytest.raises(InvalidChallenge, match=match):
+            strict.respond(server_first(i=count))
+
+
+@pytest.mark.parametrize(("low", "high"), [(1, 10), (4095, 10_000), (5000, 4999)])
+def test_scram_iteration_bounds_below_the_floor_are_refused(low: int, high: int) -> None:
+    # scramp never accepts fewer than 4096 iterations, so neither can the bounds.
+    with pytest.raises(UsageError, match="iteration bounds"):
+        scram_client(min_iterations=low, max_iterations=high)
+
+
+def test_scram_short_salt_is_refused() -> None:
+    # scramp's rule: a salt under 12 octets gives too little protection.
+    client = scram_client()
+    client.initial()
+    with pytest.raises(InvalidChallenge, match="at least 12 bytes"):
+        client.respond(server_first(salt=base64.b64encode(b"salt").decode()))
 
 
 @pytest.mark.parametrize(
     ("message", "match"),
     [
-        (b"m=ext,r=rOprNGfwEbeRWgbNEkqOs,s=c2FsdA==,i=4096", "extension"),
-        (b"s=c2FsdA==,r=rOprNGfwEbeRWgbNEkqOs,i=4096", "expected r=, s= and i="),
-        (b"r=rOprNGfwEbeRWgbNEkqOs,s=c2FsdA==", "expected r=, s= and i="),
-        (b"r=rOprNGfwEbeRWgbNEkqOs,s=*,i=4096", "salt"),
-        (b"r=rOprNGfwEbeRWgbNEkqOs,s=,i=4096", "salt is empty"),
-        (b"r=rOprNGfwEbeRWgbNEkqOs,,s=c2FsdA==,i=4096", "malformed"),
-        (b"rOprNGfwEbeRWgbNEkqOs", "malformed"),
-        (b"", "malformed"),
+        (b"m=ext,r=rOprNGfwEbeRWgbNEkqOs,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096", "'m' attribute"),
+        (b"s=W22ZaJ0SNY7soEsUEjb6gQ==,r=rOprNGfwEbeRWgbNEkqOs,i=4096", "found 'sri'"),
+        (b"r=rOprNGfwEbeRWgbNEkqOs,s=W22ZaJ0SNY7soEsUEjb6gQ==", "found 'rs'"),
+        (b"r=rOprNGfwEbeRWgbNEkqOs,s=*,i=4096", "base 64"),
+        (b"r=rOprNGfwEbeRWgbNEkqOs,s=,i=4096", "must at least one character"),
+        (b"r=rOprNGfwEbeRWgbNEkqOs,,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096", "Malformed"),
+        (b"rOprNGfwEbeRWgbNEkqOs", "Malformed"),
+        (b"", "Malformed"),
         (b"\xc3", "UTF-8"),
     ],
 )
@@ -1037,7 +1069,7 @@ def test_scram_against_a_server_that_does_not_know_the_password() -> None:
         server.final(message)
         return b"v=" + base64.b64encode(b"\x42" * 32)
 
-    with pytest.raises(InvalidChallenge, match="signature is wrong"):
+    with pytest.raises(InvalidChallenge, match="server signature doesn't match"):
         smtp_exchange(scram_client(), [server.first, impostor])
 
 
@@ -1054,7 +1086,7 @@ ASCII_CREDENTIAL = st.text(
     password=ASCII_CREDENTIAL,
     nonce=st.text(st.sampled_from(string.ascii_letters + "+/=-_!~"), min_size=1, max_size=40),
     server_nonce=st.text(st.sampled_from(string.ascii_letters + ",+"), min_size=1, max_size=20),
-    salt=st.binary(min_size=1, max_size=32),
+    salt=st.binary(min_size=12, max_size=32),  # scramp's shortest
     iterations=st.integers(4096, 5000),
 )
 def test_scram_end_to_end_property(
@@ -1069,14 +1101,7 @@ def test_scram_end_to_end_property(
     assert server.authenticated == user
 
 
-# scramp (used by pg8000) as an independent peer.
-try:
-    import scramp
-    import scramp.utils
-except ImportError:  # pragma: no cover - a test dependency
-    scramp = None
-
-needs_scramp = pytest.mark.skipif(scramp is None, reason="scramp is not installed")
+# scramp's server as a peer (the client is scramp's too, but its server code is another path).
 
 
 def scramp_server(users: dict[str, str], iterations: int = 4096) -> Any:
@@ -1100,7 +1125,6 @@ def scramp_steps(server: Any) -> list[Callable[[bytes], bytes]]:
     return [first, final]
 
 
-@needs_scramp
 @pytest.mark.parametrize(
     ("user", "password"),
     [
@@ -1112,46 +1136,19 @@ def scramp_steps(server: Any) -> list[Callable[[bytes], bytes]]:
     ],
 )
 def test_scram_against_scramp(user: str, password: str) -> None:
-    prepared_user = saslprep(user, allow_unassigned=True)
+    prepared_user = saslprep(user)
     server = scramp_server({prepared_user: password})  # scramp unescapes n=
     client = SASLClient(Authentication(user, password, SCRAM))
     assert smtp_exchange(client, scramp_steps(server)) == ("235", None)
 
 
-@needs_scramp
 def test_scram_wrong_password_against_scramp() -> None:
     server = scramp_server({"user": "pencil"})
     client = SASLClient(Authentication("user", "pen", SCRAM))
     assert smtp_exchange(client, scramp_steps(server)) == ("535", "invalid-proof")
 
 
-@needs_scramp
 def test_scram_against_scramp_with_many_iterations() -> None:
     server = scramp_server({"user": "pencil"}, iterations=100_000)
     client = SASLClient(Authentication("user", "pencil", SCRAM))
     assert smtp_exchange(client, scramp_steps(server)) == ("235", None)
-
-
-@needs_scramp
-def test_scramp_client_agrees_on_the_rfc_vector() -> None:
-    # The reference client gives the RFC's messages too, and accepts its signature.
-    peer = scramp.ScramClient(["SCRAM-SHA-256"], "user", "pencil", c_nonce=RFC7677_NONCE)
-    assert peer.get_client_first().encode() == RFC7677_CLIENT_FIRST
-    peer.set_server_first(RFC7677_SERVER_FIRST.decode())
-    assert peer.get_client_final().encode() == RFC7677_CLIENT_FINAL
-    peer.set_server_final(RFC7677_SERVER_FINAL.decode())
-
-
-@needs_scramp
-@settings(max_examples=300, deadline=None)
-@given(st.text(max_size=12))
-def test_saslprep_agrees_with_scramp(text: str) -> None:
-    try:
-        theirs: str | None = scramp.utils.saslprep(text)
-    except scramp.ScramException:
-        theirs = None
-    try:
-        ours: str | None = saslprep(text)
-    except ValueError:
-        ours = None
-    assert ours == theirs

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from tests.helpers import fired
 from txcolombe.client.body import (
     CHUNK,
     IterableProducer,
@@ -107,19 +108,12 @@ def ticker() -> Ticker:
     return Ticker()
 
 
-def outcome(d: Deferred[Any]) -> list[Any]:
-    """What ``d`` fired with so far (empty if nothing): a result or a Failure."""
-    box: list[Any] = []
-    d.addBoth(box.append)
-    return box
-
-
 def produce(producer: IBodyProducer, ticker: Ticker | None = None) -> Collector:
     consumer = Collector()
     done = producer.startProducing(consumer)
     if ticker is not None:
         ticker.run()
-    [result] = outcome(done)
+    [result] = fired(done)
     if isinstance(result, Failure):
         result.raiseException()
     assert result is None
@@ -216,14 +210,14 @@ def test_generator_is_pulled_one_chunk_per_step(ticker: Ticker) -> None:
     assert pulled == [0] and consumer.chunks == [b"line 0\r\n"]
     ticker.run()
     assert consumer.data == b"line 0\r\nline 1\r\nline 2\r\n"
-    assert outcome(done) == [None]
+    assert fired(done) == [None]
 
 
 def test_a_chunk_that_is_not_bytes_fails_the_body(ticker: Ticker) -> None:
     producer = body_producer([b"ok\r\n", "text"], cooperator=ticker.cooperator)  # type: ignore[list-item]
     done = producer.startProducing(Collector())
     ticker.run()
-    [failure] = outcome(done)
+    [failure] = fired(done)
     assert failure.check(TypeError) and "str" in str(failure.value)
 
 
@@ -240,7 +234,7 @@ def test_iterable_producer_pause_resume(ticker: Ticker) -> None:
     producer.resumeProducing()
     ticker.run()
     assert consumer.chunks == [b"a", b"b", b"c"]
-    assert outcome(done) == [None]
+    assert fired(done) == [None]
     producer.pauseProducing()  # late calls after the end are harmless
     producer.stopProducing()
 
@@ -282,8 +276,7 @@ def test_iterable_producer_stop_never_fires_the_deferred(ticker: Ticker) -> None
     done = producer.startProducing(Collector())
     producer.stopProducing()
     ticker.run()
-    fired = outcome(done)
-    assert fired == []
+    assert fired(done) == []
 
 
 # -- asynchronous sources ---------------------------------------------------------------------
@@ -301,10 +294,10 @@ def test_async_generator() -> None:
     assert isinstance(producer, PullProducer) and known_length(producer) is None
     consumer = Collector()
     done = producer.startProducing(consumer)
-    assert consumer.chunks == [b"first\r\n"] and outcome(done) == []
+    assert consumer.chunks == [b"first\r\n"] and fired(done) == []
     gate.callback(None)
     assert consumer.chunks == [b"first\r\n", b"second\r\n"]
-    assert outcome(done) == [None]
+    assert fired(done) == [None]
 
 
 def test_pull_stream_of_deferreds() -> None:
@@ -322,7 +315,7 @@ def test_pull_stream_of_deferreds() -> None:
     waiting[0].callback(b"one\r\n")
     assert consumer.chunks == [b"one\r\n"] and len(waiting) == 2
     waiting[1].callback(None)
-    assert outcome(done) == [None] and len(waiting) == 2
+    assert fired(done) == [None] and len(waiting) == 2
 
 
 def test_pull_stream_of_seed_tuples_and_plain_values() -> None:
@@ -352,7 +345,7 @@ def test_pull_stream_failure_fails_the_body() -> None:
     def broken() -> bytes:
         raise OSError("unreadable")
 
-    [failure] = outcome(body_producer(broken).startProducing(Collector()))
+    [failure] = fired(body_producer(broken).startProducing(Collector()))
     assert failure.check(OSError)
 
 
@@ -412,7 +405,7 @@ def test_pull_producer_stop_never_fires_the_deferred() -> None:
     done = producer.startProducing(Collector())
     producer.stopProducing()
     waiting[0].callback(b"late")
-    assert outcome(done) == []
+    assert fired(done) == []
 
 
 # -- messages ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.ssl import Certificate
 
+from tests.helpers import result_of as result
 from txcolombe import (
     DSN,
     ConnectionFailed,
@@ -51,15 +52,6 @@ def send(fake: MemorySMTP, pool: Pool, rcpt: str = "b@example.org") -> Deferred[
         tls_mode=TLSMode.NONE,
         endpoint=endpoint,
     )
-
-
-def result(d: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], BaseException) or hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 def test_second_message_reuses_the_connection_with_a_pipelined_rset() -> None:

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IProtocolFactory, IStreamClientEndpoint
-from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 import txcolombe
 from tests.conftest import TRICKY_BODIES, on_the_wire
+from tests.helpers import failure_of, result_of
 from txcolombe import (
     Authentication,
     ConnectionLost,
@@ -73,24 +73,6 @@ def network() -> Iterator[Callable[..., MemorySMTP]]:
 @pytest.fixture
 def fake(network: Callable[..., MemorySMTP]) -> MemorySMTP:
     return network()
-
-
-def result_of(d: Deferred[Any]) -> Any:
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
-
-
-def failure_of(d: Deferred[Any], kind: type[BaseException]) -> Any:
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    assert isinstance(box[0], Failure), f"no failure: {box[0]!r}"
-    assert box[0].check(kind), box[0]
-    return box[0].value
 
 
 def body(fake: MemorySMTP, data: bytes = MESSAGE) -> IBodyProducer:

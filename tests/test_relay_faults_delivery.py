@@ -163,7 +163,7 @@ def test_wrong_smarthost_password_keeps_every_message(tmp_path: Path, logged: li
     assert stats["deferred_local"] == stats["deferred"] == 6
     assert stats["deferred_local_auth"] == 6
     assert (
-        'smtprelay_deferred_local_by_reason_total{reason="auth"} 6'
+        'smtprelay_deferred_local_by_reason_total{reason="auth"} 6.0'
         in prometheus_text(queue).decode()
     )
     (item,) = [i for i in queue.list() if i["id"] == ids[0]]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import txcolombe
+from tests.helpers import result_of
 from txcolombe.codec.errors import StorageExceeded
 from txcolombe.codec.reply import Reply, ReplyParser
 from txcolombe.codec.step import Step
@@ -36,16 +37,6 @@ from txcolombe.testing import (
 )
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-def result_of(d: Deferred[Any]) -> Any:
-    """The result ``d`` fired with, or raise its failure; fail if it has not fired."""
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
 
 
 class RawClient(Protocol):

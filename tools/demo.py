@@ -65,7 +65,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # noqa: E402
 from twisted.internet.ssl import Certificate  # noqa: E402
 from twisted.internet.task import deferLater, react  # noqa: E402
 from twisted.internet.threads import deferToThread  # noqa: E402
@@ -74,6 +73,7 @@ import txcolombe  # noqa: E402
 from tools.peers.aiosmtpd_peer import AiosmtpdPeer, Received, free_port  # noqa: E402
 from tools.peers.relay_process import RelayProcess, port_open, wait_for  # noqa: E402
 from txcolombe.cli import describe_error, start_logging  # noqa: E402
+from txcolombe.client.connect import IOpenSSLTrustRoot  # noqa: E402
 
 USER, PASSWORD = "alice", "s3cret"
 #: The relay's own AUTH user, hashed into its users file by the password tool.

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn, cast
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import (
     FilteringLogObserver,
@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import provider
 
 from txcolombe.client.api import SMTP_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, sendmail, submit
+from txcolombe.client.connect import IOpenSSLTrustRoot
 from txcolombe.client.options import Timeouts
 from txcolombe.client.receipt import Receipt
 from txcolombe.codec.address import parse_domain, parse_recipient, parse_sender
@@ -433,14 +434,15 @@ def start_logging(verbose: bool, *, out: IO[str] | None = None, indent: str = ""
 
 
 async def _send(
-    reactor: Any, args: argparse.Namespace, options: dict[str, Any], body: IO[bytes]
+    reactor: IReactorThreads, args: argparse.Namespace, options: dict[str, Any], body: IO[bytes]
 ) -> None:
     function = submit if args.mode == "submit" else sendmail
     display = None
     if args.progress:
         counting = CountingFile(body)
         body = cast(IO[bytes], counting)
-        display = ProgressDisplay(counting, sys.stderr, reactor, terminal=sys.stderr.isatty())
+        clock = cast(IReactorTime, reactor)  # react() gives the whole reactor
+        display = ProgressDisplay(counting, sys.stderr, clock, terminal=sys.stderr.isatty())
         display.start()
     sending = function(args.server, args.sender, args.recipients, body, reactor=reactor, **options)
     interrupted = False

@@ -13,8 +13,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import cast
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
+# Twisted has no public name for the interface of a trust root: twisted.internet.ssl
+# exports what makes one (platformTrust, trustRootFromCertificates) but not
+# IOpenSSLTrustRoot itself. This is the package's one import of it; the other
+# modules take it from here.
+from twisted.internet._sslverify import IOpenSSLTrustRoot as IOpenSSLTrustRoot
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -31,6 +36,7 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IReactorTCP,
+    IReactorTime,
     IStreamClientEndpoint,
 )
 from twisted.internet.ssl import optionsForClientTLS
@@ -121,8 +127,10 @@ def wrap_tls(
     creator: IOpenSSLClientConnectionCreator, endpoint: IStreamClientEndpoint, reactor: object
 ) -> IStreamClientEndpoint:
     """``wrapClientTLS`` on our reactor (its ``clock`` keyword is recent)."""
+    # Every reactor keeps time; callers hold it by the interface they need most.
+    clock = cast(IReactorTime, reactor)
     try:
-        return wrapClientTLS(creator, endpoint, clock=reactor)  # type: ignore[arg-type]
+        return wrapClientTLS(creator, endpoint, clock=clock)
     except TypeError:
         return wrapClientTLS(creator, endpoint)
 

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import (
     IAddress,
@@ -25,6 +24,7 @@ from txcolombe.client.body import Body, check_body, known_length
 from txcolombe.client.connect import (
     Destination,
     Host,
+    IOpenSSLTrustRoot,
     connect_error,
     default_domain,
     endpoint_for,
@@ -54,7 +54,7 @@ from txcolombe.codec.errors import (
     UsageError,
 )
 from txcolombe.codec.extensions import Extensions
-from txcolombe.codec.sasl import Authentication, resolve_token
+from txcolombe.codec.sasl import Authentication, refuse_without_tls, resolve_token
 
 __all__ = ["Session", "TrustRoot", "check_message", "connect", "open_session"]
 
@@ -346,8 +346,7 @@ def open_session(
     port, tls_mode, authentication = options.port, options.tls_mode, options.authentication
     try:
         options.check()
-        if tls_mode is TLSMode.NONE and authentication is not None:
-            raise UsageError("authentication is never sent without TLS")
+        refuse_without_tls(authentication, "tls_mode=NONE" if tls_mode is TLSMode.NONE else None)
         host = Host.parse(destination)
         ehlo = parse_domain(options.domain) if options.domain is not None else default_domain()
         trust_root = _trust_root(options.trust_root)

@@ -7,26 +7,27 @@ gives the AUTH line (with the initial response when it fits),
 when :class:`Authentication` is made, never sent on a line with CR, LF or NUL.
 
 Mechanisms: SCRAM-SHA-256 (RFC 5802, RFC 7677; the server's signature is
-verified), PLAIN (RFC 4616), LOGIN, CRAM-MD5 (RFC 2195; only when named),
-XOAUTH2 and OAUTHBEARER (RFC 7628) with a bearer token. With no mechanism
-named, :func:`choose_mechanism` takes the strongest the server offers.
+verified; the messages, keys and SASLprep are :mod:`scramp`'s), PLAIN
+(RFC 4616), LOGIN, CRAM-MD5 (RFC 2195; only when named), XOAUTH2 and
+OAUTHBEARER (RFC 7628) with a bearer token. With no mechanism named,
+:func:`choose_mechanism` takes the strongest the server offers.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import enum
 import hashlib
 import hmac
 import inspect
 import secrets
-import stringprep
-import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Any, TypeAlias
+
+import scramp
+import scramp.utils
 
 from txcolombe.codec.errors import InvalidChallenge, InvalidCredentials, Step, UsageError
 
@@ -39,9 +40,11 @@ __all__ = [
     "SASLClient",
     "TokenProvider",
     "choose_mechanism",
+    "decode_base64",
     "decode_challenge",
     "encode_initial",
     "encode_response",
+    "refuse_without_tls",
     "resolve_token",
     "saslprep",
 ]
@@ -51,7 +54,8 @@ __all__ = [
 TokenProvider: TypeAlias = Callable[[], str | Awaitable[str]]
 
 #: RFC 7677 §4: a server's iteration count SHOULD be at least 4096; fewer
-#: would make a proof captured by an impostor cheap to attack offline.
+#: would make a proof captured by an impostor cheap to attack offline
+#: (:mod:`scramp` refuses fewer in any case).
 MIN_SCRAM_ITERATIONS = 4096
 #: Above this the key derivation would block for too long (about 0.3 s per
 #: million iterations): a server asking for more is refused.
@@ -164,6 +168,19 @@ def _check_token(token: str) -> None:
         raise InvalidCredentials("the token holds a character other than visible ASCII")
 
 
+def refuse_without_tls(authentication: Authentication | None, tls_ruled_out_by: str | None) -> None:
+    """The one rule that credentials are never sent without TLS, checked up front.
+
+    :param tls_ruled_out_by: the caller's setting that rules TLS out, named in
+        the error (e.g. ``"tls_policy='none'"``); None when TLS may be used.
+        (The client machine still refuses AUTH on a connection that did not
+        get TLS, whatever the settings.)
+    :raises UsageError: credentials given with TLS ruled out.
+    """
+    if authentication is not None and tls_ruled_out_by is not None:
+        raise UsageError(f"authentication is never sent without TLS ({tls_ruled_out_by})")
+
+
 async def resolve_token(authentication: Authentication) -> Authentication:
     """The same credentials with the token as a str, calling the provider once.
 
@@ -203,7 +220,7 @@ def choose_mechanism(authentication: Authentication, offered: frozenset[str]) ->
     for mechanism in preference:
         if mechanism.value not in names:
             continue
-        if mechanism is Mechanism.SCRAM_SHA_256 and _scram_credentials(authentication) is None:
+        if mechanism is Mechanism.SCRAM_SHA_256 and not _scram_credentials(authentication):
             continue
         return mechanism
     return None
@@ -212,14 +229,25 @@ def choose_mechanism(authentication: Authentication, offered: frozenset[str]) ->
 # -- line encoding (RFC 4954 §4) ------------------------------------------------
 
 
+def decode_base64(text: str | bytes) -> bytes:
+    """Strict base64 (RFC 4648 alphabet, padding checked), the one decoder of SASL lines.
+
+    :raises ValueError: not base64, or not ASCII.
+    """
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as error:  # binascii.Error, or a str that is not ASCII
+        raise ValueError(f"not valid base64: {error}") from None
+
+
 def decode_challenge(text: str) -> bytes:
     """The bytes of a 334 challenge.
 
     :raises InvalidChallenge: not base64.
     """
     try:
-        return base64.b64decode(text.strip().encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
+        return decode_base64(text.strip())
+    except ValueError:
         raise InvalidChallenge(
             f"the server's challenge is not valid base64: {text[:40]!r}", step=Step.AUTH
         ) from None
@@ -237,76 +265,48 @@ def encode_response(data: bytes) -> str:
 
 # -- SASLprep (RFC 4013) ---------------------------------------------------------
 
-_PROHIBITED = (
-    (stringprep.in_table_c12, "a non-ASCII space"),
-    (stringprep.in_table_c21_c22, "a control character"),
-    (stringprep.in_table_c3, "a private use character"),
-    (stringprep.in_table_c4, "a non-character code point"),
-    (stringprep.in_table_c5, "a surrogate code point"),
-    (stringprep.in_table_c6, "a character inappropriate for plain text"),
-    (stringprep.in_table_c7, "a character inappropriate for canonical representation"),
-    (stringprep.in_table_c8, "a display-changing or deprecated character"),
-    (stringprep.in_table_c9, "a tagging character"),
-)
 
+def saslprep(text: str) -> str:
+    """*text* prepared with SASLprep (RFC 4013), by :mod:`scramp`.
 
-def saslprep(text: str, *, allow_unassigned: bool = False) -> str:
-    """*text* prepared with SASLprep (RFC 4013).
+    Maps non-ASCII spaces to SPACE, drops characters "commonly mapped to
+    nothing", normalises to NFKC (Unicode 3.2) and refuses prohibited,
+    unassigned and malformed bidirectional text (the profile of a stored
+    string, which scramp applies to the username as well).
 
-    Maps non-ASCII spaces to SPACE and drops characters "commonly mapped to
-    nothing", normalises to NFKC (Unicode 3.2, as stringprep requires),
-    refuses prohibited characters and malformed bidirectional text (RFC 3454
-    §6). Unassigned code points are refused unless *allow_unassigned* (a
-    "query", RFC 3454 §7; a password is a "stored string").
-
-    :raises ValueError: text that SASLprep prohibits, with the reason.
+    :raises ValueError: text that SASLprep prohibits, with scramp's reason.
     """
-    mapped = "".join(
-        " " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c)
-    )
-    prepared = unicodedata.ucd_3_2_0.normalize("NFKC", mapped)
-    for c in prepared:
-        for table, what in _PROHIBITED:
-            if table(c):
-                raise ValueError(f"{what} (U+{ord(c):04X}) is prohibited")
-        if not allow_unassigned and stringprep.in_table_a1(c):
-            raise ValueError(f"the unassigned code point U+{ord(c):04X} is prohibited")
-    if any(stringprep.in_table_d1(c) for c in prepared):
-        if any(stringprep.in_table_d2(c) for c in prepared):
-            raise ValueError("right-to-left text mixed with left-to-right characters")
-        if not (stringprep.in_table_d1(prepared[0]) and stringprep.in_table_d1(prepared[-1])):
-            raise ValueError("right-to-left text must begin and end with a right-to-left character")
+    try:
+        prepared: str = scramp.utils.saslprep(text)
+    except scramp.ScramException as error:
+        raise ValueError(error.args[0]) from None
     return prepared
 
 
-def _scram_credentials(
-    authentication: Authentication, *, strict: bool = False
-) -> tuple[str, str] | None:
-    """The SASLprep'd username (a query) and password (a stored string), or None.
+def _scram_credentials(authentication: Authentication, *, strict: bool = False) -> bool:
+    """Whether SASLprep accepts the username and password for SCRAM.
 
     :raises InvalidCredentials: with *strict*, what SASLprep refuses and why.
     """
+
+    def refuse(message: str) -> bool:
+        if strict:
+            raise InvalidCredentials(message)
+        return False
+
     if authentication.password is None:
-        if strict:
-            raise InvalidCredentials("SCRAM-SHA-256 needs a password")
-        return None
+        return refuse("SCRAM-SHA-256 needs a password")
     try:
-        username = saslprep(authentication.username, allow_unassigned=True)
+        username = saslprep(authentication.username)
     except ValueError as error:
-        if strict:
-            raise InvalidCredentials(f"the username is not valid for SCRAM: {error}") from None
-        return None
+        return refuse(f"the username is not valid for SCRAM: {error}")
     if not username:
-        if strict:
-            raise InvalidCredentials("the username is empty after SASLprep")
-        return None
+        return refuse("the username is empty after SASLprep")
     try:
-        password = saslprep(authentication.password)
+        saslprep(authentication.password)
     except ValueError as error:
-        if strict:
-            raise InvalidCredentials(f"the password is not valid for SCRAM: {error}") from None
-        return None
-    return username, password
+        return refuse(f"the password is not valid for SCRAM: {error}")
+    return True
 
 
 def _saslname(name: str) -> str:
@@ -382,17 +382,26 @@ class SASLClient:
         self._host = host
         self._port = port
         if mechanism is Mechanism.SCRAM_SHA_256:
-            credentials = _scram_credentials(authentication, strict=True)
-            assert credentials is not None
-            self._scram_user, self._scram_password = credentials
+            _scram_credentials(authentication, strict=True)
+            if not MIN_SCRAM_ITERATIONS <= min_iterations <= max_iterations:
+                raise UsageError(
+                    f"SCRAM iteration bounds must satisfy {MIN_SCRAM_ITERATIONS} <= "
+                    f"min_iterations <= max_iterations, not {min_iterations}, {max_iterations}"
+                )
             nonce = secrets.token_urlsafe(24) if client_nonce is None else client_nonce
-            if not nonce or not all("\x21" <= c <= "\x7e" and c != "," for c in nonce):
-                raise UsageError("a SCRAM nonce is visible ASCII without commas")
-            self._client_nonce = nonce
+            try:
+                # scramp prepares the credentials (SASLprep) and escapes the username.
+                self._scram: Any = scramp.ScramClient(
+                    ["SCRAM-SHA-256"],
+                    authentication.username,
+                    authentication.password,
+                    c_nonce=nonce,
+                )
+            except scramp.ScramException:
+                raise UsageError("a SCRAM nonce is visible ASCII without commas") from None
             self._min_iterations = min_iterations
             self._max_iterations = max_iterations
-            self._client_first_bare = f"n={_saslname(self._scram_user)},r={nonce}"
-            self._server_signature = b""
+            self._scram_first: bytes = self._scram.get_client_first().encode("utf-8")
 
     # -- what the machine calls -------------------------------------------------
 
@@ -506,7 +515,7 @@ class SASLClient:
         if mechanism is Mechanism.PLAIN:
             first = b"\x00" + self._user + b"\x00" + self._password
         elif mechanism is Mechanism.SCRAM_SHA_256:
-            first = b"n,," + self._client_first_bare.encode("utf-8")
+            first = self._scram_first
         elif mechanism is Mechanism.XOAUTH2:
             first = b"user=%s\x01auth=Bearer %s\x01\x01" % (self._user, self._token.encode())
         elif mechanism is Mechanism.OAUTHBEARER:
@@ -545,38 +554,30 @@ class SASLClient:
             text = challenge.decode("utf-8")
         except UnicodeDecodeError:
             raise _challenge_error("a SCRAM challenge that is not UTF-8") from None
-        if self._steps == 1:
-            return self._scram_client_final(text)
-        return self._scram_verify(text)
-
-    def _scram_client_final(self, server_first: str) -> bytes:
-        attributes = _scram_attributes(server_first)
-        keys = [key for key, _ in attributes]
-        if keys and keys[0] == "e":
-            self.server_error = attributes[0][1]
+        if text.startswith("e="):
+            # The server refused (its server-first or server-final is an
+            # error): acknowledge so that it sends its 535, and keep its reason.
+            self.server_error = text[2:].partition(",")[0]
             self._done = True
             return b""
-        if keys and keys[0] == "m":
-            raise _challenge_error("the server requires a SCRAM extension txcolombe lacks (m=)")
-        if keys[:3] != ["r", "s", "i"]:
-            raise _challenge_error(
-                f"malformed SCRAM server-first message {server_first[:80]!r}: "
-                "expected r=, s= and i="
-            )
-        nonce, salt_text, count_text = (value for _, value in attributes[:3])
-        if not nonce.startswith(self._client_nonce) or len(nonce) == len(self._client_nonce):
-            raise _challenge_error("the server's SCRAM nonce does not extend the client's")
-        if not all("\x21" <= c <= "\x7e" and c != "," for c in nonce):
-            raise _challenge_error("the server's SCRAM nonce holds invalid characters")
+        which = "server-first" if self._steps == 1 else "server-final"
         try:
-            salt = base64.b64decode(salt_text.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError):
-            raise _challenge_error("the SCRAM salt is not valid base64") from None
-        if not salt:
-            raise _challenge_error("the SCRAM salt is empty")
-        if not (count_text.isascii() and count_text.isdigit()) or count_text.startswith("0"):
-            raise _challenge_error(f"invalid SCRAM iteration count {count_text[:20]!r}")
-        iterations = int(count_text)
+            if self._steps == 1:
+                self._scram.set_server_first(text)
+                self._check_iterations(int(self._scram.iterations))
+                final: str = self._scram.get_client_final()
+                return final.encode("utf-8")
+            self._scram.set_server_final(text)
+        except scramp.ScramException as error:
+            raise _challenge_error(
+                f"the SCRAM {which} message is refused: {error.args[0]} {text[:80]!r}"
+            ) from None
+        self._verified = True
+        self._done = True
+        return b""
+
+    def _check_iterations(self, iterations: int) -> None:
+        """Our bounds, checked before the (costly) key derivation."""
         if iterations < self._min_iterations:
             raise _challenge_error(
                 f"the server's SCRAM iteration count {iterations} is below "
@@ -586,61 +587,3 @@ class SASLClient:
             raise _challenge_error(
                 f"the server's SCRAM iteration count {iterations} is above {self._max_iterations}"
             )
-        salted = hashlib.pbkdf2_hmac(
-            "sha256", self._scram_password.encode("utf-8"), salt, iterations
-        )
-        client_key = _hmac(salted, b"Client Key")
-        stored_key = hashlib.sha256(client_key).digest()
-        # c= is base64 of the GS2 header "n,,": no channel binding.
-        without_proof = f"c=biws,r={nonce}"
-        auth_message = ",".join((self._client_first_bare, server_first, without_proof)).encode(
-            "utf-8"
-        )
-        signature = _hmac(stored_key, auth_message)
-        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
-        self._server_signature = _hmac(_hmac(salted, b"Server Key"), auth_message)
-        return f"{without_proof},p={base64.b64encode(proof).decode('ascii')}".encode("ascii")
-
-    def _scram_verify(self, server_final: str) -> bytes:
-        attributes = _scram_attributes(server_final)
-        key, value = attributes[0]
-        if key == "e":
-            # The server refused; acknowledge so that it sends its 535.
-            self.server_error = value
-            self._done = True
-            return b""
-        if key != "v":
-            raise _challenge_error(
-                f"malformed SCRAM server-final message {server_final[:80]!r}: "
-                "expected v= (the server's signature)"
-            )
-        try:
-            signature = base64.b64decode(value.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError):
-            raise _challenge_error("the SCRAM server signature is not valid base64") from None
-        if not hmac.compare_digest(signature, self._server_signature):
-            raise _challenge_error(
-                "the server's SCRAM signature is wrong: it does not know the password "
-                "(or is not the server it claims to be)"
-            )
-        self._verified = True
-        self._done = True
-        return b""
-
-
-def _hmac(key: bytes, message: bytes) -> bytes:
-    return hmac.new(key, message, hashlib.sha256).digest()
-
-
-def _scram_attributes(message: str) -> list[tuple[str, str]]:
-    """The ``a=value`` pairs of a SCRAM message, in order.
-
-    :raises InvalidChallenge: a part that is not a one-letter attribute.
-    """
-    pairs: list[tuple[str, str]] = []
-    for part in message.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or len(key) != 1 or not key.isascii() or not key.isalpha():
-            raise _challenge_error(f"malformed SCRAM message {message[:80]!r}")
-        pairs.append((key, value))
-    return pairs

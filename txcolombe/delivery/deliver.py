@@ -30,7 +30,6 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -43,7 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txcolombe.client.body import Body, check_body
-from txcolombe.client.connect import Host, connect_error
+from txcolombe.client.connect import Host, IOpenSSLTrustRoot, connect_error
 from txcolombe.client.machine import TLSMode
 from txcolombe.client.options import DEFAULT_TIMEOUTS, MessageOptions, Timeouts
 from txcolombe.client.receipt import Receipt
@@ -68,7 +67,7 @@ from txcolombe.codec.errors import (
     error_for_reply,
 )
 from txcolombe.codec.reply import Reply
-from txcolombe.codec.sasl import Authentication
+from txcolombe.codec.sasl import Authentication, refuse_without_tls
 from txcolombe.delivery.deliverer import Deliverer, Idle, default_deliverer
 from txcolombe.delivery.dns import (
     DEFAULT_DNS_TIMEOUT,
@@ -246,8 +245,9 @@ def deliver(
             raise UsageError("no recipients")
         check_body(body)
         policy = TLSPolicy.parse(tls_policy)
-        if authentication is not None and policy is TLSPolicy.NONE:
-            raise UsageError("authentication is never sent without TLS (tls_policy='none')")
+        refuse_without_tls(
+            authentication, "tls_policy='none'" if policy is TLSPolicy.NONE else None
+        )
         if max_concurrency < 1:
             raise UsageError("max_concurrency must be at least 1")
         if not 0 < port < 65536:

@@ -34,18 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import wrapClientTLS
-from twisted.internet.interfaces import IResolver, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IResolver, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
+from txcolombe.client.connect import IOpenSSLTrustRoot
 from txcolombe.codec.errors import MTASTSError, RoutingError
 from txcolombe.delivery.dns import DEFAULT_DNS_TIMEOUT, ResolvingEndpoint, lookup_txt
 
@@ -282,7 +282,7 @@ class _PolicyEndpoints:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         resolver: IResolver,
         trust_root: IOpenSSLTrustRoot | None,
         timeout: float,
@@ -294,7 +294,7 @@ class _PolicyEndpoints:
         self._timeout = timeout
         self._dns_timeout = dns_timeout
 
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
         tcp = ResolvingEndpoint(
             self._reactor,
@@ -310,7 +310,7 @@ class _PolicyEndpoints:
 def fetch_policy(
     domain: str,
     *,
-    reactor: Any,
+    reactor: IReactorTime,
     resolver: IResolver,
     trust_root: IOpenSSLTrustRoot | None = None,
     timeout: float = DEFAULT_FETCH_TIMEOUT,
@@ -326,6 +326,8 @@ def fetch_policy(
     ``timeout`` seconds, counts. Redirects are refused (RFC 8461 §3.3).
     ``port`` exists for tests.
 
+    :param reactor: a whole reactor: it connects (IReactorTCP) as well as it
+        keeps time; typed as IReactorTime, the part called here directly.
     :returns: a Deferred failing with :class:`~txcolombe.codec.errors.MTASTSError`.
     """
     fetched: Deferred[Policy] = Deferred.fromCoroutine(
@@ -345,7 +347,7 @@ def fetch_policy(
 
 async def _fetch(
     domain: str,
-    reactor: Any,
+    reactor: IReactorTime,
     resolver: IResolver,
     trust_root: IOpenSSLTrustRoot | None,
     timeout: float,
@@ -370,19 +372,16 @@ async def _fetch(
     except Exception as error:
         raise MTASTSError(f"cannot fetch {url}: {_describe(error)}") from error
     if response.code != 200:
-        with contextlib.suppress(Exception):
-            response.deliverBody(_Discard())  # type: ignore[no-untyped-call]
+        _discard(response)
         what = "a redirect" if 300 <= response.code < 400 else "an error"
         raise MTASTSError(f"{url} answered {response.code} ({what}); policy ignored")
     content_type = (response.headers.getRawHeaders("content-type") or [""])[-1]
     if content_type.split(";")[0].strip().lower() != "text/plain":
-        with contextlib.suppress(Exception):
-            response.deliverBody(_Discard())  # type: ignore[no-untyped-call]
+        _discard(response)
         raise MTASTSError(f"{url} is {content_type or 'untyped'}, not text/plain")
     length = response.length
     if isinstance(length, int) and length > max_size:
-        with contextlib.suppress(Exception):
-            response.deliverBody(_Discard())  # type: ignore[no-untyped-call]
+        _discard(response)
         raise MTASTSError(f"{url} is {length} octets, over the {max_size}-octet cap")
     chunks: list[bytes] = []
     size = 0
@@ -401,6 +400,12 @@ async def _fetch(
     except Exception as error:
         raise MTASTSError(f"reading {url} failed: {_describe(error)}") from error
     return parse_policy(b"".join(chunks))
+
+
+def _discard(response: IResponse) -> None:
+    """Refuse a response: take its body only to drop the connection at once."""
+    with contextlib.suppress(Exception):
+        response.deliverBody(_Discard())  # type: ignore[no-untyped-call]  # IResponse is unannotated
 
 
 class _Discard(Protocol):
@@ -443,7 +448,7 @@ class MTASTS:
         trust_root: IOpenSSLTrustRoot | None = None,
         timeout: float = DEFAULT_FETCH_TIMEOUT,
         max_size: int = MAX_POLICY_SIZE,
-        clock: Any = None,
+        clock: IReactorTime | None = None,
         https_port: int = 443,
         retry_after: float = 300.0,
         max_retry_after: float = 86400.0,
@@ -467,7 +472,7 @@ class MTASTS:
         domain: str,
         *,
         resolver: IResolver,
-        reactor: Any,
+        reactor: IReactorTime,
         trust_root: IOpenSSLTrustRoot | None = None,
         dns_timeout: Sequence[float] = DEFAULT_DNS_TIMEOUT,
     ) -> Deferred[CachedPolicy | None]:
@@ -484,7 +489,7 @@ class MTASTS:
         self,
         domain: str,
         resolver: IResolver,
-        reactor: Any,
+        reactor: IReactorTime,
         trust_root: IOpenSSLTrustRoot | None,
         dns_timeout: Sequence[float],
     ) -> CachedPolicy | None:
@@ -523,7 +528,7 @@ class MTASTS:
         entry = self.cache.get(domain)
         return entry if entry is not None else CachedPolicy(policy, record_id, clock.seconds())
 
-    def _may_fetch(self, domain: str, clock: Any) -> bool:
+    def _may_fetch(self, domain: str, clock: IReactorTime) -> bool:
         """False while a failed fetch of ``domain`` is being backed off."""
         failed = self._failed.get(domain)
         return failed is None or clock.seconds() >= failed[0]
@@ -533,7 +538,7 @@ class MTASTS:
         domain: str,
         record_id: str,
         resolver: IResolver,
-        reactor: Any,
+        reactor: IReactorTime,
         trust_root: IOpenSSLTrustRoot | None,
         dns_timeout: Sequence[float],
     ) -> list[Deferred[Policy]]:
@@ -555,7 +560,9 @@ class MTASTS:
             ).addBoth(self._fetched, domain, record_id, clock)
         return waiting
 
-    def _fetched(self, result: Policy | Failure, domain: str, record_id: str, clock: Any) -> Any:
+    def _fetched(
+        self, result: Policy | Failure, domain: str, record_id: str, clock: IReactorTime
+    ) -> Any:
         """Cache a fetched policy, or remember the failure with a backoff;
         then wake the waiting lookups."""
         waiting = self._waiting.pop(domain, [])
@@ -573,7 +580,7 @@ class MTASTS:
                 waiter.callback(result)
         return None
 
-    def _failure(self, domain: str, record_id: str, clock: Any, result: Failure) -> None:
+    def _failure(self, domain: str, record_id: str, clock: IReactorTime, result: Failure) -> None:
         previous = self._failed.get(domain)
         backoff = (
             self.retry_after if previous is None else min(previous[1] * 2, self.max_retry_after)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from typing import Any
 
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
@@ -28,11 +27,12 @@ from service_identity.cryptography import (
     verify_certificate_hostname,
     verify_certificate_ip_address,
 )
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import CertificateOptions, platformTrust
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from txcolombe.client.connect import IOpenSSLTrustRoot
 from txcolombe.client.machine import TLSMode
 from txcolombe.codec.errors import UsageError
 
@@ -141,7 +141,7 @@ class CheckedTLS:
         """True when a handshake started and never completed."""
         return self.started and not self.completed
 
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         options = CertificateOptions(
             trustRoot=self._trust_root if self._trust_root is not None else platformTrust()  # type: ignore[no-untyped-call]
         )

@@ -1,26 +1,40 @@
-"""Counters as Prometheus text (``GET /metrics``) over twisted.web."""
+"""The queue's counters for Prometheus (``GET /metrics``), written by ``prometheus-client``.
+
+A collector reads :meth:`QueueManager.stats` at each scrape, so the numbers are
+never copied into a second set of counters. The page is rendered on the
+reactor's thread by a small :class:`~twisted.web.resource.Resource`:
+prometheus-client's own ``MetricsResource`` serves through a WSGI thread pool
+and the global reactor, and the queue's state must be read on the reactor's
+thread only.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from txcolombe.relay.queue import QueueManager
 from txcolombe.relay.shaped import shaping_snapshot
 
-_HELP = {
-    "received": ("counter", "Messages accepted into the spool."),
-    "delivered": ("counter", "Recipients delivered."),
-    "deferred": ("counter", "Recipient delivery attempts deferred."),
-    "bounced": ("counter", "Recipients that failed permanently."),
-    "rejected": ("counter", "Messages rejected at intake."),
-    "deferred_local": ("counter", "Recipient attempts deferred for a failure of the relay's own."),
-    "notices_held": ("counter", "Undeliverable bounces kept on hold at the end of their lifetime."),
-    "spool_errors": ("counter", "Bounces, warnings or states the spool could not write."),
-    "queue_size": ("gauge", "Messages in the queue."),
-    "active": ("gauge", "Messages being delivered."),
+_COUNTERS = {
+    "received": "Messages accepted into the spool.",
+    "delivered": "Recipients delivered.",
+    "deferred": "Recipient delivery attempts deferred.",
+    "bounced": "Recipients that failed permanently.",
+    "rejected": "Messages rejected at intake.",
+    "deferred_local": "Recipient attempts deferred for a failure of the relay's own.",
+    "notices_held": "Undeliverable bounces kept on hold at the end of their lifetime.",
+    "spool_errors": "Bounces, warnings or states the spool could not write.",
+}
+_GAUGES = {
+    "queue_size": "Messages in the queue.",
+    "active": "Messages being delivered.",
 }
 
 #: Per-site traffic-shaping values (docs/shaping.md), labelled by site.
@@ -34,58 +48,80 @@ _SHAPING = {
     "rate_factor": ("gauge", "The factor the site's rates are lowered by (1: not lowered)."),
 }
 
-#: Stats named ``deferred_local_<reason>`` become this counter, labelled by reason.
+#: Stats named ``deferred_local_<reason>`` become one counter, labelled by reason.
 _BY_REASON = "deferred_local_"
 
 
-def prometheus_text(queue: QueueManager) -> bytes:
-    lines = []
-    reasons = []
-    for name, value in queue.stats().items():
-        if name.startswith(_BY_REASON):
-            reasons.append((name[len(_BY_REASON) :], value))
-            continue
-        kind, text = _HELP.get(name, ("gauge", name))
-        metric = f"smtprelay_{name}" + ("_total" if kind == "counter" else "")
-        lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}", f"{metric} {value}"]
-    if reasons:
-        metric = "smtprelay_deferred_local_by_reason_total"
-        lines += [
-            f"# HELP {metric} Recipient attempts deferred for a failure of the relay's own.",
-            f"# TYPE {metric} counter",
-        ]
-        lines += [f'{metric}{{reason="{reason}"}} {value}' for reason, value in reasons]
-    lines += _shaping_lines(shaping_snapshot(queue.transport))
-    return ("\n".join(lines) + "\n").encode("utf-8")
+class QueueCollector(Collector):
+    """``smtprelay_*`` metrics from a queue's stats: counters get ``_total``."""
+
+    def __init__(self, queue: QueueManager) -> None:
+        self.queue = queue
+
+    def collect(self) -> Iterator[Metric]:
+        reasons = CounterMetricFamily(
+            "smtprelay_deferred_local_by_reason",
+            "Recipient attempts deferred for a failure of the relay's own.",
+            labels=["reason"],
+        )
+        for name, value in self.queue.stats().items():
+            if name.startswith(_BY_REASON):
+                reasons.add_metric([name[len(_BY_REASON) :]], value)
+            elif name in _COUNTERS:
+                yield CounterMetricFamily(f"smtprelay_{name}", _COUNTERS[name], value=value)
+            else:
+                yield GaugeMetricFamily(f"smtprelay_{name}", _GAUGES.get(name, name), value=value)
+        if reasons.samples:
+            yield reasons
+        yield from _shaping_metrics(shaping_snapshot(self.queue.transport))
 
 
-def _shaping_lines(sites: dict[str, dict[str, Any]]) -> list[str]:
-    lines: list[str] = []
+def _shaping_metrics(sites: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    """One family per traffic-shaping value, a sample per site."""
     if not sites:
-        return lines
+        return
     for name, (kind, text) in _SHAPING.items():
         metric = f"smtprelay_shaping_{name.removesuffix('_total')}"
-        metric += "_total" if kind == "counter" else ""
-        lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}"]
+        family: CounterMetricFamily | GaugeMetricFamily
+        if kind == "counter":
+            family = CounterMetricFamily(metric, text, labels=["site"])
+        else:
+            family = GaugeMetricFamily(metric, text, labels=["site"])
         for site, info in sites.items():
-            label = site.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-            lines.append(f'{metric}{{site="{label}"}} {float(info[name]):g}')
-    return lines
+            family.add_metric([site], float(info[name]))
+        yield family
+
+
+def registry_for(queue: QueueManager) -> CollectorRegistry:
+    """A registry of the queue's metrics alone (no process or platform collectors)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(QueueCollector(queue))
+    return registry
+
+
+def prometheus_text(queue: QueueManager) -> bytes:
+    """The queue's metrics in the Prometheus text format."""
+    encoder, _ = choose_encoder("")
+    return encoder(registry_for(queue))
 
 
 class _Metrics(Resource):
     isLeaf = True
 
     def __init__(self, queue: QueueManager) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.queue = queue
+        super().__init__()  # type: ignore[no-untyped-call]  # twisted.web is untyped here
+        self.registry = registry_for(queue)
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; version=0.0.4")  # type: ignore[no-untyped-call]
-        return prometheus_text(self.queue)
+        # The text format, or OpenMetrics when the scraper's Accept asks for it.
+        accept = request.getHeader(b"accept")
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+        request.setHeader(b"content-type", content_type.encode("ascii"))  # type: ignore[no-untyped-call]  # twisted.web is untyped here
+        return encoder(self.registry)
 
 
 def metrics_site(queue: QueueManager) -> Site:
-    root = Resource()  # type: ignore[no-untyped-call]
+    """A site with the queue's metrics at ``/metrics``."""
+    root = Resource()  # type: ignore[no-untyped-call]  # twisted.web is untyped here
     root.putChild(b"metrics", _Metrics(queue))
-    return Site(root)  # type: ignore[no-untyped-call]
+    return Site(root)  # type: ignore[no-untyped-call]  # twisted.web is untyped here

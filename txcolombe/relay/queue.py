@@ -877,14 +877,6 @@ class QueueManager:
         values["active"] = len(self._active)
         return values
 
-    def wait_idle(self) -> Deferred[None]:
-        """Fires when nothing is in flight (for tests and benchmarks)."""
-        if not self._active:
-            return succeed(None)
-        return DeferredList(list(self._active.values()), consumeErrors=True).addCallback(
-            lambda _: None
-        )
-
     def retry(self, queue_id: str, *, reset: bool = False) -> bool:
         """Make one message due now (``flush ID``); held messages stay held.
 

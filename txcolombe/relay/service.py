@@ -19,6 +19,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python import usage
@@ -281,12 +282,13 @@ def build_transport(options: Any, hostname: str, reactor: Any) -> Transport:
     return ShapedTransport(transport, settings.shaper(reactor), sites)
 
 
-def _server_tls(options: Any) -> Any:
+def _server_tls(options: Any) -> IOpenSSLServerConnectionCreator | None:
     """The STARTTLS context of ``--tls-cert``/``--tls-key``, or None."""
     if not options["tls-cert"]:
         return None
     pem = Path(options["tls-cert"]).read_bytes() + b"\n" + Path(options["tls-key"]).read_bytes()
-    return ssl.PrivateCertificate.loadPEM(pem).options()  # type: ignore[no-untyped-call]
+    creator: IOpenSSLServerConnectionCreator = ssl.PrivateCertificate.loadPEM(pem).options()  # type: ignore[no-untyped-call]
+    return creator
 
 
 def server_config(

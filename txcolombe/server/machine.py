@@ -50,8 +50,6 @@ smtpd_soft_error_limit, smtpd_error_sleep_time and smtpd_hard_error_limit).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import functools
 import re
@@ -70,6 +68,7 @@ from txcolombe.codec.command import (
 from txcolombe.codec.data import DataDecoder
 from txcolombe.codec.errors import InvalidAddress
 from txcolombe.codec.reply import Reply
+from txcolombe.codec.sasl import decode_base64
 from txcolombe.server.events import (
     END_OF_DATA,
     GREETING,
@@ -800,9 +799,9 @@ class ServerMachine:
 
     def _decode(self, text: str) -> str | None:
         try:
-            raw = b"" if text == "=" else base64.b64decode(text, validate=True)
+            raw = b"" if text == "=" else decode_base64(text)
             return raw.decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError, ValueError):
+        except ValueError:  # not base64 (decode_base64), or not UTF-8
             self.state = ServerState.COMMAND
             self._error(_r(501, "5.5.2 Cannot decode response"))
             return None

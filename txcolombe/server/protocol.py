@@ -66,6 +66,11 @@ MAX_PENDING_INPUT = 64 * 1024
 #: streaming handler: smaller messages are stored in one piece.
 BODY_CHUNK = 64 * 1024
 
+#: The client address of a peer that has none (a UNIX socket's): not an IP
+#: address, so that it never passes for 127.0.0.1, which a relay trusts by
+#: default, and matches no trusted network.
+UNIX_CLIENT = "unix"
+
 _SHUTDOWN = Reply.of(421, "4.3.2 Service shutting down, closing transmission channel")
 
 
@@ -515,13 +520,14 @@ def _reply_text(reply: Reply) -> str:
 
 
 def _client_address(peer: object) -> str:
+    """The client's IP address (normalised), or :data:`UNIX_CLIENT` for a peer without one."""
     host = getattr(peer, "host", None)
-    return _normal_address(host if isinstance(host, str) else None)
+    return _normal_address(host) if isinstance(host, str) else UNIX_CLIENT
 
 
 @functools.lru_cache(maxsize=1024)
-def _normal_address(host: str | None) -> str:
+def _normal_address(host: str) -> str:
     try:
-        return str(ipaddress.ip_address(str(host).split("%")[0]))
+        return str(ipaddress.ip_address(host.split("%")[0]))
     except ValueError:
-        return "127.0.0.1" if host is None else str(host)
+        return host

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -19,7 +20,7 @@ def received_header(
     when known, are named as Postfix does (``(using TLSv1.3 with cipher ...)``).
     """
     date = _date(int(when))
-    lines = [f"Received: from {envelope.helo} ([{envelope.client_address}])"]
+    lines = [f"Received: from {envelope.helo}{_tcp_info(envelope.client_address)}"]
     if envelope.tls_details:
         lines.append(f"\t(using {envelope.tls_details})")
     lines.append(f"\tby {hostname} ({software}) with {envelope.protocol} id {queue_id}")
@@ -29,6 +30,15 @@ def received_header(
             lines.append(f"\tfor <{rcpt}>")
     lines[-1] += f"; {date}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def _tcp_info(client_address: str) -> str:
+    """`` ([address])``; nothing for a client with no IP address (a UNIX socket's)."""
+    try:
+        ipaddress.ip_address(client_address)
+    except ValueError:
+        return ""
+    return f" ([{client_address}])"
 
 
 @functools.lru_cache(maxsize=4)
