@@ -33,7 +33,7 @@ from txcolombe.errors import (
 from txcolombe.relay.metrics import prometheus_text
 from txcolombe.relay.queue import STATE_RETRY, QueueManager, RetryPolicy
 from txcolombe.relay.spool import REMOVAL_DELAY, Spool
-from txcolombe.relay.transport import Outcome, Status, outcome_from_error
+from txcolombe.relay.transport import LOCAL, Declared, Outcome, Status, outcome_from_error
 from txcolombe.reply import Reply
 
 
@@ -116,9 +116,14 @@ class FailingTransport(ScriptedTransport):
     error: BaseException | None = None
 
     def send(
-        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        recipients: Sequence[Mailbox],
+        data: bytes,
+        declared: Declared = LOCAL,
     ) -> Deferred[dict[str, Outcome]]:
-        sent = super().send(destination, sender, recipients, data)
+        sent = super().send(destination, sender, recipients, data, declared)
         if self.error is None:
             return sent
         out = outcome_from_error(self.error, "smarthost[587]", smarthost=True)
@@ -343,9 +348,14 @@ class HangingTransport(ScriptedTransport):
     """Never answers; a cancel fails the attempt as the session would."""
 
     def send(
-        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        recipients: Sequence[Mailbox],
+        data: bytes,
+        declared: Declared = LOCAL,
     ) -> Deferred[dict[str, Outcome]]:
-        super().send(destination, sender, recipients, data)
+        super().send(destination, sender, recipients, data, declared)
         return Deferred()
 
 

@@ -4,6 +4,7 @@ bounces, restart recovery and queue commands. The transport is scripted."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, succeed
@@ -12,7 +13,7 @@ from twisted.internet.task import Clock
 from txcolombe.address import Mailbox
 from txcolombe.relay.queue import QueueManager, RetryPolicy
 from txcolombe.relay.spool import REMOVAL_DELAY, Spool
-from txcolombe.relay.transport import Outcome, Status
+from txcolombe.relay.transport import LOCAL, Declared, Outcome, Status
 from txcolombe.server.machine import Envelope
 
 DATA = b"Subject: test\r\nMessage-ID: <m1@x.test>\r\n\r\nbody\r\n"
@@ -25,15 +26,23 @@ class ScriptedTransport:
         self.clock = clock
         self.calls: list[tuple[float, str | None, list[str], bytes]] = []
         self.script: dict[str, Outcome] = {}
+        #: What each call passed on of the client's MAIL (BODY, SMTPUTF8).
+        self.declared: list[Declared] = []
 
     def route(self, recipient: Mailbox) -> str:
         return recipient.domain or ""
 
     def send(
-        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        recipients: Sequence[Mailbox],
+        data: bytes,
+        declared: Declared = LOCAL,
     ) -> Deferred[dict[str, Outcome]]:
         names = [str(r) for r in recipients]
         self.calls.append((self.clock.seconds(), str(sender) if sender else None, names, data))
+        self.declared.append(declared)
         ok = Outcome(Status.DELIVERED, "250 2.0.0 Ok", "2.0.0", "sink[1]")
         return succeed({n: self.script.get(n.split("@")[0], ok) for n in names})
 
@@ -169,6 +178,31 @@ def test_restart_resumes_with_state(tmp_path: Path) -> None:
     assert qid not in queue2.messages
     clock2.advance(REMOVAL_DELAY)
     assert not list((tmp_path / "spool" / "queue").iterdir())
+
+
+def test_the_clients_body_and_smtputf8_are_passed_on(tmp_path: Path) -> None:
+    """What the client declared goes with every attempt, after a restart too;
+    no BODY is 7BIT; a bounce (made here) declares nothing."""
+    queue, transport, clock = make(tmp_path)
+    transport.script["busy"] = TEMP
+    transport.script["nobody"] = PERM
+    plain = envelope("a@x.test", "busy@y.test")
+    accept(queue, replace(plain, body_type="8BITMIME", smtputf8=True), clock)
+    accept(queue, plain, clock)
+    utf8 = b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nbody\r\n"
+    queue.accept(replace(envelope("a@x.test", "ok@y.test"), smtputf8=True), utf8)
+    accept(queue, envelope("a@x.test", "nobody@y.test"), clock)  # and its bounce
+    assert transport.declared == [
+        Declared("8BITMIME", smtputf8=True),
+        Declared("7BIT"),
+        Declared("7BIT", smtputf8=True, utf8_headers=True),
+        Declared("7BIT"),
+        LOCAL,
+    ]
+    queue.spool.stop()
+    _, transport2, clock2 = make(tmp_path)
+    clock2.advance(300)
+    assert transport2.declared == [Declared("8BITMIME", smtputf8=True), Declared("7BIT")]
 
 
 def test_queue_commands(tmp_path: Path) -> None:

@@ -142,6 +142,9 @@ class _Options:
     rng: random.Random | None
     dsn: DSN | None
     requiretls: bool
+    body_type: str | None
+    smtputf8: bool
+    utf8_headers: bool
     local_names: frozenset[str]
     local_addresses: frozenset[IPAddress]
 
@@ -170,6 +173,9 @@ def deliver(
     dsn: DSN | None = None,
     requiretls: bool = False,
     local_identities: Iterable[str] = (),
+    body_type: str | None = None,
+    smtputf8: bool = False,
+    utf8_headers: bool = False,
 ) -> Deferred[DeliveryResult]:
     """Deliver a message to each recipient's domain, through its exchangers.
 
@@ -205,6 +211,10 @@ def deliver(
         §5.1): MX records at or below our own preference are dropped, and
         when we are the best exchanger the domain fails with
         :class:`~txcolombe.errors.MailLoop` (554 5.4.6) instead of looping.
+    :param body_type: the BODY the message came with, as for ``Session.send``
+        (a relay passes it on).
+    :param smtputf8: the message came with SMTPUTF8, as for ``Session.send``.
+    :param utf8_headers: the header has UTF-8 (RFC 6532), as for ``Session.send``.
     :returns: a Deferred firing with a :class:`DeliveryResult`; it fails
         only for the caller's mistakes (:class:`~txcolombe.errors.UsageError`,
         e.g. an invalid sender or an unreadable body). Cancelling it aborts
@@ -245,6 +255,9 @@ def deliver(
             rng=rng,
             dsn=dsn,
             requiretls=requiretls,
+            body_type=body_type,
+            smtputf8=smtputf8,
+            utf8_headers=utf8_headers,
             **_identities(local_identities),
         )
     except ValueError as error:
@@ -585,6 +598,9 @@ class _DomainDelivery:
                 self.body.producer(),
                 dsn=options.dsn,
                 requiretls=options.requiretls,
+                body_type=options.body_type,
+                smtputf8=options.smtputf8,
+                utf8_headers=options.utf8_headers,
             )
         except SMTPError as error:
             self.attempts.append(Attempt(target.host, str(target.address), error, tls))

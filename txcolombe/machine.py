@@ -104,6 +104,13 @@ class Envelope:
     :ivar reset_first: send RSET before MAIL (pipelined when possible): on
         a connection that sat idle, it proves the server is still there
         before anything of the message is at stake.
+    :ivar body_type: the BODY the message was declared with (a relay passes
+        it on): None says BODY=8BITMIME whenever the server offers it (the
+        default); "8BITMIME" likewise; "7BIT" sends no BODY parameter.
+    :ivar smtputf8: the message came with SMTPUTF8: say it whenever the
+        server offers it (a non-ASCII address always needs it).
+    :ivar utf8_headers: the header has UTF-8 (RFC 6532): like a non-ASCII
+        address, the message cannot go to a server without SMTPUTF8.
     """
 
     sender: Mailbox | None
@@ -116,6 +123,9 @@ class Envelope:
     chunking: bool | None = None
     binary: bool = False
     reset_first: bool = False
+    body_type: str | None = None
+    smtputf8: bool = False
+    utf8_headers: bool = False
 
 
 # -- events -------------------------------------------------------------------
@@ -433,16 +443,18 @@ class ClientMachine:
         mailboxes = [*envelope.recipients]
         if envelope.sender is not None:
             mailboxes.append(envelope.sender)
-        if any(m.needs_smtputf8 for m in mailboxes):
-            if "SMTPUTF8" not in self.extensions:
-                raise UTF8Unsupported(
-                    "a non-ASCII address needs SMTPUTF8, which the server does not offer",
-                    step=Step.MAIL,
-                )
-            params += " SMTPUTF8"
+        address = any(m.needs_smtputf8 for m in mailboxes)
+        if "SMTPUTF8" in self.extensions:
+            if address or envelope.smtputf8 or envelope.utf8_headers:
+                params += " SMTPUTF8"
+        elif address or envelope.utf8_headers:
+            what = "a non-ASCII address" if address else "a UTF-8 header (RFC 6532)"
+            raise UTF8Unsupported(
+                f"{what} needs SMTPUTF8, which the server does not offer", step=Step.MAIL
+            )
         if envelope.binary:
             params += " BODY=BINARYMIME"
-        elif "8BITMIME" in self.extensions:
+        elif "8BITMIME" in self.extensions and envelope.body_type != "7BIT":
             params += " BODY=8BITMIME"
         if envelope.size is not None and "SIZE" in self.extensions:
             limit = self.extensions.size

@@ -101,6 +101,9 @@ class Session:
         chunking: bool | None = None,
         binary: bool = False,
         reset_first: bool = False,
+        body_type: str | None = None,
+        smtputf8: bool = False,
+        utf8_headers: bool = False,
     ) -> Deferred[Receipt]:
         """Send one message; fires with its :class:`Receipt`.
 
@@ -125,10 +128,19 @@ class Session:
         :param reset_first: send RSET before MAIL (pipelined when the server
             allows): checks that a connection that sat idle is still alive
             before the message is at stake.
+        :param body_type: the BODY the message came with, for a relay to
+            pass on: None (the default) or "8BITMIME" say BODY=8BITMIME when
+            the server offers it; "7BIT" sends no BODY parameter.
+        :param smtputf8: the message came with SMTPUTF8: say it when the
+            server offers it (a non-ASCII address always needs it).
+        :param utf8_headers: the header has UTF-8 (RFC 6532): a server
+            without SMTPUTF8 gets nothing (:class:`~txcolombe.errors.UTF8Unsupported`).
         :raises ExtensionUnavailable: (as a failure) an option needs an
             extension the server lacks; nothing is sent for the message.
         """
         try:
+            if body_type not in (None, "7BIT", "8BITMIME"):
+                raise InvalidArgument(f"body_type is None, '7BIT' or '8BITMIME', not {body_type!r}")
             recipients = check_message(sender, recipients, body, dsn=dsn)
             mailboxes, options = recipient_options(recipients, dsn)
             producer = body_producer(body, cooperator=self._cooperator)
@@ -143,6 +155,9 @@ class Session:
                 chunking=chunking,
                 binary=binary,
                 reset_first=reset_first,
+                body_type=body_type,
+                smtputf8=smtputf8,
+                utf8_headers=utf8_headers,
             )
         except SMTPError as error:
             return fail(error)

@@ -38,7 +38,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
@@ -49,7 +49,14 @@ from twisted.python.failure import Failure
 from txcolombe.address import Mailbox, parse_recipient, parse_sender
 from txcolombe.relay.bounce import RecipientReport, build_dsn
 from txcolombe.relay.spool import IncomingFile, Spool, new_queue_id
-from txcolombe.relay.transport import Outcome, Status, Transport, outcome_from_error
+from txcolombe.relay.transport import (
+    LOCAL,
+    Declared,
+    Outcome,
+    Status,
+    Transport,
+    outcome_from_error,
+)
 from txcolombe.server.machine import Envelope
 from txcolombe.server.received import received_header
 
@@ -123,6 +130,7 @@ class Message:
         and it is read from the spool.
     :ivar mailboxes: the parsed sender (key None) and recipients, by address.
     :ivar has_state: a state file exists in the spool.
+    :ivar declared: what the client declared on MAIL (BODY, SMTPUTF8), passed on.
     """
 
     id: str
@@ -140,6 +148,7 @@ class Message:
     data: bytes | None = field(default=None, repr=False)
     mailboxes: dict[str | None, Mailbox | None] = field(default_factory=dict, repr=False)
     has_state: bool = False
+    declared: Declared = LOCAL
 
     @property
     def pending(self) -> list[RecipientState]:
@@ -189,7 +198,27 @@ def _intake_record(envelope: Envelope) -> dict[str, Any]:
     """What the spool keeps of an SMTP envelope besides sender and recipients."""
     return {"client": envelope.client_address, "helo": envelope.helo,
             "protocol": envelope.protocol, "auth": envelope.authenticated,
-            "body": envelope.body_type}  # fmt: skip
+            "body": envelope.body_type, "smtputf8": envelope.smtputf8}  # fmt: skip
+
+
+def _declared(record: dict[str, Any]) -> Declared:
+    """What a spool record says its client declared on MAIL.
+
+    A record from SMTP always has ``body`` (None: no BODY parameter, which
+    is 7BIT); a message made here (a bounce) has none.
+    """
+    if "body" not in record:
+        return LOCAL
+    return Declared(record["body"] or "7BIT", bool(record.get("smtputf8")))
+
+
+def _with_headers(declared: Declared, data: bytes) -> Declared:
+    """``declared`` and whether an SMTPUTF8 message's header has UTF-8."""
+    if not declared.smtputf8:
+        return declared
+    end = data.find(b"\r\n\r\n")
+    header = data if end < 0 else data[:end]
+    return replace(declared, utf8_headers=not header.isascii())
 
 
 class IncomingStream:
@@ -376,6 +405,7 @@ class QueueManager:
             client=envelope.get("client", ""),
             mailboxes=mailboxes,
             has_state=bool(state),
+            declared=_declared(envelope),
         )
 
     # -- intake -------------------------------------------------------------------------
@@ -410,7 +440,7 @@ class QueueManager:
         message = Message(
             id=queue_id, sender=sender, recipients=[RecipientState(r) for r in recipients],
             arrival=arrival, size=0, next_attempt=arrival, client=envelope.client_address,
-            mailboxes=mailboxes,
+            mailboxes=mailboxes, declared=_declared(extra),
         )  # fmt: skip
         incoming = self.spool.incoming(queue_id, record)
         incoming.write(header)
@@ -453,6 +483,7 @@ class QueueManager:
             client=str(extra.get("client", "")),
             data=data if len(data) <= KEEP_IN_MEMORY else None,
             mailboxes=mailboxes,
+            declared=_declared(extra),
         )
 
         return self.spool.write_message(queue_id, record, data).addCallback(
@@ -527,7 +558,10 @@ class QueueManager:
             mailbox = mailboxes[rcpt.address]
             assert mailbox is not None
             groups.setdefault(self.transport.route(mailbox), []).append(mailbox)
-        attempts = [self._send(dest, sender, rcpts, data) for dest, rcpts in groups.items()]
+        declared = _with_headers(message.declared, data)
+        attempts = [
+            self._send(dest, sender, rcpts, data, declared) for dest, rcpts in groups.items()
+        ]
 
         def done(results: list[tuple[bool, Any]]) -> None:
             self._active.pop(message.id, None)
@@ -546,10 +580,15 @@ class QueueManager:
         finished.addCallback(done)
 
     def _send(
-        self, destination: str, sender: Mailbox | None, rcpts: list[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        rcpts: list[Mailbox],
+        data: bytes,
+        declared: Declared,
     ) -> Deferred[dict[str, Outcome]]:
         try:
-            return self.transport.send(destination, sender, rcpts, data)
+            return self.transport.send(destination, sender, rcpts, data, declared)
         except Exception:
             return fail()
 

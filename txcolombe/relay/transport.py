@@ -81,8 +81,10 @@ LOCAL_REASONS = {
 }
 
 #: Usage errors that are about the message, not about the relay: the next hop
-#: can never take this message as it is.
-_MESSAGE_ERRORS = (MessageTooLarge, EightBitUnsupported, UTF8Unsupported)
+#: can never take this message as it is. It is bounced (RFC 6531 §3.2 for
+#: SMTPUTF8: an MTA rejects or bounces, it does not downgrade), with the
+#: RFC 3463 code of each.
+_MESSAGE_ERRORS = {UTF8Unsupported: "5.6.7", EightBitUnsupported: "5.6.3", MessageTooLarge: "5.3.4"}
 
 #: Steps before the first transaction: a reply there is about the session.
 _SETUP_STEPS = (Step.CONNECT, Step.GREETING, Step.EHLO, Step.HELO, Step.STARTTLS, Step.TLS)
@@ -112,7 +114,7 @@ def local_reason(error: BaseException, *, smarthost: bool = False) -> str:
         return "dns"
     if isinstance(error, ConnectionFailed):
         return "connection"
-    if isinstance(error, _MESSAGE_ERRORS):
+    if isinstance(error, tuple(_MESSAGE_ERRORS)):
         return ""
     if isinstance(error, UsageError):
         return "config"
@@ -158,7 +160,32 @@ def outcome_from_error(error: BaseException, relay: str, *, smarthost: bool = Fa
         return out
     if error.temporary:
         return Outcome(Status.DEFERRED, str(error), "4.4.1", relay)
+    for kind, code in _MESSAGE_ERRORS.items():
+        if isinstance(error, kind):
+            return Outcome(Status.FAILED, f"{error} (next hop {relay})", code, relay)
     return Outcome(Status.FAILED, str(error), "5.3.0", relay)
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What a message's originator declared on MAIL that the next hop must
+    see as it was (the relay passes it through).
+
+    :ivar body_type: the client's BODY: "7BIT" (also for none: the next hop
+        gets no BODY parameter) or "8BITMIME"; None for a message made here
+        (a bounce), which says BODY=8BITMIME when offered.
+    :ivar smtputf8: the client said SMTPUTF8.
+    :ivar utf8_headers: with SMTPUTF8, the header has UTF-8 (RFC 6532):
+        the next hop must offer SMTPUTF8.
+    """
+
+    body_type: str | None = None
+    smtputf8: bool = False
+    utf8_headers: bool = False
+
+
+#: A message made by the relay itself.
+LOCAL = Declared()
 
 
 class Transport(Protocol):
@@ -168,7 +195,12 @@ class Transport(Protocol):
         """The destination key of ``recipient`` (recipients are grouped by it)."""
 
     def send(
-        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        recipients: Sequence[Mailbox],
+        data: bytes,
+        declared: Declared = LOCAL,
     ) -> Deferred[dict[str, Outcome]]:
         """Send one message to recipients of one destination; never fails."""
 
@@ -220,15 +252,20 @@ class SmarthostTransport:
         return self.relay
 
     def send(
-        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        recipients: Sequence[Mailbox],
+        data: bytes,
+        declared: Declared = LOCAL,
     ) -> Deferred[dict[str, Outcome]]:
         conn = self._pick()
         conn.queued += 1
         conn.stop_idle_timer()
         if conn.session is not None:
-            sent = _send_on(conn.session, sender, recipients, data)
+            sent = _send_on(conn.session, sender, recipients, data, declared)
         else:
-            sent = conn.ready().addCallback(_send_on, sender, recipients, data)
+            sent = conn.ready().addCallback(_send_on, sender, recipients, data, declared)
         return sent.addBoth(self._outcomes, conn, recipients)
 
     def _pick(self) -> _Connection:
@@ -364,10 +401,23 @@ class _Connection:
 
 
 def _send_on(
-    session: Session, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+    session: Session,
+    sender: Mailbox | None,
+    recipients: Sequence[Mailbox],
+    data: bytes,
+    declared: Declared,
 ) -> Deferred[Receipt]:
     # Small bodies are written at once by txcolombe.body (no reactor turn).
-    return session.send(sender, list(recipients), data)
+    return session.send(sender, list(recipients), data, **_send_options(declared))
+
+
+def _send_options(declared: Declared) -> dict[str, Any]:
+    """The keyword arguments of Session.send and deliver() for ``declared``."""
+    return {
+        "body_type": declared.body_type,
+        "smtputf8": declared.smtputf8,
+        "utf8_headers": declared.utf8_headers,
+    }
 
 
 class MXTransport:
@@ -382,12 +432,22 @@ class MXTransport:
         return (recipient.domain or "").lower()
 
     def send(
-        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        recipients: Sequence[Mailbox],
+        data: bytes,
+        declared: Declared = LOCAL,
     ) -> Deferred[dict[str, Outcome]]:
-        return Deferred.fromCoroutine(self._send(destination, sender, recipients, data))
+        return Deferred.fromCoroutine(self._send(destination, sender, recipients, data, declared))
 
     async def _send(
-        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        recipients: Sequence[Mailbox],
+        data: bytes,
+        declared: Declared,
     ) -> dict[str, Outcome]:
         names = [str(r) for r in recipients]
         from txcolombe.deliver import deliver
@@ -395,7 +455,7 @@ class MXTransport:
         try:
             result = await deliver(
                 sender, names, data, domain=self.domain, reactor=self.reactor,
-                **self.options,
+                **_send_options(declared), **self.options,
             )  # fmt: skip
         except Exception as error:
             return dict.fromkeys(names, outcome_from_error(error, destination))
