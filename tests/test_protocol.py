@@ -37,7 +37,7 @@ from txcolombe import (
     TLSFailure,
 )
 from txcolombe.body import CHUNK, body_producer
-from txcolombe.errors import InvalidArgument
+from txcolombe.errors import UsageError
 from txcolombe.reply import Reply
 from txcolombe.testing import END_OF_DATA, GREETING, MemorySMTP, MemorySMTPServer
 
@@ -689,7 +689,7 @@ def test_session_refuses_an_unknown_body_type(fake: MemorySMTP) -> None:
     fake.flush()
     session = result_of(d)
     error = failure_of(session.send("a@example.com", "b@example.org", b"x\r\n", body_type="8BIT"),
-                       InvalidArgument)  # fmt: skip
+                       UsageError)  # fmt: skip
     assert "body_type" in str(error)
     assert not [c for c in fake.server.commands if c.startswith("MAIL")]
     session.quit()

@@ -227,6 +227,8 @@ def deliver(
         if not recipient_list:
             raise UsageError("no recipients")
         check_body(body)
+        if body_type not in (None, "7BIT", "8BITMIME"):
+            raise UsageError(f"body_type is None, '7BIT' or '8BITMIME', not {body_type!r}")
         policy = TLSPolicy.parse(tls_policy)
         if authentication is not None and policy is TLSPolicy.NONE:
             raise UsageError("authentication is never sent without TLS (tls_policy='none')")

@@ -140,7 +140,7 @@ class Session:
         """
         try:
             if body_type not in (None, "7BIT", "8BITMIME"):
-                raise InvalidArgument(f"body_type is None, '7BIT' or '8BITMIME', not {body_type!r}")
+                raise UsageError(f"body_type is None, '7BIT' or '8BITMIME', not {body_type!r}")
             recipients = check_message(sender, recipients, body, dsn=dsn)
             mailboxes, options = recipient_options(recipients, dsn)
             producer = body_producer(body, cooperator=self._cooperator)
