@@ -14,6 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import Clock, deferLater
 
+from tests.test_relay_committer_faults import Harness
 from txcolombe.relay.committer import (
     REPLY_SIZE,
     UNLINK,
@@ -117,32 +118,58 @@ def test_one_directory_fsync_per_batch_and_the_last_write_wins(
     )
 
 
-def test_removals_wait_for_a_commit_and_are_made_durable(
+def test_a_removal_is_done_at_once_when_the_committer_is_idle(
     inline: tuple[Spool, Clock], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Every moment a delivered message stays is one a crash would deliver
+    it twice: while nothing is being committed, its unlink and the directory
+    fsync go at once, not after REMOVAL_DELAY."""
     spool, clock = inline
     spool.write_message("Q1", ENVELOPE, b"one\r\n")
-    spool.write_message("Q2", ENVELOPE, b"two\r\n")
     calls = Syscalls(monkeypatch, spool.queue_dir)
     spool.remove("Q1", state=False)
-    assert (spool.queue_dir / "Q1.msg").exists() and calls.calls == []  # not waited for
-    # the next commit carries it, after its own fsyncs (not delaying its answer)
-    spool.write_message("Q3", ENVELOPE, b"three\r\n")
     assert not (spool.queue_dir / "Q1.msg").exists()
-    kinds = [kind for kind, _ in calls.calls]
-    assert kinds == ["fsync", "rename", "fsync", "unlink"]
-    # that unlink is made durable by a directory fsync soon after
-    drained = spool.drain()
-    assert drained.called
-    assert calls.calls[-1] == ("fsync", "<dir>")
-    # alone, a removal is done (and synced) after REMOVAL_DELAY
-    calls.calls.clear()
-    spool.remove("Q2", state=False)
-    clock.advance(REMOVAL_DELAY - 0.01)
-    assert (spool.queue_dir / "Q2.msg").exists()
-    clock.advance(0.01)
-    assert not (spool.queue_dir / "Q2.msg").exists()
-    assert calls.calls == [("unlink", "Q2.msg"), ("fsync", "<dir>")]
+    assert calls.calls == [("unlink", "Q1.msg"), ("fsync", "<dir>")]
+    assert clock.getDelayedCalls() == [] and spool.drain().called
+
+
+def test_a_removal_waits_only_for_the_commit_under_way(tmp_path: Path) -> None:
+    """While a commit runs, a removal waits for its answer, then goes at once
+    (no REMOVAL_DELAY); unlinks carried by a commit with writes are made
+    durable by the next directory fsync, within REMOVAL_DELAY."""
+    clock = Clock()
+    spool = Spool(tmp_path / "spool", reactor=clock)
+    spool.queue_dir.mkdir(parents=True)
+    committer = Committer(str(spool.queue_dir))
+    harness = Harness(spool, committer)
+    spool._spawn = harness.spawn  # type: ignore[method-assign]
+    harness.spawn()
+    try:
+        harness.write("Q1")
+        harness.answer()
+        harness.write("Q2")  # a commit under way
+        spool.remove("Q1", state=False)
+        channel = harness.channel
+        assert channel is not None and len(channel.requests) == 1
+        assert (spool.queue_dir / "Q1.msg").exists()
+        harness.answer()  # Q2 is durable: the removal goes now
+        assert [ops for _, ops in channel.requests] == [[(UNLINK, "Q1.msg", b"")]]
+        harness.answer()
+        assert not (spool.queue_dir / "Q1.msg").exists()
+        assert clock.getDelayedCalls() == []  # nothing left to make durable
+        # A removal that rides along with a write is fsynced within REMOVAL_DELAY.
+        harness.write("Q3")
+        spool.remove("Q2", state=False)
+        spool.write_message("Q4", ENVELOPE, b"four\r\n")  # second in flight
+        harness.answer()
+        harness.answer()  # Q4's batch carried Q2's unlink, done after its fsync
+        assert not (spool.queue_dir / "Q2.msg").exists() and channel.requests == []
+        clock.advance(REMOVAL_DELAY)
+        assert [ops for _, ops in channel.requests] == [[]]  # the directory fsync
+        harness.answer()
+        assert spool.drain().called
+    finally:
+        committer.close()
 
 
 def test_frames_round_trip() -> None:

@@ -13,11 +13,15 @@ the operations that arrive while a commit runs go together into the next
 one, with their files fsynced in parallel and the directory fsynced once, so
 concurrent messages share the cost of durability.
 
-Removals (after delivery) are not waited for: the unlinks ride along with
-the next commit (done after it, so as not to delay its answer) and are made
-durable by the one after; when no commit comes, a commit of the removals
-alone runs after :data:`REMOVAL_DELAY` seconds. A crash in between may bring
-a delivered message back, to be delivered twice; it never loses one.
+Removals (after delivery) are not waited for, but they are not put off
+either: while the committer is idle a removal is committed at once (its
+unlink done, then the directory fsynced); while a commit runs, the unlinks
+ride along with the next one (done after it, so as not to delay its answer)
+or go alone as soon as the committer is idle again. What is left is the
+directory fsync that makes unlinks done after the last one durable against
+a power loss (a SIGKILL cannot undo an unlink): it runs with the next commit
+or after :data:`REMOVAL_DELAY` seconds. A crash in between may bring a
+delivered message back, to be delivered twice; it never loses one.
 
 Commits run in a committer child process; the reactor thread only builds
 the bytes and hears back once per commit. Each batch has a number, echoed in
@@ -73,7 +77,9 @@ MAGIC = b"TXCOLOMBE-SPOOL 1\n"
 
 log = Logger(namespace="txcolombe.relay")
 
-#: Seconds after which removals not carried by a commit are done and made durable.
+#: Seconds after which unlinks not yet covered by a directory fsync are made
+#: durable, when no commit comes (and removals not carried by one are done, if
+#: the relay is stopping).
 REMOVAL_DELAY = 0.05
 
 #: Batches sent to the committer before its answer to the first: the next
@@ -198,12 +204,16 @@ class Spool:
 
     def remove(self, queue_id: str, *, state: bool = True) -> None:
         """Remove a message (and its state file, if it has one) after delivery
-        or deletion. Not waited for: done with the next commit, or within
-        :data:`REMOVAL_DELAY` seconds, and durable by the commit after."""
+        or deletion. Not waited for: done at once when the committer is idle,
+        else with (or right after) the commit under way; a message removed
+        late is one a crash would deliver twice."""
         if state:
             self._pending.append((_Unlink(f"{queue_id}.state"), None))
         self._pending.append((_Unlink(f"{queue_id}.msg"), None))
-        self._later()
+        if self._inflight or self._stopping:
+            self._later()
+        else:
+            self._commit_pending()
 
     def incoming(self, queue_id: str, envelope: dict[str, Any]) -> IncomingFile:
         """Start writing a new message as it arrives (its ``size`` is filled
@@ -331,8 +341,8 @@ class Spool:
         elif self._inflight:
             return  # the next answer will see to the rest
         elif self._pending or self._dirty:
-            if self._drained:
-                self._commit_pending()
+            if self._drained or (self._pending and not self._stopping):
+                self._commit_pending()  # removals go at once: the committer is idle
             else:
                 self._later()
         elif self._drained:
