@@ -55,7 +55,7 @@ class Syscalls:
 
         def unlink(path: str, **kw: int) -> None:
             real_unlink(path, **kw)
-            self.calls.append(("unlink", path))
+            self.calls.append(("unlink", Path(path).name))
 
         monkeypatch.setattr(os, "open", opened)
         monkeypatch.setattr(os, "fsync", fsync)
@@ -122,20 +122,24 @@ def test_a_removal_is_done_at_once_when_the_committer_is_idle(
     inline: tuple[Spool, Clock], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every moment a delivered message stays is one a crash would deliver
-    it twice: while nothing is being committed, its unlink and the directory
+    it twice: while nothing is being committed, its unlinks and the directory
     fsync go at once, not after REMOVAL_DELAY."""
     spool, clock = inline
     spool.write_message("Q1", ENVELOPE, b"one\r\n")
+    spool.write_state("Q1", {"attempts": 1})
     calls = Syscalls(monkeypatch, spool.queue_dir)
-    spool.remove("Q1", state=False)
-    assert not (spool.queue_dir / "Q1.msg").exists()
-    assert calls.calls == [("unlink", "Q1.msg"), ("fsync", "<dir>")]
+    spool.remove("Q1")
+    assert not list(spool.queue_dir.iterdir())
+    # The message file first (here), then the committer's batch: the state
+    # file, the message file again (already gone), the directory fsync.
+    assert calls.calls == [("unlink", "Q1.msg"), ("unlink", "Q1.state"), ("fsync", "<dir>")]
     assert clock.getDelayedCalls() == [] and spool.drain().called
 
 
 def test_a_removal_waits_only_for_the_commit_under_way(tmp_path: Path) -> None:
-    """While a commit runs, a removal waits for its answer, then goes at once
-    (no REMOVAL_DELAY); unlinks carried by a commit with writes are made
+    """While a commit runs, the message file is unlinked at once all the same;
+    the committer's part of the removal waits for the answer, then goes at
+    once (no REMOVAL_DELAY); unlinks carried by a commit with writes are made
     durable by the next directory fsync, within REMOVAL_DELAY."""
     clock = Clock()
     spool = Spool(tmp_path / "spool", reactor=clock)
@@ -146,24 +150,30 @@ def test_a_removal_waits_only_for_the_commit_under_way(tmp_path: Path) -> None:
     harness.spawn()
     try:
         harness.write("Q1")
+        spool.write_state("Q1", {"attempts": 1})
+        harness.answer()
         harness.answer()
         harness.write("Q2")  # a commit under way
-        spool.remove("Q1", state=False)
+        spool.remove("Q1")
         channel = harness.channel
         assert channel is not None and len(channel.requests) == 1
-        assert (spool.queue_dir / "Q1.msg").exists()
-        harness.answer()  # Q2 is durable: the removal goes now
-        assert [ops for _, ops in channel.requests] == [[(UNLINK, "Q1.msg", b"")]]
+        assert not (spool.queue_dir / "Q1.msg").exists()  # a crash now cannot bring it back
+        assert (spool.queue_dir / "Q1.state").exists()
+        harness.answer()  # Q2 is durable: the rest of the removal goes now
+        assert [ops for _, ops in channel.requests] == [
+            [(UNLINK, "Q1.state", b""), (UNLINK, "Q1.msg", b"")]
+        ]
         harness.answer()
-        assert not (spool.queue_dir / "Q1.msg").exists()
+        assert not (spool.queue_dir / "Q1.state").exists()
         assert clock.getDelayedCalls() == []  # nothing left to make durable
         # A removal that rides along with a write is fsynced within REMOVAL_DELAY.
         harness.write("Q3")
         spool.remove("Q2", state=False)
         spool.write_message("Q4", ENVELOPE, b"four\r\n")  # second in flight
         harness.answer()
+        assert not (spool.queue_dir / "Q2.msg").exists()
         harness.answer()  # Q4's batch carried Q2's unlink, done after its fsync
-        assert not (spool.queue_dir / "Q2.msg").exists() and channel.requests == []
+        assert channel.requests == []
         clock.advance(REMOVAL_DELAY)
         assert [ops for _, ops in channel.requests] == [[]]  # the directory fsync
         harness.answer()
@@ -255,3 +265,18 @@ async def test_large_and_small_writes_interleaved_arrive_intact(tmp_path: Path) 
             assert spool.read_data(name) == body
     finally:
         await spool.stop()
+
+
+def test_a_state_file_left_without_its_message_is_removed_at_start(tmp_path: Path) -> None:
+    """A crash between the removal of a message file and of its state file
+    leaves the state alone: the next start removes it, and only it."""
+    spool = Spool(tmp_path / "spool", inline=True)
+    spool.start()
+    spool.write_message("Q1", ENVELOPE, b"one\r\n")
+    spool.write_state("Q1", {"attempts": 1})
+    spool.write_state("Q2", {"attempts": 1})
+    spool.stop()
+    again = Spool(tmp_path / "spool", inline=True)
+    again.start()
+    assert sorted(p.name for p in again.queue_dir.iterdir()) == ["Q1.msg", "Q1.state"]
+    again.stop()

@@ -14,14 +14,17 @@ one, with their files fsynced in parallel and the directory fsynced once, so
 concurrent messages share the cost of durability.
 
 Removals (after delivery) are not waited for, but they are not put off
-either: while the committer is idle a removal is committed at once (its
-unlink done, then the directory fsynced); while a commit runs, the unlinks
-ride along with the next one (done after it, so as not to delay its answer)
-or go alone as soon as the committer is idle again. What is left is the
-directory fsync that makes unlinks done after the last one durable against
-a power loss (a SIGKILL cannot undo an unlink): it runs with the next commit
-or after :data:`REMOVAL_DELAY` seconds. A crash in between may bring a
-delivered message back, to be delivered twice; it never loses one.
+either, since a delivered message still in the spool at a crash is
+delivered twice. The message file is unlinked here at once (one cheap
+system call; a commit under way may take two fsyncs, about 20 ms, and the
+committer does its batches in turn), which no crash of the relay can undo.
+Its state file and the durability of both unlinks against a power loss go
+through the committer: while it is idle, at once (the unlink, then the
+directory fsync); while a commit runs, with the next one (done after it, so
+as not to delay its answer) or alone as soon as it is idle again, and the
+directory fsync covering unlinks done after the last one comes with the
+next commit or after :data:`REMOVAL_DELAY` seconds. A state file left
+alone by a crash in between is removed at the next start.
 
 Commits run in a committer child process; the reactor thread only builds
 the bytes and hears back once per commit. Each batch has a number, echoed in
@@ -148,6 +151,9 @@ class Spool:
         self.directory.chmod(0o700)
         for leftover in self.queue_dir.glob("*.tmp"):
             leftover.unlink()
+        for state in self.queue_dir.glob("*.state"):
+            if not state.with_suffix(".msg").exists():
+                state.unlink()  # its message was removed just before a crash
         self._stopping = False
         if self.inline:
             self._committer = Committer(self._dir, fsync=self.fsync)
@@ -204,12 +210,17 @@ class Spool:
 
     def remove(self, queue_id: str, *, state: bool = True) -> None:
         """Remove a message (and its state file, if it has one) after delivery
-        or deletion. Not waited for: done at once when the committer is idle,
-        else with (or right after) the commit under way; a message removed
-        late is one a crash would deliver twice."""
+        or deletion. Not waited for: the message file is unlinked at once;
+        the rest (state file, directory fsync) is committed at once when the
+        committer is idle, else with (or right after) the commit under way."""
+        name = f"{queue_id}.msg"
+        with contextlib.suppress(OSError):  # else the committer's unlink says why
+            os.unlink(os.path.join(self._dir, name))
         if state:
             self._pending.append((_Unlink(f"{queue_id}.state"), None))
-        self._pending.append((_Unlink(f"{queue_id}.msg"), None))
+        # Again by the committer (a no-op then), so that the directory fsync
+        # that makes it durable comes after it.
+        self._pending.append((_Unlink(name), None))
         if self._inflight or self._stopping:
             self._later()
         else:
