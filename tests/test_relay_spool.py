@@ -118,29 +118,31 @@ def test_one_directory_fsync_per_batch_and_the_last_write_wins(
     )
 
 
-def test_a_removal_is_done_at_once_when_the_committer_is_idle(
+def test_a_removed_message_file_goes_at_once_the_rest_is_batched(
     inline: tuple[Spool, Clock], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every moment a delivered message stays is one a crash would deliver
-    it twice: while nothing is being committed, its unlinks and the directory
-    fsync go at once, not after REMOVAL_DELAY."""
+    """A delivered message still in the spool at a crash is delivered twice:
+    its file is unlinked at once. The state file and the directory fsync go
+    through the committer, with the next commit or after REMOVAL_DELAY."""
     spool, clock = inline
     spool.write_message("Q1", ENVELOPE, b"one\r\n")
     spool.write_state("Q1", {"attempts": 1})
     calls = Syscalls(monkeypatch, spool.queue_dir)
     spool.remove("Q1")
+    assert [p.name for p in spool.queue_dir.iterdir()] == ["Q1.state"]
+    assert calls.calls == [("unlink", "Q1.msg")]
+    clock.advance(REMOVAL_DELAY)
     assert not list(spool.queue_dir.iterdir())
-    # The message file first (here), then the committer's batch: the state
-    # file, the message file again (already gone), the directory fsync.
+    # The committer's batch: the state file, the message file again (already
+    # gone: a no-op), then the directory fsync that makes both durable.
     assert calls.calls == [("unlink", "Q1.msg"), ("unlink", "Q1.state"), ("fsync", "<dir>")]
-    assert clock.getDelayedCalls() == [] and spool.drain().called
+    assert spool.drain().called
 
 
-def test_a_removal_waits_only_for_the_commit_under_way(tmp_path: Path) -> None:
-    """While a commit runs, the message file is unlinked at once all the same;
-    the committer's part of the removal waits for the answer, then goes at
-    once (no REMOVAL_DELAY); unlinks carried by a commit with writes are made
-    durable by the next directory fsync, within REMOVAL_DELAY."""
+def test_a_removal_during_a_commit(tmp_path: Path) -> None:
+    """While commits run, the message file is unlinked at once all the same;
+    the rest rides along with the next commit (unlinked after its fsync) and
+    is made durable by a directory fsync within REMOVAL_DELAY."""
     clock = Clock()
     spool = Spool(tmp_path / "spool", reactor=clock)
     spool.queue_dir.mkdir(parents=True)
@@ -159,21 +161,14 @@ def test_a_removal_waits_only_for_the_commit_under_way(tmp_path: Path) -> None:
         assert channel is not None and len(channel.requests) == 1
         assert not (spool.queue_dir / "Q1.msg").exists()  # a crash now cannot bring it back
         assert (spool.queue_dir / "Q1.state").exists()
-        harness.answer()  # Q2 is durable: the rest of the removal goes now
-        assert [ops for _, ops in channel.requests] == [
-            [(UNLINK, "Q1.state", b""), (UNLINK, "Q1.msg", b"")]
+        spool.write_message("Q3", ENVELOPE, b"three\r\n")  # second in flight, with the removal
+        assert [ops for _, ops in channel.requests][1][:2] == [
+            (UNLINK, "Q1.state", b""),
+            (UNLINK, "Q1.msg", b""),
         ]
         harness.answer()
-        assert not (spool.queue_dir / "Q1.state").exists()
-        assert clock.getDelayedCalls() == []  # nothing left to make durable
-        # A removal that rides along with a write is fsynced within REMOVAL_DELAY.
-        harness.write("Q3")
-        spool.remove("Q2", state=False)
-        spool.write_message("Q4", ENVELOPE, b"four\r\n")  # second in flight
-        harness.answer()
-        assert not (spool.queue_dir / "Q2.msg").exists()
-        harness.answer()  # Q4's batch carried Q2's unlink, done after its fsync
-        assert channel.requests == []
+        harness.answer()  # Q3's batch: the unlinks done after its fsync
+        assert not (spool.queue_dir / "Q1.state").exists() and channel.requests == []
         clock.advance(REMOVAL_DELAY)
         assert [ops for _, ops in channel.requests] == [[]]  # the directory fsync
         harness.answer()

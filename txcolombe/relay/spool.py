@@ -13,18 +13,18 @@ the operations that arrive while a commit runs go together into the next
 one, with their files fsynced in parallel and the directory fsynced once, so
 concurrent messages share the cost of durability.
 
-Removals (after delivery) are not waited for, but they are not put off
-either, since a delivered message still in the spool at a crash is
-delivered twice. The message file is unlinked here at once (one cheap
-system call; a commit under way may take two fsyncs, about 20 ms, and the
-committer does its batches in turn), which no crash of the relay can undo.
-Its state file and the durability of both unlinks against a power loss go
-through the committer: while it is idle, at once (the unlink, then the
-directory fsync); while a commit runs, with the next one (done after it, so
-as not to delay its answer) or alone as soon as it is idle again, and the
-directory fsync covering unlinks done after the last one comes with the
-next commit or after :data:`REMOVAL_DELAY` seconds. A state file left
-alone by a crash in between is removed at the next start.
+Removals (after delivery) are not waited for, but the message file is not
+left behind either, since a delivered message still in the spool at a
+crash is delivered twice: it is unlinked here at once (one cheap system
+call; the committer may have two commits ahead of it, each two fsyncs),
+which no crash of the relay can undo. The state file's unlink and the
+directory fsync that makes both durable against a power loss go through the
+committer, batched: they ride along with the next commit (done after it, so
+as not to delay its answer) and are made durable by the one after; when no
+commit comes, a commit of the removals alone runs after
+:data:`REMOVAL_DELAY` seconds. (Committing each removal at once instead
+cost the intake half its throughput, for no fewer duplicates.) A state file
+left alone by a crash in between is removed at the next start.
 
 Commits run in a committer child process; the reactor thread only builds
 the bytes and hears back once per commit. Each batch has a number, echoed in
@@ -80,9 +80,7 @@ MAGIC = b"TXCOLOMBE-SPOOL 1\n"
 
 log = Logger(namespace="txcolombe.relay")
 
-#: Seconds after which unlinks not yet covered by a directory fsync are made
-#: durable, when no commit comes (and removals not carried by one are done, if
-#: the relay is stopping).
+#: Seconds after which removals not carried by a commit are done and made durable.
 REMOVAL_DELAY = 0.05
 
 #: Batches sent to the committer before its answer to the first: the next
@@ -211,8 +209,8 @@ class Spool:
     def remove(self, queue_id: str, *, state: bool = True) -> None:
         """Remove a message (and its state file, if it has one) after delivery
         or deletion. Not waited for: the message file is unlinked at once;
-        the rest (state file, directory fsync) is committed at once when the
-        committer is idle, else with (or right after) the commit under way."""
+        the rest (state file, directory fsync) is done with the next commit,
+        or within :data:`REMOVAL_DELAY` seconds, and durable by the commit after."""
         name = f"{queue_id}.msg"
         with contextlib.suppress(OSError):  # else the committer's unlink says why
             os.unlink(os.path.join(self._dir, name))
@@ -221,10 +219,7 @@ class Spool:
         # Again by the committer (a no-op then), so that the directory fsync
         # that makes it durable comes after it.
         self._pending.append((_Unlink(name), None))
-        if self._inflight or self._stopping:
-            self._later()
-        else:
-            self._commit_pending()
+        self._later()
 
     def incoming(self, queue_id: str, envelope: dict[str, Any]) -> IncomingFile:
         """Start writing a new message as it arrives (its ``size`` is filled
@@ -352,8 +347,8 @@ class Spool:
         elif self._inflight:
             return  # the next answer will see to the rest
         elif self._pending or self._dirty:
-            if self._drained or (self._pending and not self._stopping):
-                self._commit_pending()  # removals go at once: the committer is idle
+            if self._drained:
+                self._commit_pending()
             else:
                 self._later()
         elif self._drained:
