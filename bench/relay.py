@@ -62,7 +62,7 @@ def bench_relay(messages: int, sessions: int, size: int) -> tuple[float, float]:
         accept = smtp_source(relay.port, messages, sessions, size)
 
         def delivered() -> bool:
-            out = relay.control("stats").stdout
+            out = relay.control("--json", "stats").stdout
             return bool(out) and json.loads(out)["delivered"] >= messages
 
         wait_for(delivered, 120, "delivery to smtp-sink", poll=0.01)

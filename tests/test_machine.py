@@ -897,6 +897,39 @@ def test_utf8_unsupported(env: Envelope) -> None:
     assert conv.state is State.READY
 
 
+@pytest.mark.parametrize(
+    ("keywords", "env", "mail"),
+    [
+        # BODY as the message came (a relay): 7BIT (or none) adds nothing.
+        (("8BITMIME",), envelope(body_type="7BIT"), b"MAIL FROM:<from@example.org>"),
+        (("8BITMIME",), envelope(body_type="8BITMIME"),
+         b"MAIL FROM:<from@example.org> BODY=8BITMIME"),
+        ((), envelope(body_type="8BITMIME"), b"MAIL FROM:<from@example.org>"),
+        # SMTPUTF8 as the message came: said when offered, dropped when not
+        # (nothing in the message needs it).
+        (("SMTPUTF8",), envelope(smtputf8=True), b"MAIL FROM:<from@example.org> SMTPUTF8"),
+        ((), envelope(smtputf8=True), b"MAIL FROM:<from@example.org>"),
+        (("SMTPUTF8", "8BITMIME"), envelope(utf8_headers=True, body_type="7BIT"),
+         b"MAIL FROM:<from@example.org> SMTPUTF8"),
+    ],
+)  # fmt: skip
+def test_mail_parameters_passed_through(
+    keywords: tuple[str, ...], env: Envelope, mail: bytes
+) -> None:
+    conv = session(*keywords)
+    sent, _ = conv.do(lambda: conv.machine.start_transaction(env))
+    assert sent == mail + b"\r\n"
+
+
+def test_utf8_headers_need_smtputf8() -> None:
+    """An SMTPUTF8 message whose header has UTF-8 cannot go to a server
+    without SMTPUTF8 (RFC 6531 §3.2): nothing is sent for it."""
+    conv = session("8BITMIME", "PIPELINING")
+    error = refused_before_sending(conv, envelope(smtputf8=True, utf8_headers=True))
+    assert isinstance(error, errors.UTF8Unsupported) and "UTF-8 header" in str(error)
+    assert conv.state is State.READY
+
+
 def test_a_send_queued_before_the_session_is_ready_waits_for_it() -> None:
     conv = Conversation()
     first = conv.machine.start_transaction(envelope())

@@ -37,6 +37,7 @@ from txcolombe import (
     TLSFailure,
 )
 from txcolombe.client.body import CHUNK, body_producer
+from txcolombe.codec.errors import UsageError
 from txcolombe.codec.reply import Reply
 from txcolombe.testing import END_OF_DATA, GREETING, MemorySMTP, MemorySMTPServer
 
@@ -642,6 +643,39 @@ def test_session_runs_two_transactions_on_one_connection(fake: MemorySMTP) -> No
     ]
     assert first.queue_id == "MEM000001" and second.queue_id == "MEM000002"
     assert fake.server.commands.count("STARTTLS") == 1
+
+
+def test_session_passes_body_and_smtputf8_through(fake: MemorySMTP) -> None:
+    """body_type and smtputf8 reach MAIL FROM; without them, the default
+    (BODY=8BITMIME when offered) is unchanged."""
+
+    async def scenario() -> None:
+        session = await connect(fake)
+        await session.send("a@example.com", "b@example.org", body(fake), body_type="7BIT")
+        await session.send("a@example.com", "b@example.org", body(fake), body_type="8BITMIME")
+        await session.send("a@example.com", "b@example.org", body(fake), smtputf8=True)
+        await session.send("a@example.com", "b@example.org", body(fake))
+        await session.quit()
+
+    fake.server.extensions = [*fake.server.extensions, "SMTPUTF8"]
+    d = Deferred.fromCoroutine(scenario())
+    fake.flush()
+    result_of(d)
+    params = [[p for p in t.mail_parameters if not p.startswith("SIZE=")]
+              for t in fake.server.transactions]  # fmt: skip
+    assert params == [[], ["BODY=8BITMIME"], ["SMTPUTF8", "BODY=8BITMIME"], ["BODY=8BITMIME"]]
+
+
+def test_session_refuses_an_unknown_body_type(fake: MemorySMTP) -> None:
+    d = connect(fake)
+    fake.flush()
+    session = result_of(d)
+    error = failure_of(session.send("a@example.com", "b@example.org", b"x\r\n", body_type="8BIT"),
+                       UsageError)  # fmt: skip
+    assert "body_type" in str(error)
+    assert not [c for c in fake.server.commands if c.startswith("MAIL")]
+    session.quit()
+    fake.flush()
 
 
 def test_session_goes_on_after_a_failed_transaction(fake: MemorySMTP) -> None:

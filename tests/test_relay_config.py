@@ -187,3 +187,23 @@ def test_command_line_wins_over_the_file_even_at_the_default(tmp_path: Path) -> 
     assert options["max-size"] == 10240000  # the built-in default, given on the command line
     assert options["hostname"] == "cli.test"
     assert options["idle-timeout"] == 60  # not on the command line: the file's value
+
+
+@pytest.mark.parametrize(
+    ("description", "tcp"),
+    [
+        ("ssl:port=465:interface=127.0.0.1", "tcp:port=465:interface=127.0.0.1"),
+        ("ssl:4650", "tcp:4650"),
+        ("ssl:port=465:interface=\\:\\:1:backlog=5", "tcp:port=465:interface=\\:\\:1:backlog=5"),
+        ("ssl:port=465:privateKey=own.pem", None),  # its own certificate: kept as given
+        ("ssl:port=465:certKey=c.pem:privateKey=k.pem", None),
+        ("tcp:port=25", None),
+        ("unix:/tmp/smtp.sock", None),
+    ],
+)
+def test_implicit_tls_listener_under_the_reloadable_certificate(
+    description: str, tcp: str | None
+) -> None:
+    from txcolombe.relay.options import implicit_tls_tcp
+
+    assert implicit_tls_tcp(description) == tcp

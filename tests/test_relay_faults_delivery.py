@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from tests.test_relay_queue import DATA, PERM, TEMP, ScriptedTransport, accept, envelope, make
+from txcolombe.client.options import MessageOptions
 from txcolombe.codec.address import Mailbox
 from txcolombe.codec.errors import (
     ConnectionRefused,
@@ -35,6 +36,7 @@ from txcolombe.delivery.outcome import DeliveryStatus, Outcome, failed
 from txcolombe.relay.metrics import prometheus_text
 from txcolombe.relay.queue import STATE_RETRY, QueueManager, RetryPolicy
 from txcolombe.relay.spool import REMOVAL_DELAY, Spool
+from txcolombe.relay.transport import LOCAL
 
 
 def reply(text: str) -> Reply:
@@ -116,9 +118,14 @@ class FailingTransport(ScriptedTransport):
     error: BaseException | None = None
 
     def send(
-        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        recipients: Sequence[Mailbox],
+        data: bytes,
+        declared: MessageOptions = LOCAL,
     ) -> Deferred[dict[str, Outcome]]:
-        sent = super().send(destination, sender, recipients, data)
+        sent = super().send(destination, sender, recipients, data, declared)
         if self.error is None:
             return sent
         return succeed(
@@ -347,9 +354,14 @@ class HangingTransport(ScriptedTransport):
     """Never answers; a cancel fails the attempt as the session would."""
 
     def send(
-        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        recipients: Sequence[Mailbox],
+        data: bytes,
+        declared: MessageOptions = LOCAL,
     ) -> Deferred[dict[str, Outcome]]:
-        super().send(destination, sender, recipients, data)
+        super().send(destination, sender, recipients, data, declared)
         return Deferred()
 
 

@@ -47,6 +47,7 @@ class Got:
     sender: str
     recipients: list[str]
     data: bytes
+    mail_options: tuple[str, ...] = ()
 
 
 class Room:
@@ -78,6 +79,7 @@ class _Handler:
             envelope.mail_from or "",
             list(envelope.rcpt_tos),
             envelope.original_content or b"",
+            tuple(envelope.mail_options),
         )
         with self.room.lock:
             self.room.got.append(got)
@@ -227,3 +229,29 @@ async def test_null_mx_and_refusal_bounce_through_the_senders_exchanger(
         return "Mail queue is empty" in relay.control("list").stdout
 
     await until(empty, 20, "an empty queue")
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_and_smtputf8_pass_through_to_the_exchanger(
+    relay: RelayProcess, exchangers: tuple[int, Room]
+) -> None:
+    """In MX mode too, MAIL's BODY goes on as the client gave it (none stays
+    none, though the exchanger offers 8BITMIME), and SMTPUTF8 with it."""
+    _, room = exchangers
+
+    def send_three() -> None:
+        with smtplib.SMTP("127.0.0.1", relay.port, "client.test", timeout=10) as client:
+            for subject, options in (("none", []), ("8bit", ["BODY=8BITMIME"]),
+                                     ("utf8", ["SMTPUTF8"])):  # fmt: skip
+                data = f"Subject: {subject}\r\n\r\nx\r\n".encode()
+                assert client.sendmail("a@one.test", ["b@one.test"], data, options) == {}
+
+    await deferToThread(send_three)
+    await until(lambda: len(room.all()) == 3, 20, "three messages")
+    got = {
+        g.data.split(b"Subject: ")[1].split(b"\r\n")[0]: [
+            o for o in g.mail_options if not o.startswith("SIZE")
+        ]
+        for g in room.all()
+    }
+    assert got == {b"none": [], b"8bit": ["BODY=8BITMIME"], b"utf8": ["SMTPUTF8"]}

@@ -4,16 +4,19 @@ bounces, restart recovery and queue commands. The transport is scripted."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
+from txcolombe.client.options import MessageOptions
 from txcolombe.codec.address import Mailbox
 from txcolombe.codec.reply import Reply
 from txcolombe.delivery.outcome import DeliveryStatus, Outcome
 from txcolombe.relay.queue import QueueManager, RetryPolicy
 from txcolombe.relay.spool import REMOVAL_DELAY, Spool
+from txcolombe.relay.transport import LOCAL
 from txcolombe.server.machine import ServerEnvelope
 
 DATA = b"Subject: test\r\nMessage-ID: <m1@x.test>\r\n\r\nbody\r\n"
@@ -26,15 +29,23 @@ class ScriptedTransport:
         self.clock = clock
         self.calls: list[tuple[float, str | None, list[str], bytes]] = []
         self.script: dict[str, Outcome] = {}
+        #: What each call passed on of the client's MAIL (BODY, SMTPUTF8).
+        self.declared: list[MessageOptions] = []
 
     def route(self, recipient: Mailbox) -> str:
         return recipient.domain or ""
 
     def send(
-        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        recipients: Sequence[Mailbox],
+        data: bytes,
+        declared: MessageOptions = LOCAL,
     ) -> Deferred[dict[str, Outcome]]:
         names = [str(r) for r in recipients]
         self.calls.append((self.clock.seconds(), str(sender) if sender else None, names, data))
+        self.declared.append(declared)
         return succeed({n: self.script.get(n.split("@")[0], OK) for n in names})
 
     def close(self) -> Deferred[None]:
@@ -90,9 +101,7 @@ def test_delivered_message_leaves_the_spool(tmp_path: Path) -> None:
     _, sender, rcpts, data = transport.calls[0]
     assert sender == "a@x.test" and rcpts == ["b@y.test"]
     assert data.startswith(b"Received: from c.test ([127.0.0.1])") and data.endswith(DATA)
-    assert [p.suffix for p in (tmp_path / "spool" / "queue").iterdir()] == [".msg"]
-    clock.advance(REMOVAL_DELAY)  # removals are not waited for
-    assert not list((tmp_path / "spool" / "queue").iterdir())
+    assert not list((tmp_path / "spool" / "queue").iterdir())  # its file goes at once
     assert queue.stats()["delivered"] == 1 and qid not in queue.messages
 
 
@@ -175,6 +184,34 @@ def test_restart_resumes_with_state(tmp_path: Path) -> None:
     assert qid not in queue2.messages
     clock2.advance(REMOVAL_DELAY)
     assert not list((tmp_path / "spool" / "queue").iterdir())
+
+
+def test_the_clients_body_and_smtputf8_are_passed_on(tmp_path: Path) -> None:
+    """What the client declared goes with every attempt, after a restart too;
+    no BODY is 7BIT; a bounce (made here) declares nothing."""
+    queue, transport, clock = make(tmp_path)
+    transport.script["busy"] = TEMP
+    transport.script["nobody"] = PERM
+    plain = envelope("a@x.test", "busy@y.test")
+    accept(queue, replace(plain, body_type="8BITMIME", smtputf8=True), clock)
+    accept(queue, plain, clock)
+    utf8 = b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nbody\r\n"
+    queue.accept(replace(envelope("a@x.test", "ok@y.test"), smtputf8=True), utf8)
+    accept(queue, envelope("a@x.test", "nobody@y.test"), clock)  # and its bounce
+    assert transport.declared == [
+        MessageOptions(body_type="8BITMIME", smtputf8=True),
+        MessageOptions(body_type="7BIT"),
+        MessageOptions(body_type="7BIT", smtputf8=True, utf8_headers=True),
+        MessageOptions(body_type="7BIT"),
+        LOCAL,
+    ]
+    queue.spool.stop()
+    _, transport2, clock2 = make(tmp_path)
+    clock2.advance(300)
+    assert transport2.declared == [
+        MessageOptions(body_type="8BITMIME", smtputf8=True),
+        MessageOptions(body_type="7BIT"),
+    ]
 
 
 def test_queue_commands(tmp_path: Path) -> None:

@@ -130,3 +130,43 @@ def test_sighup_reloads_certificate_users_networks(hup_relay: RelayProcess, tmp_
     assert len(errors) == 1 and "Traceback" not in hup_relay.log_text()
     assert served_certificate(hup_relay.port, new_cafile) == new_cert
     assert can_login(hup_relay.port, new_cafile, "carol", "correct horse")
+
+
+def implicit_tls_certificate(port: int, cafile: Path) -> bytes:
+    """The DER certificate an implicit-TLS (``ssl:``) listener presents."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    with smtplib.SMTP_SSL("127.0.0.1", port, context=context, timeout=10) as client:
+        client.ehlo("client.test")
+        der = client.sock.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_sighup_reloads_the_implicit_tls_certificate(
+    tmp_path: Path,
+    peer: AiosmtpdPeer,  # noqa: F811
+    intake_ca: trustme.CA,  # noqa: F811
+) -> None:
+    tls_port = free_port()
+    args = relay_args(tmp_path, peer, f"--listen=ssl:port={tls_port}:interface=127.0.0.1")
+    with RelayProcess(tmp_path, free_port(), args) as relay:
+        old_cert = implicit_tls_certificate(tls_port, tmp_path / "relay-ca.pem")
+        context = ssl.create_default_context(cafile=str(tmp_path / "relay-ca.pem"))
+        before = smtplib.SMTP_SSL("127.0.0.1", tls_port, context=context, timeout=10)
+        before.ehlo("client.test")
+        new_ca = trustme.CA()
+        new = new_ca.issue_cert("localhost", "127.0.0.1")
+        (tmp_path / "relay-cert.pem").write_bytes(b"".join(b.bytes() for b in new.cert_chain_pems))
+        (tmp_path / "relay-key.pem").write_bytes(new.private_key_pem.bytes())
+        new_cafile = tmp_path / "new-ca.pem"
+        new_ca.cert_pem.write_to_path(str(new_cafile))
+        hup_and_wait(relay, "reloaded:")
+        new_cert = implicit_tls_certificate(tls_port, new_cafile)
+        assert new_cert != old_cert
+        assert new_cert == served_certificate(relay.port, new_cafile)  # STARTTLS agrees
+        # The session opened before the reload goes on, on its old certificate.
+        assert before.sock.getpeercert(binary_form=True) == old_cert
+        assert before.sendmail("a@example.com", ["b@example.org"], b"Subject: s\r\n\r\nx\r\n") == {}
+        before.quit()
+        wait_for(lambda: len(peer.received) == 1, 10, "the delivery")
+        assert b"with ESMTPS" in peer.received[0].data

@@ -14,6 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import Clock, deferLater
 
+from tests.test_relay_committer_faults import Harness
 from txcolombe.relay.committer import (
     REPLY_SIZE,
     UNLINK,
@@ -54,7 +55,7 @@ class Syscalls:
 
         def unlink(path: str, **kw: int) -> None:
             real_unlink(path, **kw)
-            self.calls.append(("unlink", path))
+            self.calls.append(("unlink", Path(path).name))
 
         monkeypatch.setattr(os, "open", opened)
         monkeypatch.setattr(os, "fsync", fsync)
@@ -117,32 +118,63 @@ def test_one_directory_fsync_per_batch_and_the_last_write_wins(
     )
 
 
-def test_removals_wait_for_a_commit_and_are_made_durable(
+def test_a_removed_message_file_goes_at_once_the_rest_is_batched(
     inline: tuple[Spool, Clock], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A delivered message still in the spool at a crash is delivered twice:
+    its file is unlinked at once. The state file and the directory fsync go
+    through the committer, with the next commit or after REMOVAL_DELAY."""
     spool, clock = inline
     spool.write_message("Q1", ENVELOPE, b"one\r\n")
-    spool.write_message("Q2", ENVELOPE, b"two\r\n")
+    spool.write_state("Q1", {"attempts": 1})
     calls = Syscalls(monkeypatch, spool.queue_dir)
-    spool.remove("Q1", state=False)
-    assert (spool.queue_dir / "Q1.msg").exists() and calls.calls == []  # not waited for
-    # the next commit carries it, after its own fsyncs (not delaying its answer)
-    spool.write_message("Q3", ENVELOPE, b"three\r\n")
-    assert not (spool.queue_dir / "Q1.msg").exists()
-    kinds = [kind for kind, _ in calls.calls]
-    assert kinds == ["fsync", "rename", "fsync", "unlink"]
-    # that unlink is made durable by a directory fsync soon after
-    drained = spool.drain()
-    assert drained.called
-    assert calls.calls[-1] == ("fsync", "<dir>")
-    # alone, a removal is done (and synced) after REMOVAL_DELAY
-    calls.calls.clear()
-    spool.remove("Q2", state=False)
-    clock.advance(REMOVAL_DELAY - 0.01)
-    assert (spool.queue_dir / "Q2.msg").exists()
-    clock.advance(0.01)
-    assert not (spool.queue_dir / "Q2.msg").exists()
-    assert calls.calls == [("unlink", "Q2.msg"), ("fsync", "<dir>")]
+    spool.remove("Q1")
+    assert [p.name for p in spool.queue_dir.iterdir()] == ["Q1.state"]
+    assert calls.calls == [("unlink", "Q1.msg")]
+    clock.advance(REMOVAL_DELAY)
+    assert not list(spool.queue_dir.iterdir())
+    # The committer's batch: the state file, the message file again (already
+    # gone: a no-op), then the directory fsync that makes both durable.
+    assert calls.calls == [("unlink", "Q1.msg"), ("unlink", "Q1.state"), ("fsync", "<dir>")]
+    assert spool.drain().called
+
+
+def test_a_removal_during_a_commit(tmp_path: Path) -> None:
+    """While commits run, the message file is unlinked at once all the same;
+    the rest rides along with the next commit (unlinked after its fsync) and
+    is made durable by a directory fsync within REMOVAL_DELAY."""
+    clock = Clock()
+    spool = Spool(tmp_path / "spool", reactor=clock)
+    spool.queue_dir.mkdir(parents=True)
+    committer = Committer(str(spool.queue_dir))
+    harness = Harness(spool, committer)
+    spool._spawn = harness.spawn  # type: ignore[method-assign]
+    harness.spawn()
+    try:
+        harness.write("Q1")
+        spool.write_state("Q1", {"attempts": 1})
+        harness.answer()
+        harness.answer()
+        harness.write("Q2")  # a commit under way
+        spool.remove("Q1")
+        channel = harness.channel
+        assert channel is not None and len(channel.requests) == 1
+        assert not (spool.queue_dir / "Q1.msg").exists()  # a crash now cannot bring it back
+        assert (spool.queue_dir / "Q1.state").exists()
+        spool.write_message("Q3", ENVELOPE, b"three\r\n")  # second in flight, with the removal
+        assert [ops for _, ops in channel.requests][1][:2] == [
+            (UNLINK, "Q1.state", b""),
+            (UNLINK, "Q1.msg", b""),
+        ]
+        harness.answer()
+        harness.answer()  # Q3's batch: the unlinks done after its fsync
+        assert not (spool.queue_dir / "Q1.state").exists() and channel.requests == []
+        clock.advance(REMOVAL_DELAY)
+        assert [ops for _, ops in channel.requests] == [[]]  # the directory fsync
+        harness.answer()
+        assert spool.drain().called
+    finally:
+        committer.close()
 
 
 def test_frames_round_trip() -> None:
@@ -228,3 +260,18 @@ async def test_large_and_small_writes_interleaved_arrive_intact(tmp_path: Path) 
             assert spool.read_data(name) == body
     finally:
         await spool.stop()
+
+
+def test_a_state_file_left_without_its_message_is_removed_at_start(tmp_path: Path) -> None:
+    """A crash between the removal of a message file and of its state file
+    leaves the state alone: the next start removes it, and only it."""
+    spool = Spool(tmp_path / "spool", inline=True)
+    spool.start()
+    spool.write_message("Q1", ENVELOPE, b"one\r\n")
+    spool.write_state("Q1", {"attempts": 1})
+    spool.write_state("Q2", {"attempts": 1})
+    spool.stop()
+    again = Spool(tmp_path / "spool", inline=True)
+    again.start()
+    assert sorted(p.name for p in again.queue_dir.iterdir()) == ["Q1.msg", "Q1.state"]
+    again.stop()

@@ -188,8 +188,16 @@ def test_a_real_listener_sees_no_connection() -> None:
         listener.close()
 
 
-@pytest.mark.parametrize("body", ["a str body", io.StringIO("text mode"), 42])
-def test_deliver_refuses_a_bad_body_before_any_lookup(body: object) -> None:
+@pytest.mark.parametrize(
+    ("body", "options"),
+    [
+        ("a str body", {}),
+        (io.StringIO("text mode"), {}),
+        (42, {}),
+        (b"Subject: s\r\n\r\nx\r\n", {"body_type": "8BIT"}),
+    ],
+)
+def test_deliver_refuses_a_bad_body_before_any_lookup(body: object, options: Any) -> None:
     """deliver() checks the body's kind before it resolves or connects."""
     from txcolombe.delivery.deliver import deliver
 
@@ -201,7 +209,10 @@ def test_deliver_refuses_a_bad_body_before_any_lookup(body: object) -> None:
             looked_up.append(name)
             raise AssertionError(f"resolver.{name} used")
 
-    d = deliver("a@example.com", ["b@example.org"], body, reactor=fake.reactor, resolver=Resolver())
+    d = deliver(
+        "a@example.com", ["b@example.org"], body, reactor=fake.reactor, resolver=Resolver(),
+        **options,
+    )  # fmt: skip
     failure = _failure(d)
     assert isinstance(failure, UsageError)
     fake.flush()

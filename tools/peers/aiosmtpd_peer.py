@@ -95,9 +95,12 @@ class AiosmtpdPeer:
 
     Recipients whose local part starts with ``refuse`` get 550, with
     ``later`` 450. ``users`` may authenticate (PLAIN, LOGIN) under TLS.
+    ``smtputf8``: offer SMTPUTF8.
     """
 
-    def __init__(self, workdir: Path, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, users: dict[str, str] | None = None, *, smtputf8: bool = True
+    ) -> None:
         self.users = users if users is not None else {"alice": "s3cret"}
         self.received: list[Received] = []
         self.lock = threading.Lock()
@@ -113,7 +116,7 @@ class AiosmtpdPeer:
             "hostname": "127.0.0.1",
             "authenticator": self._authenticate,
             "auth_require_tls": True,
-            "enable_SMTPUTF8": True,
+            "enable_SMTPUTF8": smtputf8,
             "data_size_limit": None,
         }
         self.starttls_port = free_port()

@@ -35,6 +35,13 @@ class Envelope:
     :ivar reset_first: send RSET before MAIL (pipelined when possible): on
         a connection that sat idle, it proves the server is still there
         before anything of the message is at stake.
+    :ivar body_type: the BODY the message was declared with (a relay passes
+        it on): None says BODY=8BITMIME whenever the server offers it (the
+        default); "8BITMIME" likewise; "7BIT" sends no BODY parameter.
+    :ivar smtputf8: the message came with SMTPUTF8: say it whenever the
+        server offers it (a non-ASCII address always needs it).
+    :ivar utf8_headers: the header has UTF-8 (RFC 6532): like a non-ASCII
+        address, the message cannot go to a server without SMTPUTF8.
     :ivar all_or_nothing: deliver only if every recipient is accepted; such
         a send is never split over several transactions.
     """
@@ -49,6 +56,9 @@ class Envelope:
     chunking: bool | None = None
     binary: bool = False
     reset_first: bool = False
+    body_type: str | None = None
+    smtputf8: bool = False
+    utf8_headers: bool = False
 
 
 def use_bdat(envelope: Envelope, extensions: Extensions) -> bool:
@@ -82,16 +92,18 @@ def mail_parameters(envelope: Envelope, extensions: Extensions, tls_active: bool
     mailboxes = [*envelope.recipients]
     if envelope.sender is not None:
         mailboxes.append(envelope.sender)
-    if any(m.needs_smtputf8 for m in mailboxes):
-        if "SMTPUTF8" not in extensions:
-            raise UTF8Unsupported(
-                "a non-ASCII address needs SMTPUTF8, which the server does not offer",
-                step=Step.MAIL,
-            )
-        params += " SMTPUTF8"
+    address = any(m.needs_smtputf8 for m in mailboxes)
+    if "SMTPUTF8" in extensions:
+        if address or envelope.smtputf8 or envelope.utf8_headers:
+            params += " SMTPUTF8"
+    elif address or envelope.utf8_headers:
+        what = "a non-ASCII address" if address else "a UTF-8 header (RFC 6532)"
+        raise UTF8Unsupported(
+            f"{what} needs SMTPUTF8, which the server does not offer", step=Step.MAIL
+        )
     if envelope.binary:
         params += " BODY=BINARYMIME"
-    elif "8BITMIME" in extensions:
+    elif "8BITMIME" in extensions and envelope.body_type != "7BIT":
         params += " BODY=8BITMIME"
     if envelope.size is not None and "SIZE" in extensions:
         limit = extensions.size

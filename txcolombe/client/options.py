@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStream
 
 from txcolombe.client.machine import TLSMode
 from txcolombe.codec.dsn import DSN
-from txcolombe.codec.errors import InvalidArgument
+from txcolombe.codec.errors import InvalidArgument, UsageError
 from txcolombe.codec.sasl import Authentication
 from txcolombe.codec.step import Step
 
@@ -134,6 +134,14 @@ class MessageOptions:
     :ivar chunking: BDAT (RFC 3030): None uses it when offered with
         PIPELINING, True requires it, False never uses it.
     :ivar binary: send the body untouched with BODY=BINARYMIME.
+    :ivar body_type: the BODY the message came with, for a relay to pass on:
+        None (the default) or "8BITMIME" say BODY=8BITMIME when the server
+        offers it; "7BIT" sends no BODY parameter.
+    :ivar smtputf8: the message came with SMTPUTF8: say it when the server
+        offers it (a non-ASCII address always needs it).
+    :ivar utf8_headers: the header has UTF-8 (RFC 6532): a server without
+        SMTPUTF8 gets nothing (:class:`~txcolombe.codec.errors.UTF8Unsupported`).
+    :raises UsageError: ``body_type`` is none of those.
     """
 
     all_or_nothing: bool = False
@@ -141,6 +149,13 @@ class MessageOptions:
     requiretls: bool = False
     chunking: bool | None = None
     binary: bool = False
+    body_type: str | None = None
+    smtputf8: bool = False
+    utf8_headers: bool = False
+
+    def __post_init__(self) -> None:
+        if self.body_type not in (None, "7BIT", "8BITMIME"):
+            raise UsageError(f"body_type is None, '7BIT' or '8BITMIME', not {self.body_type!r}")
 
 
 _Options = TypeVar("_Options", ConnectOptions, MessageOptions)

@@ -110,6 +110,9 @@ class Session:
         chunking: bool | None = None,
         binary: bool = False,
         reset_first: bool = False,
+        body_type: str | None = None,
+        smtputf8: bool = False,
+        utf8_headers: bool = False,
         options: MessageOptions | None = None,
         dkim: DKIM = None,
     ) -> Deferred[Receipt]:
@@ -127,9 +130,10 @@ class Session:
         stays usable for the next); one whose DATA or body is under way can
         only be stopped by aborting the connection.
 
-        ``all_or_nothing``, ``dsn``, ``requiretls``, ``chunking`` and
-        ``binary`` are those of :class:`~txcolombe.client.options.MessageOptions`;
-        ``options`` gives them as one object instead.
+        ``all_or_nothing``, ``dsn``, ``requiretls``, ``chunking``, ``binary``,
+        ``body_type``, ``smtputf8`` and ``utf8_headers`` are those of
+        :class:`~txcolombe.client.options.MessageOptions`; ``options`` gives
+        them as one object instead.
 
         :param reset_first: send RSET before MAIL (pipelined when the server
             allows): checks that a connection that sat idle is still alive
@@ -143,7 +147,17 @@ class Session:
         """
         try:
             message = either(
-                MessageOptions(all_or_nothing, dsn, requiretls, chunking, binary), options
+                MessageOptions(
+                    all_or_nothing,
+                    dsn,
+                    requiretls,
+                    chunking,
+                    binary,
+                    body_type,
+                    smtputf8,
+                    utf8_headers,
+                ),
+                options,
             )
             checked = check_message(sender, recipients, body, dsn=message.dsn)
         except SMTPError as error:
@@ -177,6 +191,9 @@ class Session:
                 chunking=message.chunking,
                 binary=message.binary,
                 reset_first=reset_first,
+                body_type=message.body_type,
+                smtputf8=message.smtputf8,
+                utf8_headers=message.utf8_headers,
             )
         except SMTPError as error:
             return fail(error)

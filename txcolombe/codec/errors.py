@@ -169,7 +169,7 @@ class EightBitUnsupported(UsageError):
 
 
 class UTF8Unsupported(UsageError):
-    """A non-ASCII local part for a server that does not offer SMTPUTF8."""
+    """A non-ASCII local part or a UTF-8 header for a server that does not offer SMTPUTF8."""
 
 
 class MessageTooLarge(UsageError):

@@ -190,6 +190,9 @@ def deliver(
     local_identities: Iterable[str] = (),
     deliverer: Deliverer | None = None,
     dkim: DKIM = None,
+    body_type: str | None = None,
+    smtputf8: bool = False,
+    utf8_headers: bool = False,
 ) -> Deferred[DeliveryResult]:
     """Deliver a message to each recipient's domain, through its exchangers.
 
@@ -230,6 +233,10 @@ def deliver(
     :param deliverer: the :class:`~txcolombe.delivery.deliverer.Deliverer` whose
         caches, limits and memory of dead hosts this delivery shares (default:
         the process-wide one).
+    :param body_type: the BODY the message came with, as for ``Session.send``
+        (a relay passes it on).
+    :param smtputf8: the message came with SMTPUTF8, as for ``Session.send``.
+    :param utf8_headers: the header has UTF-8 (RFC 6532), as for ``Session.send``.
     :param dkim: a :class:`~txcolombe.codec.dkim.DKIMSigner` or several (one
         signature each): the body is signed once, before any connection.
     :returns: a Deferred firing with a :class:`DeliveryResult`; it fails
@@ -273,7 +280,13 @@ def deliver(
             address_preference=preference,
             dns_timeout=tuple(dns_timeout),
             rng=rng,
-            message=MessageOptions(dsn=dsn, requiretls=requiretls),
+            message=MessageOptions(
+                dsn=dsn,
+                requiretls=requiretls,
+                body_type=body_type,
+                smtputf8=smtputf8,
+                utf8_headers=utf8_headers,
+            ),
             deliverer=agent,
             dkim=signers(dkim),
             **_identities(local_identities),

@@ -190,6 +190,9 @@ class Outcome:
             return (4, 4, 4) if error.temporary else (5, 4, 4)
         if isinstance(error, PolicyViolation):
             return (4, 7, 5)
+        for kind, code in _MESSAGE_ERRORS.items():
+            if isinstance(error, kind):
+                return code
         return error.enhanced_status
 
     @property
@@ -306,8 +309,14 @@ LOCAL_REASONS: dict[str, tuple[int, int, int]] = {
 }
 
 #: Usage errors that are about the message, not about the sender: the next
-#: hop can never take this message as it is.
-_MESSAGE_ERRORS = (MessageTooLarge, EightBitUnsupported, UTF8Unsupported)
+#: hop can never take this message as it is. It is bounced (RFC 6531 §3.2 for
+#: SMTPUTF8: an MTA rejects or bounces, it does not downgrade), with the
+#: RFC 3463 code of each.
+_MESSAGE_ERRORS: dict[type[UsageError], tuple[int, int, int]] = {
+    UTF8Unsupported: (5, 6, 7),
+    EightBitUnsupported: (5, 6, 3),
+    MessageTooLarge: (5, 3, 4),
+}
 
 #: Steps before the first transaction: a reply there is about the session.
 _SETUP_STEPS = (Step.CONNECT, Step.GREETING, Step.EHLO, Step.HELO, Step.STARTTLS, Step.TLS)
@@ -337,7 +346,7 @@ def local_reason(error: BaseException, *, smarthost: bool = False) -> str:
         return "dns"
     if isinstance(error, ConnectionFailed):
         return "connection"
-    if isinstance(error, _MESSAGE_ERRORS):
+    if isinstance(error, tuple(_MESSAGE_ERRORS)):
         return ""
     if isinstance(error, UsageError):
         return "config"

@@ -284,6 +284,47 @@ def listen_description(options: Any, description: str) -> str:
     return f"{description}:certKey={cert}:privateKey={key}"
 
 
+#: The parameters of an ``ssl:`` description that a plain TCP listener also takes.
+_TCP_PARAMETERS = ("port", "interface", "backlog")
+
+
+def implicit_tls_tcp(description: str) -> str | None:
+    """The ``tcp:`` description under an implicit-TLS one that takes its
+    certificate from ``--tls-cert``/``--tls-key`` (no TLS parameter of its
+    own), or None (not implicit TLS, or a certificate of its own).
+
+    Such a listener is made as TCP with TLS on top, so that it serves the
+    certificate of the moment: a SIGHUP's new one applies to it too.
+    """
+    fields = _fields(description)
+    if fields[0] not in ("ssl", "tls"):
+        return None
+    for field in fields[1:]:
+        key, sep, _ = field.partition("=")
+        if sep and key not in _TCP_PARAMETERS:
+            return None
+    return ":".join(["tcp", *fields[1:]])
+
+
+def _fields(description: str) -> list[str]:
+    """``description`` split at its unescaped colons (escapes kept)."""
+    fields: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for char in description:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    fields.append("".join(current))
+    return fields
+
+
 def _escape(path: str) -> str:
     return path.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 

@@ -39,7 +39,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
@@ -47,12 +47,13 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txcolombe.client.options import MessageOptions
 from txcolombe.codec.address import Mailbox, parse_recipient, parse_sender
 from txcolombe.codec.errors import SMTPError
 from txcolombe.delivery.outcome import DeliveryStatus, Outcome, failed, with_class
 from txcolombe.relay.bounce import RecipientReport, build_dsn
 from txcolombe.relay.spool import IncomingFile, Spool, new_queue_id
-from txcolombe.relay.transport import Transport
+from txcolombe.relay.transport import LOCAL, Transport
 from txcolombe.server.machine import ServerEnvelope
 from txcolombe.server.received import received_header
 
@@ -126,6 +127,7 @@ class Message:
         and it is read from the spool.
     :ivar mailboxes: the parsed sender (key None) and recipients, by address.
     :ivar has_state: a state file exists in the spool.
+    :ivar declared: what the client declared on MAIL (BODY, SMTPUTF8), passed on.
     """
 
     id: str
@@ -143,6 +145,7 @@ class Message:
     data: bytes | None = field(default=None, repr=False)
     mailboxes: dict[str | None, Mailbox | None] = field(default_factory=dict, repr=False)
     has_state: bool = False
+    declared: MessageOptions = LOCAL
 
     @property
     def pending(self) -> list[RecipientState]:
@@ -192,7 +195,27 @@ def _intake_record(envelope: ServerEnvelope) -> dict[str, Any]:
     """What the spool keeps of an SMTP envelope besides sender and recipients."""
     return {"client": envelope.client_address, "helo": envelope.helo,
             "protocol": envelope.protocol, "auth": envelope.authenticated,
-            "body": envelope.body_type}  # fmt: skip
+            "body": envelope.body_type, "smtputf8": envelope.smtputf8}  # fmt: skip
+
+
+def _declared(record: dict[str, Any]) -> MessageOptions:
+    """What a spool record says its client declared on MAIL.
+
+    A record from SMTP always has ``body`` (None: no BODY parameter, which
+    is 7BIT); a message made here (a bounce) has none.
+    """
+    if "body" not in record:
+        return LOCAL
+    return MessageOptions(body_type=record["body"] or "7BIT", smtputf8=bool(record.get("smtputf8")))
+
+
+def _with_headers(declared: MessageOptions, data: bytes) -> MessageOptions:
+    """``declared`` and whether an SMTPUTF8 message's header has UTF-8."""
+    if not declared.smtputf8:
+        return declared
+    end = data.find(b"\r\n\r\n")
+    header = data if end < 0 else data[:end]
+    return replace(declared, utf8_headers=not header.isascii())
 
 
 class IncomingStream:
@@ -379,6 +402,7 @@ class QueueManager:
             client=envelope.get("client", ""),
             mailboxes=mailboxes,
             has_state=bool(state),
+            declared=_declared(envelope),
         )
 
     # -- intake -------------------------------------------------------------------------
@@ -413,7 +437,7 @@ class QueueManager:
         message = Message(
             id=queue_id, sender=sender, recipients=[RecipientState(r) for r in recipients],
             arrival=arrival, size=0, next_attempt=arrival, client=envelope.client_address,
-            mailboxes=mailboxes,
+            mailboxes=mailboxes, declared=_declared(extra),
         )  # fmt: skip
         incoming = self.spool.incoming(queue_id, record)
         incoming.write(header)
@@ -456,6 +480,7 @@ class QueueManager:
             client=str(extra.get("client", "")),
             data=data if len(data) <= KEEP_IN_MEMORY else None,
             mailboxes=mailboxes,
+            declared=_declared(extra),
         )
 
         return self.spool.write_message(queue_id, record, data).addCallback(
@@ -530,7 +555,10 @@ class QueueManager:
             mailbox = mailboxes[rcpt.address]
             assert mailbox is not None
             groups.setdefault(self.transport.route(mailbox), []).append(mailbox)
-        attempts = [self._send(dest, sender, rcpts, data) for dest, rcpts in groups.items()]
+        declared = _with_headers(message.declared, data)
+        attempts = [
+            self._send(dest, sender, rcpts, data, declared) for dest, rcpts in groups.items()
+        ]
 
         def done(results: list[tuple[bool, Any]]) -> None:
             self._active.pop(message.id, None)
@@ -549,10 +577,15 @@ class QueueManager:
         finished.addCallback(done)
 
     def _send(
-        self, destination: str, sender: Mailbox | None, rcpts: list[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        rcpts: list[Mailbox],
+        data: bytes,
+        declared: MessageOptions,
     ) -> Deferred[dict[str, Outcome]]:
         try:
-            return self.transport.send(destination, sender, rcpts, data)
+            return self.transport.send(destination, sender, rcpts, data, declared)
         except Exception:
             return fail()
 

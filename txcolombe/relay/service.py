@@ -16,13 +16,15 @@ from typing import Any
 from OpenSSL import SSL, crypto
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import ssl
+from twisted.internet import endpoints, ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python import usage
+from zope.interface import implementer
 
 from txcolombe.client.machine import TLSMode
 from txcolombe.client.options import default_reactor
@@ -31,7 +33,12 @@ from txcolombe.codec.errors import InvalidAddress
 from txcolombe.codec.reply import Reply
 from txcolombe.codec.sasl import Authentication, Mechanism
 from txcolombe.relay.control import LOCK_NAME, SOCKET_NAME, ControlFactory
-from txcolombe.relay.options import Options, listen_description, parse_host_port
+from txcolombe.relay.options import (
+    Options,
+    implicit_tls_tcp,
+    listen_description,
+    parse_host_port,
+)
 from txcolombe.relay.passwords import hash_password, load_users, verify_password
 from txcolombe.relay.queue import IncomingStream, QueueManager, RetryPolicy
 from txcolombe.relay.spool import Spool
@@ -315,7 +322,8 @@ def min_free(options: Any) -> int:
 
 
 def reload_settings(options: Any, factory: SMTPServerFactory, handler: RelayHandler) -> None:
-    """Apply what can change live (SIGHUP): STARTTLS certificate and key, users,
+    """Apply what can change live (SIGHUP): the certificate and key (STARTTLS
+    and the implicit-TLS listeners, :class:`CurrentCertificate`), users,
     relay networks, size, recipient, connection and error limits, the free-space
     reserve, idle timeout.
 
@@ -350,6 +358,40 @@ def reload_settings(options: Any, factory: SMTPServerFactory, handler: RelayHand
     )  # fmt: skip
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class CurrentCertificate:
+    """Implicit TLS with the intake's certificate of the moment: the
+    factory's STARTTLS options (``factory.tls``), read for each connection,
+    so that a reload's new certificate and key apply to new connections."""
+
+    def __init__(self, factory: SMTPServerFactory) -> None:
+        self.factory = factory
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        tls = self.factory.tls
+        if tls is None:  # the options refuse implicit TLS without --tls-cert
+            raise SSL.Error("implicit TLS without a certificate")
+        return tls.serverConnectionForTLS(tlsProtocol)
+
+
+def listener(
+    options: Any, description: str, factory: SMTPServerFactory, reactor: Any
+) -> service.Service:
+    """The listening service of one ``--listen`` description.
+
+    An implicit-TLS one with the ``--tls-cert`` certificate is TCP with TLS
+    on top (:class:`CurrentCertificate`), so that SIGHUP reloads its
+    certificate too; one with a certificate of its own keeps it.
+    """
+    tcp = implicit_tls_tcp(description)
+    if tcp is None:
+        full = listen_description(options, description)
+        return strports.service(full, factory, reactor=reactor)
+    endpoint = endpoints.serverFromString(reactor, tcp)  # type: ignore[no-untyped-call]
+    wrapped = TLSMemoryBIOFactory(CurrentCertificate(factory), False, factory)
+    return StreamServerEndpointService(endpoint, wrapped)  # type: ignore[no-untyped-call]
+
+
 def make_service(options: Any, reactor: Any = None) -> RelayService:
     """The relay described by ``options`` (a parsed :class:`Options`)."""
     if reactor is None:
@@ -381,8 +423,7 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
     relay.factories.append(factory)
     relay.reload = lambda: reload_settings(options, factory, handler)
     for description in options["listen"]:
-        description = listen_description(options, description)
-        strports.service(description, factory, reactor=reactor).setServiceParent(relay)  # type: ignore[no-untyped-call]
+        listener(options, description, factory, reactor).setServiceParent(relay)  # type: ignore[no-untyped-call]
     control_path = Path(options["spool"]) / SOCKET_NAME
     with contextlib.suppress(FileNotFoundError):
         os.unlink(control_path)

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IResolver
 from twisted.python.failure import Failure
 
 from txcolombe.client.machine import TLSMode
-from txcolombe.client.options import ConnectOptions, Timeouts
+from txcolombe.client.options import ConnectOptions, MessageOptions, Timeouts
 from txcolombe.client.pool import Pool
 from txcolombe.client.receipt import Receipt
 from txcolombe.codec.address import Mailbox
@@ -35,6 +35,12 @@ from txcolombe.delivery.outcome import (
     recipient_verdict,
 )
 
+LOCAL = MessageOptions()
+"""What a message made by the relay itself (a bounce) declares: nothing, so
+BODY=8BITMIME is said whenever offered. A client's message is sent with what
+its MAIL declared (``body_type``, ``smtputf8``, ``utf8_headers``), passed
+through as it was."""
+
 
 class Transport(Protocol):
     """Where the queue manager sends mail."""
@@ -43,9 +49,17 @@ class Transport(Protocol):
         """The destination key of ``recipient`` (recipients are grouped by it)."""
 
     def send(
-        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        recipients: Sequence[Mailbox],
+        data: bytes,
+        declared: MessageOptions = LOCAL,
     ) -> Deferred[dict[str, Outcome]]:
-        """Send one message to recipients of one destination; never fails."""
+        """Send one message to recipients of one destination; never fails.
+
+        ``declared``: what the message's MAIL declared, to pass on.
+        """
 
     def close(self) -> Deferred[None]:
         """Close idle connections."""
@@ -120,12 +134,18 @@ class SmarthostTransport:
         return self.relay
 
     def send(
-        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        recipients: Sequence[Mailbox],
+        data: bytes,
+        declared: MessageOptions = LOCAL,
     ) -> Deferred[dict[str, Outcome]]:
         # Small bodies are written at once by txcolombe.client.body (no reactor turn).
         sent = self.pool.send(
-            self.smarthost.host, sender, list(recipients), data, options=self._options
-        )
+            self.smarthost.host, sender, list(recipients), data,
+            options=self._options, message=declared,
+        )  # fmt: skip
         return sent.addBoth(self._outcomes, recipients)
 
     def _outcomes(
@@ -194,12 +214,22 @@ class MXTransport:
         return (recipient.domain or "").lower()
 
     def send(
-        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        recipients: Sequence[Mailbox],
+        data: bytes,
+        declared: MessageOptions = LOCAL,
     ) -> Deferred[dict[str, Outcome]]:
-        return Deferred.fromCoroutine(self._send(destination, sender, recipients, data))
+        return Deferred.fromCoroutine(self._send(destination, sender, recipients, data, declared))
 
     async def _send(
-        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+        self,
+        destination: str,
+        sender: Mailbox | None,
+        recipients: Sequence[Mailbox],
+        data: bytes,
+        declared: MessageOptions,
     ) -> dict[str, Outcome]:
         names = [str(r) for r in recipients]
         from txcolombe.delivery.deliver import deliver
@@ -208,6 +238,8 @@ class MXTransport:
             result = await deliver(
                 sender, names, data, domain=self.domain, reactor=self.reactor,
                 port=self.port, deliverer=self.deliverer,
+                body_type=declared.body_type, smtputf8=declared.smtputf8,
+                utf8_headers=declared.utf8_headers,
             )  # fmt: skip
         except Exception as error:
             return {name: failed(name, error, domain=destination) for name in names}
