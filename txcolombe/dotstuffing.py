@@ -3,10 +3,13 @@
 :class:`DataEncoder` is fed the body in chunks of any size and returns the
 bytes to send. It keeps just enough state to be right across chunk
 boundaries: whether the next byte starts a line, a CR that may be followed
-by LF at the start of the next chunk, and the length of the current line. Work is done on
-whole chunks with bytes methods (one split, two counts, one replace when a
-line starts with a dot; a regex only for stray CRs or LFs), never per line in
-Python.
+by LF at the start of the next chunk, and the length of the current line.
+
+Work is done on whole chunks with C-level bytes methods, never per line in
+Python and without splitting a chunk into lines: three counts find a stray
+CR or LF (a regex then normalises, which is rare), one ``rfind`` per up to
+``max_line + 2`` octets bounds the lines, and one split and join at
+``CRLF.`` dot-stuffs (skipped for BDAT, whose chunks are not stuffed).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from txcolombe.errors import EightBitUnsupported, InvalidBody, Step
 MAX_LINE = 998
 
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_CR, _LF, _DOT = 13, 10, 46
 
 
 class DataEncoder:
@@ -56,7 +60,7 @@ class DataEncoder:
         if self._skip_lf and chunk:
             # The previous chunk ended in CR, already sent as CRLF.
             self._skip_lf = False
-            if chunk.startswith(b"\n"):
+            if chunk[0] == _LF:
                 chunk = chunk[1:]
         if not chunk:
             return b""
@@ -69,36 +73,45 @@ class DataEncoder:
                 "the body has 8-bit data and the server does not offer 8BITMIME",
                 step=Step.BODY,
             )
-        self._skip_lf = chunk.endswith(b"\r")
-        lines = chunk.split(b"\r\n")
-        breaks = len(lines) - 1
+        self._skip_lf = chunk[-1] == _CR
+        breaks = chunk.count(b"\r\n")
         if chunk.count(b"\n") != breaks or chunk.count(b"\r") != breaks:
             # A lone CR or LF somewhere: normalise (rare, so a regex is fine).
             chunk = _LINE_BREAK.sub(b"\r\n", chunk)
-            lines = chunk.split(b"\r\n")
-        self._check_lines(lines)
+        self._check_lines(chunk)
         if self._stuff:
-            if b"\n." in chunk:
-                chunk = chunk.replace(b"\n.", b"\n..")
-            if self._at_line_start and chunk.startswith(b"."):
+            # Every LF of a normalised chunk follows a CR: "\r\n." finds each
+            # line that starts with a dot, except the chunk's first line.
+            parts = chunk.split(b"\r\n.")
+            if len(parts) > 1:
+                chunk = b"\r\n..".join(parts)
+            if self._at_line_start and chunk[0] == _DOT:
                 chunk = b"." + chunk
-        self._at_line_start = chunk.endswith(b"\n")
+        self._at_line_start = chunk[-1] == _LF
         self.octets_out += len(chunk)
         return chunk
 
-    def _check_lines(self, lines: list[bytes]) -> None:
-        """Check line lengths; ``lines`` is a normalised chunk split at CRLF."""
-        if len(lines) == 1:
-            self._line_length += len(lines[0])
-        else:
-            if (
-                max(map(len, lines)) > self._max_line
-                or self._line_length + len(lines[0]) > self._max_line
-            ):
+    def _check_lines(self, chunk: bytes) -> None:
+        """Check line lengths in a normalised chunk, jumping from line end to
+        line end up to ``max_line + 2`` octets at a time (one ``rfind`` each)."""
+        limit = self._max_line
+        size = len(chunk)
+        # Where the current line starts, relative to the chunk: before it when
+        # the line began in an earlier chunk.
+        start = -self._line_length
+        end = start + limit + 2  # the LF of a longest allowed line is at end - 1
+        while end <= size:
+            lf = chunk.rfind(b"\n", max(start, 0), end)
+            if lf < 0:
                 raise self._too_long()
-            self._line_length = len(lines[-1])
-        if self._line_length > self._max_line:
+            start = lf + 1
+            end = start + limit + 2
+        lf = chunk.rfind(b"\n", max(start, 0))
+        if lf >= 0:
+            start = lf + 1
+        if size - start > limit:
             raise self._too_long()
+        self._line_length = size - start
 
     def _too_long(self) -> InvalidBody:
         return InvalidBody(
