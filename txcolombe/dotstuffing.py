@@ -94,24 +94,27 @@ class DataEncoder:
     def _check_lines(self, chunk: bytes) -> None:
         """Check line lengths in a normalised chunk, jumping from line end to
         line end up to ``max_line + 2`` octets at a time (one ``rfind`` each)."""
-        limit = self._max_line
+        step = self._max_line + 2  # a longest allowed line and its CRLF
         size = len(chunk)
-        # Where the current line starts, relative to the chunk: before it when
-        # the line began in an earlier chunk.
-        start = -self._line_length
-        end = start + limit + 2  # the LF of a longest allowed line is at end - 1
+        rfind = chunk.rfind
+        # Where the current line begins, relative to the chunk (before it when
+        # the line began in an earlier chunk); its LF must come before ``end``.
+        begin = -self._line_length
+        start = 0
+        end = begin + step
         while end <= size:
-            lf = chunk.rfind(b"\n", max(start, 0), end)
+            lf = rfind(b"\n", start, end)
             if lf < 0:
                 raise self._too_long()
-            start = lf + 1
-            end = start + limit + 2
-        lf = chunk.rfind(b"\n", max(start, 0))
+            begin = start = lf + 1
+            end = begin + step
+        lf = rfind(b"\n", start)
         if lf >= 0:
-            start = lf + 1
-        if size - start > limit:
+            begin = lf + 1
+        tail = size - begin
+        if tail > self._max_line:
             raise self._too_long()
-        self._line_length = size - start
+        self._line_length = tail
 
     def _too_long(self) -> InvalidBody:
         return InvalidBody(
