@@ -117,6 +117,9 @@ class _BodyConsumer:
 
 _CLEAN_CLOSE = Failure(ConnectionDone())  # type: ignore[no-untyped-call]
 
+#: Octets a TCP transport may hand the kernel in one send.
+_SEND_LIMIT = 1 << 20
+
 
 @implementer(IHandshakeListener)
 class SMTPClientProtocol(Protocol):
@@ -164,6 +167,11 @@ class SMTPClientProtocol(Protocol):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
+        if isinstance(getattr(self.transport, "SEND_LIMIT", None), int):
+            # A TCP transport sends at most SEND_LIMIT octets a reactor turn
+            # (128 KiB; the limit is for Windows): a body leaves in fewer,
+            # larger sends.
+            self._transport.SEND_LIMIT = _SEND_LIMIT
         if not self.machine.domain:
             self.machine.domain = _local_literal(self.transport)
         self._process()
