@@ -51,6 +51,8 @@ sys.path.insert(0, str(HERE))
 import large_body  # noqa: E402
 import messages  # noqa: E402
 
+__all__ = ["large_body", "messages"]
+
 SINK_CPU, CLIENT_CPU = 0, 1
 RESULTS = HERE / "results" / "latest.json"
 MIB = 1 << 20
@@ -162,6 +164,17 @@ class Outcome:
         """txcolombe's rate over ``peer``'s, one per round where both ran."""
         pairs = zip(self.runs.get("txcolombe", []), self.runs.get(peer, []), strict=False)
         return [ours.rate / theirs.rate for ours, theirs in pairs if ours.rate and theirs.rate]
+
+    def cpu_ratios(self, peer: str) -> list[float]:
+        """The peer's client CPU per unit over txcolombe's, one per round: the
+        same comparison as :meth:`ratios`, by CPU rather than by the clock
+        (steadier on a shared machine, where another load stretches wall time)."""
+        pairs = zip(self.runs.get("txcolombe", []), self.runs.get(peer, []), strict=False)
+        return [
+            (theirs.cpu / theirs.units) / (ours.cpu / ours.units)
+            for ours, theirs in pairs
+            if ours.rate and theirs.rate and ours.cpu and theirs.cpu
+        ]
 
     def median_rate(self, client: str) -> float | None:
         rates = [run.rate for run in self.runs.get(client, []) if run.rate]
@@ -432,12 +445,15 @@ def verdicts(outcome: Outcome) -> list[dict[str, Any]]:
     for target in w.targets:
         ratios = outcome.ratios(target.peer)
         median = statistics.median(ratios) if ratios else None
+        by_cpu = outcome.cpu_ratios(target.peer)
         result.append(
             {
                 "target": f">= {target.ratio:g}x {peer_name(w, target.peer)}",
                 "ratios": ratios,
                 "median": median,
                 "met": median is not None and median >= target.ratio,
+                "cpu_ratios": by_cpu,
+                "cpu_median": statistics.median(by_cpu) if by_cpu else None,
             }
         )
     cpu = outcome.median_of("txcolombe", "cpu")
@@ -476,9 +492,8 @@ def cpu_per_unit(outcome: Outcome, client: str) -> str:
 
 
 def print_table(outcomes: list[Outcome], rounds: int) -> None:
-    print(
-        f"\nmedians of {rounds} round(s); ratios are txcolombe / peer, per round, then the median"
-    )
+    print(f"\nmedians of {rounds} round(s); ratios: txcolombe / peer, per round, then their median")
+    print("(by CPU: the peer's client CPU per unit over txcolombe's, the same way)")
     head = ("workload", "txcolombe", "peers in the same run", "client CPU per unit", "target")
     print("| " + " | ".join(head) + " | measured | |")
     print("|---|---|---|---|---|---|---|")
@@ -502,6 +517,8 @@ def print_table(outcomes: list[Outcome], rounds: int) -> None:
                 measured = "n/a"
             elif "ratios" in v:
                 measured = f"{median:.2f}x"
+                if v["cpu_median"] is not None:
+                    measured += f" (by CPU {v['cpu_median']:.2f}x)"
             elif "RSS" in v["target"]:
                 measured = f"+{median:.1f} MiB"
             else:
