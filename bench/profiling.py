@@ -7,7 +7,7 @@ Runs the same client process as ``bench/run.py`` (pinned, against
 prints the functions with the most time of their own, then those with the
 most cumulative time. With ``--py-spy`` (if ``py-spy`` is installed:
 ``pip install py-spy``) it also records a flame graph of a second run to
-``bench/results/WORKLOAD.svg``.
+``bench/results/WORKLOAD.folded`` (collapsed stacks) and prints its summary.
 """
 
 from __future__ import annotations
@@ -45,6 +45,42 @@ def summary(stats_file: Path, top: int) -> str:
     return out.getvalue()
 
 
+def py_spy(name: str, args: list[str], top: int) -> None:
+    """Sample the client (pinned; py-spy itself is not) into collapsed stacks,
+    ``bench/results/NAME.folded`` (``flamegraph.pl`` or speedscope draw them),
+    and print the functions seen most on top of the stack and anywhere in it
+    (in the reactor's loop: imports and set-up left out)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("no py-spy: pip install py-spy")
+        return
+    folded = bench.RESULTS.parent / f"{name}.folded"
+    folded.parent.mkdir(parents=True, exist_ok=True)
+    record = [spy, "record", "--format", "raw", "--rate", "500", "--output", str(folded)]
+    done = subprocess.run([*record, "--", *bench.pinned(bench.CLIENT_CPU, args)], check=False)
+    if done.returncode != 0 or not folded.exists():
+        print("py-spy failed")
+        return
+    own: dict[str, int] = {}
+    anywhere: dict[str, int] = {}
+    total = 0
+    for line in folded.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        count = int(count_text)
+        frames = [frame.split(" (")[0] for frame in stack.split(";")]
+        if "ReactorBase.mainLoop" not in frames:
+            continue  # imports and set-up: not the workload
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            anywhere[frame] = anywhere.get(frame, 0) + count
+    print(f"py-spy: {total} samples in the reactor's loop, in {folded}")
+    for title, table in (("on top of the stack", own), ("anywhere in the stack", anywhere)):
+        print(f"  {title}:")
+        for frame, count in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"    {100 * count / total:5.1f}%  {frame}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workload", choices=[w.name for w in bench.WORKLOADS])
@@ -69,13 +105,8 @@ def main() -> int:
             print(f"{workload.name} ({count} {workload.unit}) under cProfile: {report}")
             print(summary(stats_file, options.top))
             if options.py_spy:
-                spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-                svg = bench.RESULTS.parent / f"{workload.name}.svg"
-                svg.parent.mkdir(parents=True, exist_ok=True)
-                record = [spy, "record", "--rate", "1000", "--output", str(svg), "--", *args]
-                done = subprocess.run(bench.pinned(bench.CLIENT_CPU, record), check=False)
+                py_spy(workload.name, args, options.top)
                 sink.stats()
-                print(f"py-spy: {svg}" if done.returncode == 0 else "py-spy failed")
     return 0
 
 
