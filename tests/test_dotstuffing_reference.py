@@ -135,6 +135,8 @@ options = st.fixed_dictionaries(
 @example(chunks=[b"\n"], kwargs={"max_line": 1})
 @example(chunks=[b".", b".\r\n."], kwargs={})
 @example(chunks=[b"\xff\r\n"], kwargs={"allow_8bit": False})
+@example(chunks=[b"a\n\rb", b"\rx\n", b"\r\r\n\n"], kwargs={})
+@example(chunks=[b"\r\n\r", b"\r\n", b"\n\n.x"], kwargs={})
 def test_same_output_as_the_reference(chunks: list[bytes], kwargs: dict[str, object]) -> None:
     expected = run(ReferenceEncoder(**kwargs), chunks)  # type: ignore[arg-type]
     assert run(DataEncoder(**kwargs), chunks) == expected  # type: ignore[arg-type]
