@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 LINE = b"The quick brown fox jumps over the lazy dog; 0123456789 ABCDEFGHIJKLMNOPQRS\r\n"
@@ -157,8 +158,101 @@ def run_twisted_mail(port: int, mib: int, ca: str | None) -> float:
         return elapsed[0] if elapsed else 0.0
 
 
+def run_twisted_floor(port: int, mib: int, ca: str | None) -> float:
+    """The floor of a Twisted client: a bare protocol writes the same
+    pre-stuffed bytes as ``run_socket`` to its transport (TCP, or TLS after
+    STARTTLS with ``optionsForClientTLS``), paced by the transport as a push
+    producer's consumer. What it costs is Twisted's (and pyOpenSSL's), not ours."""
+    from twisted.internet import defer, task
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.interfaces import IPushProducer
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.ssl import Certificate, optionsForClientTLS
+    from zope.interface import implementer
+
+    stuffed = chunk_of_lines().replace(b"\r\n.", b"\r\n..")
+
+    @implementer(IPushProducer)
+    class Floor(Protocol):
+        def __init__(self) -> None:
+            self.pending = b""
+            self.waiting: tuple[int, defer.Deferred[None]] | None = None
+            self.left = mib
+            self.paused = False
+            self.start = 0.0
+
+        def replies(self, count: int) -> defer.Deferred[None]:
+            d: defer.Deferred[None] = defer.Deferred()
+            self.waiting = (count, d)
+            self.dataReceived(b"")
+            return d
+
+        def dataReceived(self, data: bytes) -> None:
+            self.pending += data
+            if self.waiting is None:
+                return
+            count, d = self.waiting
+            lines = self.pending.split(b"\r\n")
+            finals = [line for line in lines[:-1] if line[3:4] != b"-"]
+            if len(finals) >= count:
+                self.pending, self.waiting = lines[-1], None
+                d.callback(None)
+
+        def pauseProducing(self) -> None:
+            self.paused = True
+
+        def resumeProducing(self) -> None:
+            self.paused = False
+            while not self.paused and self.left:
+                self.left -= 1
+                self.transport.write(stuffed)  # type: ignore[union-attr]
+            if not self.left and self.transport is not None and not self.paused:
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
+                self.left = -1
+                self.transport.write(b".\r\n")
+
+        def stopProducing(self) -> None:
+            self.left = 0
+
+    async def send(reactor: object) -> None:
+        from twisted.internet import reactor as the_reactor
+
+        floor = Floor()
+        endpoint = TCP4ClientEndpoint(the_reactor, "127.0.0.1", port)
+        await connectProtocol(endpoint, floor)  # type: ignore[no-untyped-call]
+        transport: Any = floor.transport
+        transport.setTcpNoDelay(True)
+        await floor.replies(1)
+        floor.start = time.perf_counter()
+        transport.write(b"EHLO bench\r\n")
+        await floor.replies(1)
+        if ca:
+            transport.write(b"STARTTLS\r\n")
+            await floor.replies(1)
+            trust = Certificate.loadPEM(Path(ca).read_bytes())
+            transport.startTLS(optionsForClientTLS("localhost", trustRoot=trust))
+            transport.write(b"EHLO bench\r\n")
+            await floor.replies(1)
+        transport.write(b"MAIL FROM:<b@example.com>\r\nRCPT TO:<s@example.org>\r\nDATA\r\n")
+        await floor.replies(3)
+        done = floor.replies(1)
+        transport.registerProducer(floor, True)
+        floor.resumeProducing()
+        await done
+        elapsed.append(time.perf_counter() - floor.start)
+        transport.write(b"QUIT\r\n")
+        await floor.replies(1)
+        transport.loseConnection()
+
+    elapsed: list[float] = []
+    with contextlib.suppress(SystemExit):
+        task.react(lambda reactor: defer.ensureDeferred(send(reactor)))
+    return elapsed[0] if elapsed else 0.0
+
+
 CLIENTS = {
     "socket": run_socket,
+    "twisted-floor": run_twisted_floor,
     "smtplib": run_smtplib,
     "aiosmtplib": run_aiosmtplib,
     "twisted-mail": run_twisted_mail,
@@ -169,16 +263,24 @@ def client_main(name: str, port: int, mib: int, ca: str | None) -> None:
     import smtplib  # noqa: F401 - count the client's own imports as idle
     import ssl  # noqa: F401
 
+    if name == "twisted-floor":
+        import twisted.internet.reactor
+        import twisted.internet.ssl  # noqa: F401
+
     idle = rss_mib()
     elapsed = 0.0
+    cpu = time.process_time()
     try:
         elapsed = CLIENTS[name](port, mib, ca)
     finally:
-        print(json.dumps({"elapsed": elapsed, "idle": idle, "peak": rss_mib()}), flush=True)
+        cpu = time.process_time() - cpu
+        report = {"elapsed": elapsed, "cpu": cpu, "idle": idle, "peak": rss_mib()}
+        print(json.dumps(report), flush=True)
 
 
-def txcolombe_wrapper(port: int, mib: int, ca: str | None) -> None:
-    """react() exits the process; report from an atexit hook instead."""
+def txcolombe_wrapper(port: int, mib: int, ca: str | None, path: str | None = None) -> None:
+    """react() exits the process; report from an atexit hook instead. With
+    ``path`` the body is that file (of ``mib`` MiB), else generated chunks."""
     import atexit
 
     from twisted.internet import defer, task
@@ -187,7 +289,7 @@ def txcolombe_wrapper(port: int, mib: int, ca: str | None) -> None:
     import txcolombe
 
     idle = rss_mib()  # an idle client: everything imported, nothing sent
-    result = {"elapsed": 0.0}
+    result = {"elapsed": 0.0, "cpu": 0.0}
 
     def report() -> None:
         print(json.dumps({**result, "idle": idle, "peak": rss_mib()}), flush=True)
@@ -195,19 +297,23 @@ def txcolombe_wrapper(port: int, mib: int, ca: str | None) -> None:
     atexit.register(report)
 
     async def send(reactor: object) -> None:
-        trust = Certificate.loadPEM(Path(ca).read_bytes()) if ca else None
-        start = time.perf_counter()
-        await txcolombe.sendmail(
-            "localhost" if ca else "127.0.0.1",
-            "bench@example.com",
-            ["sink@example.org"],
-            body_chunks(mib),
-            port=port,
-            trust_root=trust,
-            starttls=ca is not None,
-            domain="bench.example.com",
-        )
-        result["elapsed"] = time.perf_counter() - start
+        trust: Any = Certificate.loadPEM(Path(ca).read_bytes()) if ca else None
+        with contextlib.ExitStack() as stack:
+            body: Any = stack.enter_context(open(path, "rb")) if path else body_chunks(mib)
+            start = time.perf_counter()
+            cpu = time.process_time()
+            await txcolombe.sendmail(
+                "localhost" if ca else "127.0.0.1",
+                "bench@example.com",
+                ["sink@example.org"],
+                body,
+                port=port,
+                trust_root=trust,
+                starttls=ca is not None,
+                domain="bench.example.com",
+            )
+            result["elapsed"] = time.perf_counter() - start
+            result["cpu"] = time.process_time() - cpu
 
     task.react(lambda reactor: defer.ensureDeferred(send(reactor)))
 
@@ -242,7 +348,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=100)
     parser.add_argument("--tls", action="store_true")
-    parser.add_argument("--clients", default="txcolombe,socket,smtplib,aiosmtplib,twisted-mail")
+    parser.add_argument(
+        "--clients", default="txcolombe,socket,twisted-floor,smtplib,aiosmtplib,twisted-mail"
+    )
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ca = cert = key = None
@@ -287,9 +395,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in ("client", "txclient"):
-        _, mode, name, port_s, mib_s, ca_s = sys.argv
+        _, mode, name, port_s, mib_s, ca_s, *file_arg = sys.argv
         if mode == "txclient":
-            txcolombe_wrapper(int(port_s), int(mib_s), ca_s or None)
+            txcolombe_wrapper(int(port_s), int(mib_s), ca_s or None, *file_arg)
         else:
             client_main(name, int(port_s), int(mib_s), ca_s or None)
     else:

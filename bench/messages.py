@@ -11,7 +11,9 @@ share one after another (default 8 x 1000).
 Clients: txcolombe, aiosmtplib, smtplib, twisted.mail.smtp as it is
 (``twisted-mail``) and with TCP_NODELAY set on its transport
 (``twisted-mail-nodelay``), and Postfix's ``smtp-source`` as the C ceiling
-(given the same message with ``-F``, so not ``-l``). Each client runs in a
+(given the same message with ``-F``, so not ``-l``), and a plain Python
+socket pipelining MAIL, RCPT and DATA (``socket``, ``reuse`` only: the floor
+of a Python client). Each client runs in a
 fresh process of its own against the same ``smtp-sink`` (started on a free
 127.0.0.1 port, PIPELINING checked, stopped at the end), with the same
 1024-octet message (headers and body), plaintext. Times include connecting,
@@ -73,6 +75,7 @@ CLIENTS = (
     "twisted-mail",
     "twisted-mail-nodelay",
     "smtp-source",
+    "socket",
 )
 #: The module each client needs, where it may be missing.
 CLIENT_MODULES = {
@@ -131,6 +134,7 @@ class Clock:
 
     def __init__(self, budget: float) -> None:
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
         self.deadline = self.start + budget
 
     def more(self, done: int, count: int) -> bool:
@@ -139,8 +143,12 @@ class Clock:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def outcome(self, done: int) -> Outcome:
+        """``done`` messages, the seconds and the CPU seconds (this process) they took."""
+        return done, self.elapsed(), time.process_time() - self.cpu_start
 
-Outcome = tuple[int, float]  # messages sent, seconds taken
+
+Outcome = tuple[int, float, float]  # messages sent, seconds taken, CPU seconds used
 Runner = Callable[[str, int, int, float], Outcome]
 
 
@@ -202,10 +210,15 @@ def _txcolombe(scenario: str, port: int, count: int, budget: float, window: int)
         else:
             slots = DeferredSemaphore(window)
             sent: list[Deferred[Any]] = []
+
+            def release(result: object) -> object:
+                slots.release()
+                return result
+
             while clock.more(len(sent), count):
                 await slots.acquire()
-                d = session.send(SENDER, [RECIPIENT], MESSAGE)
-                d.addBoth(lambda result: (slots.release(), result)[1])
+                d: Deferred[Any] = session.send(SENDER, [RECIPIENT], MESSAGE)
+                d.addBoth(release)
                 sent.append(d)
             await gatherResults(sent, consumeErrors=True)
             done = len(sent)
@@ -226,7 +239,7 @@ def _txcolombe(scenario: str, port: int, count: int, budget: float, window: int)
         else:
             workers = [Deferred.fromCoroutine(one_connection(clock, n)) for n in shares(count)]
             done = sum(await gatherResults(workers, consumeErrors=True))
-        return done, clock.elapsed()
+        return clock.outcome(done)
 
     return react(main)
 
@@ -266,7 +279,7 @@ def run_aiosmtplib(scenario: str, port: int, count: int, budget: float) -> Outco
         else:
             counts = await asyncio.gather(*(one_connection(clock, n) for n in shares(count)))
             done = sum(counts)
-        return done, clock.elapsed()
+        return clock.outcome(done)
 
     return asyncio.run(main())
 
@@ -309,7 +322,7 @@ def run_smtplib(scenario: str, port: int, count: int, budget: float) -> Outcome:
         if errors:
             raise errors[0]
         done = sum(counts)
-    return done, clock.elapsed()
+    return clock.outcome(done)
 
 
 def run_twisted_mail(scenario: str, port: int, count: int, budget: float) -> Outcome:
@@ -411,12 +424,52 @@ def _twisted_mail(scenario: str, port: int, count: int, budget: float, nodelay: 
         else:
             workers = [Deferred.fromCoroutine(one_connection(clock, n)) for n in shares(count)]
             done = sum(await gatherResults(workers, consumeErrors=True))
-        return done, clock.elapsed()
+        return clock.outcome(done)
 
     return react(main)
 
 
+def run_socket(scenario: str, port: int, count: int, budget: float) -> Outcome:
+    """The floor of a Python client: one socket, MAIL, RCPT and DATA in one
+    write, then the message and its dot in another (two round trips a
+    message, as every PIPELINING client without queued sends); one connection only."""
+    if scenario != "reuse":
+        raise NotImplementedError("the plain socket client runs over one connection only")
+    envelope = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode()
+    body = MESSAGE.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+    def replies(sock: socket.socket, wanted: int, pending: bytes) -> bytes:
+        """Read until ``wanted`` final reply lines; return what follows them."""
+        while True:
+            lines = pending.split(b"\r\n")
+            finals = [line for line in lines[:-1] if line[3:4] != b"-"]
+            if len(finals) >= wanted:
+                for line in finals:
+                    if line[:1] not in (b"2", b"3"):
+                        raise RuntimeError(f"refused: {line!r}")
+                return lines[-1]
+            pending += sock.recv(65536)
+
+    clock = Clock(budget)
+    with socket.create_connection((HOST, port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        rest = replies(sock, 1, b"")
+        sock.sendall(f"EHLO {DOMAIN}\r\n".encode())
+        rest = replies(sock, 1, rest)
+        done = 0
+        while clock.more(done, count):
+            sock.sendall(envelope)
+            rest = replies(sock, 3, rest)
+            sock.sendall(body)
+            rest = replies(sock, 1, rest)
+            done += 1
+        sock.sendall(b"QUIT\r\n")
+        replies(sock, 1, rest)
+    return clock.outcome(done)
+
+
 RUNNERS: dict[str, Runner] = {
+    "socket": run_socket,
     "txcolombe": run_txcolombe,
     "txcolombe-queued": run_txcolombe_queued,
     "aiosmtplib": run_aiosmtplib,
@@ -429,14 +482,14 @@ RUNNERS: dict[str, Runner] = {
 def client_main(argv: list[str]) -> int:
     name, scenario, port, count, budget = argv
     try:
-        done, seconds = RUNNERS[name](scenario, int(port), int(count), float(budget))
+        done, seconds, cpu = RUNNERS[name](scenario, int(port), int(count), float(budget))
     except Exception as error:
         # Twisted's gatherResults wraps the first failure in a FirstError.
         sub_failure = getattr(error, "subFailure", None)
         cause = sub_failure.value if sub_failure is not None else error
         print(json.dumps({"error": f"{type(cause).__name__}: {cause}"}), flush=True)
         return 1
-    print(json.dumps({"messages": done, "seconds": seconds}), flush=True)
+    print(json.dumps({"messages": done, "seconds": seconds, "cpu": cpu}), flush=True)
     return 0
 
 
@@ -689,10 +742,12 @@ def main() -> int:
         print_header(sink.port)
         for scenario in options.scenarios:
             count = options.n or (QUICK_N if options.quick else DEFAULT_N)[scenario]
-            runs: dict[str, list[Result]] = {client: [] for client in clients}
+            runs: dict[str, list[Result]] = {
+                client: [] for client in clients if client != "socket" or scenario == "reuse"
+            }
             for round_ in range(repeat):
                 print(f"  {scenario}: round {round_ + 1} of {repeat}", file=sys.stderr, flush=True)
-                for client in clients:
+                for client in runs:
                     if round_ and client in SLOW_BUDGET:
                         continue  # its rate is set by a 40 ms timer: once is enough
                     if client == "smtp-source":

@@ -10,6 +10,7 @@ is verified against the destination's name with ``optionsForClientTLS``
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -93,10 +94,39 @@ def tls_options(
     tls: IOpenSSLClientConnectionCreator | None = None,
     trust_root: IOpenSSLTrustRoot | None = None,
 ) -> IOpenSSLClientConnectionCreator:
-    """The TLS client options for ``host``: ``tls`` as is, or verified ones."""
+    """The TLS client options for ``host``: ``tls`` as is, or verified ones.
+
+    Verified options are made once per process for each server name and
+    trust root (the same object), then reused: each holds an OpenSSL context
+    whose trust store is loaded once instead of at every connection.
+    """
     if tls is not None:
         return tls
-    return optionsForClientTLS(host.name, trustRoot=trust_root)
+    return _verified_options(host.name, _Identity(trust_root))
+
+
+class _Identity:
+    """A cache key that is its object, compared by identity (trust roots
+    need not be hashable); the cache keeps the object alive, so its id is
+    never reused while the entry exists."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.value is self.value
+
+
+@functools.lru_cache(maxsize=64)
+def _verified_options(name: str, trust_root: _Identity) -> IOpenSSLClientConnectionCreator:
+    """A context is bound to one name: Twisted verifies the name in the
+    context's callback, so options are cached per name, not shared."""
+    return optionsForClientTLS(name, trustRoot=trust_root.value)  # type: ignore[arg-type]
 
 
 def endpoint_for(

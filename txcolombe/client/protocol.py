@@ -91,6 +91,9 @@ _CLEAN_CLOSE = Failure(ConnectionDone())  # type: ignore[no-untyped-call]
 #: of our end (the EHLO name when none is configured) and the trace to use.
 MachineFactory = Callable[[str, Trace | None], ClientMachine]
 
+#: Octets a TCP transport may hand the kernel in one send.
+_SEND_LIMIT = 1 << 20
+
 
 @implementer(IHandshakeListener)
 class SMTPClientProtocol(Protocol):
@@ -141,6 +144,11 @@ class SMTPClientProtocol(Protocol):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
+        if isinstance(getattr(self.transport, "SEND_LIMIT", None), int):
+            # A TCP transport sends at most SEND_LIMIT octets a reactor turn
+            # (128 KiB; the limit is for Windows): a body leaves in fewer,
+            # larger sends.
+            self._transport.SEND_LIMIT = _SEND_LIMIT
         trace = self._trace_line if self._tracing else None
         self._machine = self._new_machine(_local_literal(self.transport), trace)
         self._process()
