@@ -906,3 +906,23 @@ def test_too_many_recipients_go_in_the_next_transaction(fake: MemorySMTP, refusa
     assert sorted(receipt.accepted) == sorted(people)
     assert receipt.refused == {}  # not bounced (552), not even deferred (452)
     assert len(fake.connections) == 1
+
+
+def test_the_per_transaction_limit_is_an_option(fake: MemorySMTP) -> None:
+    people = tuple(f"r{i}@example.org" for i in range(7))
+    d = send(fake, recipients=people, max_recipients=3)
+    fake.flush()
+    receipt = result_of(d)
+    assert [len(t.recipients) for t in fake.server.transactions] == [3, 3, 1]
+    assert sorted(receipt.accepted) == sorted(people)
+    assert len(fake.connections) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "10"])
+def test_a_wrong_per_transaction_limit_is_refused_before_connecting(
+    fake: MemorySMTP, bad: Any
+) -> None:
+    d = send(fake, max_recipients=bad)
+    with pytest.raises(UsageError, match="max_recipients"):
+        result_of(d)
+    assert fake.connections == []

@@ -57,6 +57,7 @@ def sendmail(
     reactor: Any = None,
     endpoint: IStreamClientEndpoint | None = None,
     dkim: DKIM = None,
+    max_recipients: int | None = 100,
 ) -> Deferred[Receipt]:
     """Deliver a message straight to ``destination`` (port 25 by default).
 
@@ -70,7 +71,9 @@ def sendmail(
     ``dsn``, ``requiretls``, ``chunking`` and ``binary`` are as for
     :meth:`txcolombe.client.session.Session.send`. ``dkim`` is one
     :class:`~txcolombe.codec.dkim.DKIMSigner` or several (one signature each): the
-    body is signed before the connection is made.
+    body is signed before the connection is made. ``max_recipients`` (100)
+    caps the recipients of one transaction: more go in further transactions
+    on the same connection, with one :class:`Receipt`.
 
     :returns: a Deferred that fires with a :class:`Receipt`, or fails with
         an :class:`~txcolombe.codec.errors.SMTPError`. Cancelling it aborts the
@@ -79,7 +82,10 @@ def sendmail(
     mode = TLSMode.OPPORTUNISTIC if starttls else TLSMode.NONE
     return _send_one(
         destination, sender, recipients, body,
-        ConnectOptions(port, mode, domain, tls, trust_root, authentication, timeouts, endpoint),
+        ConnectOptions(
+            port, mode, domain, tls, trust_root, authentication, timeouts, endpoint,
+            max_recipients=max_recipients,
+        ),
         MessageOptions(all_or_nothing, dsn, requiretls, chunking, binary),
         reactor,
         dkim,
@@ -107,6 +113,7 @@ def submit(
     reactor: Any = None,
     endpoint: IStreamClientEndpoint | None = None,
     dkim: DKIM = None,
+    max_recipients: int | None = 100,
 ) -> Deferred[Receipt]:
     """Hand a message to a submission server (an authority) for delivery.
 
@@ -123,7 +130,10 @@ def submit(
     mode = TLSMode.REQUIRED if starttls else TLSMode.IMPLICIT
     return _send_one(
         destination, sender, recipients, body,
-        ConnectOptions(port, mode, domain, tls, trust_root, authentication, timeouts, endpoint),
+        ConnectOptions(
+            port, mode, domain, tls, trust_root, authentication, timeouts, endpoint,
+            max_recipients=max_recipients,
+        ),
         MessageOptions(all_or_nothing, dsn, requiretls, chunking, binary),
         reactor,
         dkim,

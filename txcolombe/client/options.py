@@ -89,6 +89,10 @@ class ConnectOptions:
     endpoint: IStreamClientEndpoint | None = None
     trace: bool = True
     """Log the conversation at debug level (credentials masked)."""
+    max_recipients: int | None = 100
+    """Recipients per transaction at most (RFC 5321 §4.5.3.1.8's minimum);
+    more go in further transactions on the same connection. LIMITS RCPTMAX
+    and a "too many recipients" reply lower it. None: no limit of ours."""
 
     def __hash__(self) -> int:
         # By value, like the generated one, except that a value that cannot
@@ -115,6 +119,11 @@ class ConnectOptions:
                 "tls must provide IOpenSSLClientConnectionCreator (optionsForClientTLS),"
                 f" not {_kind(self.tls)}"
             )
+        limit = self.max_recipients
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise InvalidArgument(f"max_recipients must be an int or None, not {_kind(limit)}")
+        if limit is not None and limit < 1:
+            raise InvalidArgument(f"max_recipients must be at least 1, not {limit}")
         if self.authentication is not None and not isinstance(self.authentication, Authentication):
             raise InvalidArgument(
                 f"authentication must be an Authentication, not {_kind(self.authentication)}"

@@ -323,6 +323,7 @@ def connect(
     reactor: Any = None,
     endpoint: IStreamClientEndpoint | None = None,
     trace: bool = True,
+    max_recipients: int | None = 100,
     options: ConnectOptions | None = None,
 ) -> Deferred[Session]:
     """Connect to ``destination`` and set the session up; fires with a :class:`Session`.
@@ -341,13 +342,26 @@ def connect(
         names the server for certificate checks.
     :param trace: log the SMTP conversation at debug level (credentials
         masked); False saves its cost where volume is high (a relay).
+    :param max_recipients: recipients per transaction at most (100 by
+        default, RFC 5321 §4.5.3.1.8); a send with more runs as several
+        transactions on the connection, with one receipt. None: no limit of
+        ours (the server's LIMITS RCPTMAX and 452 replies still apply).
     :param options: all of the above but ``reactor`` as one
         :class:`~txcolombe.client.options.ConnectOptions` instead.
     """
     try:
         chosen = either(
             ConnectOptions(
-                port, tls_mode, domain, tls, trust_root, authentication, timeouts, endpoint, trace
+                port,
+                tls_mode,
+                domain,
+                tls,
+                trust_root,
+                authentication,
+                timeouts,
+                endpoint,
+                trace,
+                max_recipients,
             ),
             options,
         )
@@ -385,6 +399,7 @@ def open_session(
                 trace=trace,
                 server_host=host.name,
                 server_port=port,
+                max_recipients=options.max_recipients,
             )
 
         return SMTPClientProtocol(

@@ -162,6 +162,7 @@ class _Options:
     local_addresses: frozenset[IPAddress]
     deliverer: Deliverer
     dkim: list[DKIMSigner]
+    max_recipients: int | None
 
 
 def deliver(
@@ -193,6 +194,7 @@ def deliver(
     body_type: str | None = None,
     smtputf8: bool = False,
     utf8_headers: bool = False,
+    max_recipients: int | None = 100,
 ) -> Deferred[DeliveryResult]:
     """Deliver a message to each recipient's domain, through its exchangers.
 
@@ -237,6 +239,9 @@ def deliver(
         (a relay passes it on).
     :param smtputf8: the message came with SMTPUTF8, as for ``Session.send``.
     :param utf8_headers: the header has UTF-8 (RFC 6532), as for ``Session.send``.
+    :param max_recipients: recipients per transaction at most, as for
+        :func:`~txcolombe.connect` (a domain's recipients over it go in further
+        transactions on the same connection).
     :param dkim: a :class:`~txcolombe.codec.dkim.DKIMSigner` or several (one
         signature each): the body is signed once, before any connection.
     :returns: a Deferred firing with a :class:`DeliveryResult`; it fails
@@ -289,6 +294,7 @@ def deliver(
             ),
             deliverer=agent,
             dkim=signers(dkim),
+            max_recipients=max_recipients,
             **_identities(local_identities),
         )
     except ValueError as error:
@@ -643,6 +649,7 @@ class _DomainDelivery:
                     timeouts=options.timeouts,
                     reactor=options.reactor,
                     endpoint=racing if racing is not None else self._endpoint(target.address),
+                    max_recipients=options.max_recipients,
                 )
             except SMTPError as error:
                 if racing is not None:
