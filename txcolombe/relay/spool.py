@@ -142,6 +142,9 @@ class Spool:
         self.directory.chmod(0o700)
         for leftover in self.queue_dir.glob("*.tmp"):
             leftover.unlink()
+        for state in self.queue_dir.glob("*.state"):
+            if not state.with_suffix(".msg").exists():
+                state.unlink()  # its message was never durable, or is gone
         self._stopping = False
         if self.inline:
             self._committer = Committer(self._dir, fsync=self.fsync)
