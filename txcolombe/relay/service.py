@@ -382,6 +382,8 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
     config = server_config(options, hostname, tls_available=tls is not None, users=users)
     handler = RelayHandler(queue, networks, users, min_free(options))
     queue.signing = RelaySigning(load_keys(options["dkim"]), handler.relay_allowed)
+    if options["dkim"]:
+        log.info("DKIM keys: {keys}", keys=" ".join(str(k) for k in options["dkim"]))
     factory = SMTPServerFactory(
         config, handler, reactor=reactor, tls=tls, idle_timeout=options["idle-timeout"],
     )  # fmt: skip
