@@ -3,6 +3,7 @@ processes, aiosmtpd as the smarthost, dkimpy and OpenDKIM as verifiers)."""
 
 from __future__ import annotations
 
+import json
 import smtplib
 import ssl
 from collections.abc import Iterator
@@ -189,6 +190,9 @@ def test_the_signature_is_made_once_and_kept_in_the_spool(
     with RelayProcess(tmp_path, port, [*args, *closed]) as first:
         send(first, data)
         wait_for(lambda: " deferred " in first.control("list").stdout, 20, "a deferral")
+        (queued,) = json.loads(first.control("--json", "list").stdout)
+        shown = json.loads(first.control("--json", "show", queued["id"]).stdout)
+        assert shown["headers"].startswith("DKIM-Signature: v=1; a=rsa-sha256;")
     assert not peer.received
     again = relay_args(tmp_path, peer, "--max-size=2000000")
     with RelayProcess(tmp_path, port, again) as second:

@@ -860,7 +860,7 @@ class QueueManager:
         info = message.summary(self.reactor.seconds())
         info["recipient_state"] = [asdict(r) for r in message.recipients]
         info["envelope"] = self.spool.read_envelope(queue_id)
-        data = self.spool.read_data(queue_id)
+        data = message.prefix + self.spool.read_data(queue_id)
         end = data.find(b"\r\n\r\n")
         info["headers"] = data[: end if end >= 0 else len(data)].decode("utf-8", "replace")
         return info
