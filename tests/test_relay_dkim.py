@@ -22,7 +22,7 @@ from tools.peers.aiosmtpd_peer import AiosmtpdPeer, free_port
 from tools.peers.relay_process import RelayProcess, wait_for
 from txcolombe.codec.dkim import DKIMSigner
 from txcolombe.relay.options import Options
-from txcolombe.relay.signing import KeySpec, RelaySigning, load_keys
+from txcolombe.relay.signing import KeySpec, RelaySigning, from_domain, load_keys
 from txcolombe.server.machine import Envelope
 
 #: The relay's keys for DOMAIN (selectors as in tests.dkim_support.signer).
@@ -340,3 +340,21 @@ def test_the_policy_and_streaming_in_any_chunks() -> None:
     stream.write(headers_only)
     assert verify(stream.finish() + headers_only, [ed])
     assert RelaySigning({}, lambda address: True).stream(own) is None
+
+
+@pytest.mark.parametrize(
+    ("head", "domain"),
+    [
+        (b"From: Alice <a@Example.TEST>\r\nTo: b@x.org\r\n", "example.test"),
+        (b'Received: x\r\n\tFrom: c@evil.test\r\nFrom:\r\n  "Al, ice" <a@ex.test>\r\n', "ex.test"),
+        (b"FROM : a@ex.test\r\n", "ex.test"),
+        ("From: Jörg <jörg@bücher.example>\r\n".encode(), "xn--bcher-kva.example"),
+        (b"From: =?utf-8?q?J=C3=B6rg?= <j@ex.test>\n", "ex.test"),
+        (b"From: a@ex.test\r\nFrom: b@ex.test\r\n", None),
+        (b"From: a@ex.test, b@ex.test\r\n", None),
+        (b"From: undisclosed\r\n", None),
+        (b"Subject: no From\r\n", None),
+    ],
+)
+def test_the_from_domain(head: bytes, domain: str | None) -> None:
+    assert from_domain(head) == domain

@@ -19,8 +19,6 @@ import email.utils
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
-from email.policy import SMTPUTF8
 from typing import Any
 
 from twisted.logger import Logger
@@ -39,6 +37,7 @@ __all__ = ["KeySpec", "RelaySigning", "StreamSigning", "load_keys", "parse_spec"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+_LINE = re.compile(rb"\r?\n")
 
 
 @dataclass(frozen=True)
@@ -117,11 +116,22 @@ def load_keys(specs: Iterable[KeySpec]) -> dict[str, list[DKIMSigner]]:
 def from_domain(header_block: bytes) -> str | None:
     """The domain of the single ``From:`` address (lower-case A-labels), or None
     when there is no From, several, or one that does not parse."""
-    headers = BytesHeaderParser(policy=SMTPUTF8).parsebytes(header_block)
-    values = headers.get_all("From") or []
+    values: list[bytearray] = []
+    current: bytearray | None = None
+    for line in _LINE.split(header_block):
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                current += line
+            continue
+        current = None
+        name, colon, value = line.partition(b":")
+        if colon and name.rstrip(b" \t").lower() == b"from":
+            current = bytearray(value)
+            values.append(current)
     if len(values) != 1:
         return None
-    addresses = email.utils.getaddresses([str(values[0])])
+    text = bytes(values[0]).decode("utf-8", "replace")
+    addresses = email.utils.getaddresses([text])
     if len(addresses) != 1 or "@" not in addresses[0][1]:
         return None
     try:
