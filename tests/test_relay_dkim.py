@@ -23,6 +23,7 @@ from tools.peers.relay_process import RelayProcess, wait_for
 from txcolombe.codec.dkim import DKIMSigner
 from txcolombe.relay.options import Options
 from txcolombe.relay.signing import KeySpec, RelaySigning, from_domain, load_keys
+from txcolombe.relay.spool import Spool
 from txcolombe.server.machine import Envelope
 
 #: The relay's keys for DOMAIN (selectors as in tests.dkim_support.signer).
@@ -358,3 +359,19 @@ def test_the_policy_and_streaming_in_any_chunks() -> None:
 )
 def test_the_from_domain(head: bytes, domain: str | None) -> None:
     assert from_domain(head) == domain
+
+
+def test_a_state_file_without_its_message_goes_at_start(tmp_path: Path) -> None:
+    """A streamed message's signatures are stored (state file) before its
+    message file: a crash in between leaves a state file alone, removed at start."""
+    queue = tmp_path / "queue"
+    queue.mkdir(parents=True)
+    (queue / "A.state").write_text("{}")
+    (queue / "B.state").write_text("{}")
+    (queue / "B.msg").write_bytes(b"")
+    spool = Spool(tmp_path, inline=True)
+    spool.start()
+    try:
+        assert sorted(p.name for p in queue.iterdir()) == ["B.msg", "B.state"]
+    finally:
+        spool.stop()  # inline: synchronous
