@@ -81,10 +81,18 @@ def dkim_keys(directory: Path) -> dict[str, list[str]]:
     return runs
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_relay(
     messages: int, sessions: int, size: int, extra: Sequence[str] = ()
-) -> tuple[float, float]:
-    """Seconds to accept, and until all are at smtp-sink; ``extra``: more relay arguments."""
+) -> tuple[float, float, float]:
+    """Seconds to accept, and until all are at smtp-sink, and the relay
+    process's CPU seconds per message (its committer child not counted);
+    ``extra``: more relay arguments."""
     work = Path(tempfile.mkdtemp(prefix="txc-bench-relay-"))
     sink_port = free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
@@ -97,6 +105,8 @@ def bench_relay(
     try:
         wait_for(lambda: _port_open(sink_port), 10, "smtp-sink")
         relay.start()
+        assert relay.proc is not None
+        cpu = cpu_seconds(relay.proc.pid)
         started = time.perf_counter()
         accept = smtp_source(relay.port, messages, sessions, size)
 
@@ -105,7 +115,8 @@ def bench_relay(
             return bool(out) and json.loads(out)["delivered"] >= messages
 
         wait_for(delivered, 120, "delivery to smtp-sink", poll=0.01)
-        return accept, time.perf_counter() - started
+        total = time.perf_counter() - started
+        return accept, total, (cpu_seconds(relay.proc.pid) - cpu) / messages
     finally:
         relay.stop()
         sink.terminate()
@@ -190,22 +201,28 @@ def main() -> None:
     relay_rates: list[float] = []
     postfix_rates: list[float] = []
     signed_rates: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     keys_dir = Path(tempfile.mkdtemp(prefix="txc-bench-dkim-"))
     signed_runs = {} if args.no_signed else dkim_keys(keys_dir)
     with PostfixBench() as postfix:
         for number in range(1, args.rounds + 1):
-            accept, total = bench_relay(args.messages, args.sessions, args.size)
+            accept, total, per_message = bench_relay(args.messages, args.sessions, args.size)
             relay_rates.append(args.messages / accept)
+            cpu.setdefault("unsigned", []).append(per_message)
             line = (
                 f"round {number}: smtprelay {relay_rates[-1]:6.0f} msg/s accepted (fsync on), "
-                f"all delivered to smtp-sink after {total:.2f} s"
+                f"all delivered to smtp-sink after {total:.2f} s, "
+                f"{per_message * 1000:.2f} ms CPU/msg"
             )
             for name, extra in signed_runs.items():
-                accept, total = bench_relay(args.messages, args.sessions, args.size, extra)
+                accept, total, per_message = bench_relay(
+                    args.messages, args.sessions, args.size, extra
+                )
                 signed_rates.setdefault(name, []).append(args.messages / accept)
+                cpu.setdefault(name, []).append(per_message)
                 line += (
                     f"; signed {name} {signed_rates[name][-1]:6.0f} msg/s "
-                    f"(delivered after {total:.2f} s)"
+                    f"(delivered after {total:.2f} s, {per_message * 1000:.2f} ms CPU/msg)"
                 )
             timing = postfix.run(args.messages, args.sessions, args.size)
             if timing is not None:
@@ -227,6 +244,8 @@ def main() -> None:
         if postfix_rate:
             line += f", {rate / postfix_rate:.2f}x postfix"
         print(line)
+    for name, times in cpu.items():
+        print(f"relay process CPU, {name}: {statistics.median(times) * 1000:.2f} ms/msg (median)")
     if postfix_rate:
         print(f"postfix:   {postfix_rate:8.0f} msg/s accepted, median of {args.rounds}")
         print(f"ratio smtprelay/postfix: {relay_rate / postfix_rate:.2f}x")
