@@ -9,7 +9,13 @@ round) and the medians are compared: on a shared machine one round can be
 off by a third. Everything listens on 127.0.0.1 high ports and is stopped
 at the end.
 
+Each round also runs the relay with DKIM signing on (``--dkim`` for the
+``From:`` domain smtp-source writes, client.test), once with an RSA-2048 key
+and once with an Ed25519 key, unless ``--no-signed``: the signed rates are
+compared with the unsigned one and with Postfix's.
+
     /tmp/venv/bin/python bench/relay.py [-m MESSAGES] [-s SESSIONS] [-l SIZE] [-r ROUNDS]
+                                        [--no-signed]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +54,59 @@ def smtp_source(port: int, messages: int, sessions: int, size: int) -> float:
     return time.perf_counter() - started
 
 
-def bench_relay(messages: int, sessions: int, size: int) -> tuple[float, float]:
+#: The ``From:`` domain of smtp-source's messages (from its ``-f``).
+SIGNED_DOMAIN = "client.test"
+
+
+def dkim_keys(directory: Path) -> dict[str, list[str]]:
+    """The relay arguments of each signed run, keys written to ``directory``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    keys = {
+        "rsa-2048": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "ed25519": ed25519.Ed25519PrivateKey.generate(),
+    }
+    runs: dict[str, list[str]] = {}
+    for name, key in keys.items():
+        path = directory / f"{name}.pem"
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        runs[name] = [f"--dkim={SIGNED_DOMAIN}:{name}:{path}"]
+    return runs
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_relay(
+    messages: int, sessions: int, size: int, extra: Sequence[str] = ()
+) -> tuple[float, float, float]:
+    """Seconds to accept, and until all are at smtp-sink, and the relay
+    process's CPU seconds per message (its committer child not counted);
+    ``extra``: more relay arguments."""
     work = Path(tempfile.mkdtemp(prefix="txc-bench-relay-"))
     sink_port = free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     sink = subprocess.Popen([SMTP_SINK, *user, f"127.0.0.1:{sink_port}", "256"])
     relay = RelayProcess(
-        work, free_port(), [f"--smarthost=127.0.0.1:{sink_port}", "--smarthost-tls=none"]
+        work,
+        free_port(),
+        [f"--smarthost=127.0.0.1:{sink_port}", "--smarthost-tls=none", *extra],
     )
     try:
         wait_for(lambda: _port_open(sink_port), 10, "smtp-sink")
         relay.start()
+        assert relay.proc is not None
+        cpu = cpu_seconds(relay.proc.pid)
         started = time.perf_counter()
         accept = smtp_source(relay.port, messages, sessions, size)
 
@@ -66,7 +115,8 @@ def bench_relay(messages: int, sessions: int, size: int) -> tuple[float, float]:
             return bool(out) and json.loads(out)["delivered"] >= messages
 
         wait_for(delivered, 120, "delivery to smtp-sink", poll=0.01)
-        return accept, time.perf_counter() - started
+        total = time.perf_counter() - started
+        return accept, total, (cpu_seconds(relay.proc.pid) - cpu) / messages
     finally:
         relay.stop()
         sink.terminate()
@@ -144,17 +194,36 @@ def main() -> None:
         default=3,
         help="rounds, relay and Postfix taking turns; medians are compared",
     )
+    parser.add_argument(
+        "--no-signed", action="store_true", help="skip the DKIM-signed runs (RSA-2048, Ed25519)"
+    )
     args = parser.parse_args()
     relay_rates: list[float] = []
     postfix_rates: list[float] = []
+    signed_rates: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    keys_dir = Path(tempfile.mkdtemp(prefix="txc-bench-dkim-"))
+    signed_runs = {} if args.no_signed else dkim_keys(keys_dir)
     with PostfixBench() as postfix:
         for number in range(1, args.rounds + 1):
-            accept, total = bench_relay(args.messages, args.sessions, args.size)
+            accept, total, per_message = bench_relay(args.messages, args.sessions, args.size)
             relay_rates.append(args.messages / accept)
+            cpu.setdefault("unsigned", []).append(per_message)
             line = (
                 f"round {number}: smtprelay {relay_rates[-1]:6.0f} msg/s accepted (fsync on), "
-                f"all delivered to smtp-sink after {total:.2f} s"
+                f"all delivered to smtp-sink after {total:.2f} s, "
+                f"{per_message * 1000:.2f} ms CPU/msg"
             )
+            for name, extra in signed_runs.items():
+                accept, total, per_message = bench_relay(
+                    args.messages, args.sessions, args.size, extra
+                )
+                signed_rates.setdefault(name, []).append(args.messages / accept)
+                cpu.setdefault(name, []).append(per_message)
+                line += (
+                    f"; signed {name} {signed_rates[name][-1]:6.0f} msg/s "
+                    f"(delivered after {total:.2f} s, {per_message * 1000:.2f} ms CPU/msg)"
+                )
             timing = postfix.run(args.messages, args.sessions, args.size)
             if timing is not None:
                 postfix_rates.append(args.messages / timing[0])
@@ -163,10 +232,21 @@ def main() -> None:
                     f"all in its Maildir after {timing[1]:.2f} s"
                 )
             print(line, flush=True)
+    shutil.rmtree(keys_dir, ignore_errors=True)
     relay_rate = statistics.median(relay_rates)
     print(f"smtprelay: {relay_rate:8.0f} msg/s accepted (fsync on), median of {args.rounds}")
-    if postfix_rates:
-        postfix_rate = statistics.median(postfix_rates)
+    postfix_rate = statistics.median(postfix_rates) if postfix_rates else None
+    for name, rates in signed_rates.items():
+        rate = statistics.median(rates)
+        line = (
+            f"smtprelay DKIM {name}: {rate:8.0f} msg/s accepted, {rate / relay_rate:.2f}x unsigned"
+        )
+        if postfix_rate:
+            line += f", {rate / postfix_rate:.2f}x postfix"
+        print(line)
+    for name, times in cpu.items():
+        print(f"relay process CPU, {name}: {statistics.median(times) * 1000:.2f} ms/msg (median)")
+    if postfix_rate:
         print(f"postfix:   {postfix_rate:8.0f} msg/s accepted, median of {args.rounds}")
         print(f"ratio smtprelay/postfix: {relay_rate / postfix_rate:.2f}x")
 

@@ -21,6 +21,7 @@ from twisted.internet import endpoints
 from twisted.python import usage
 
 from txcolombe.delivery.shaping.config import ShapingConfigError, ShapingSettings, parse_shaping
+from txcolombe.relay.signing import load_keys, parse_spec, parse_specs
 
 DEFAULT_LISTEN = "tcp:port=10025:interface=127.0.0.1"
 DEFAULT_SPOOL = "smtprelay-spool"
@@ -102,6 +103,7 @@ class Options(usage.Options):
         self["listen"] = []
         self["relay-network"] = []
         self["shaping"] = None
+        self["dkim"] = []
         #: The options given on the command line: they win over the file.
         self._given: set[str] = set()
         for name in [p[0] for p in self.optParameters] + [f[0] for f in self.optFlags]:
@@ -114,6 +116,11 @@ class Options(usage.Options):
     def opt_relay_network(self, network: str) -> None:
         """Clients of this CIDR network may relay without AUTH (repeatable; default 127.0.0.0/8 and ::1/128)."""  # noqa: E501
         self["relay-network"].append(network)
+
+    def opt_dkim(self, spec: str) -> None:
+        """DKIM-sign mail from DOMAIN (From: header) of authenticated or relay-network clients with KEYFILE, published at SELECTOR (DOMAIN:SELECTOR:KEYFILE; repeatable; RSA or Ed25519 PEM)."""  # noqa: E501
+        self["dkim"].append(parse_spec(spec))
+        self._given.add("dkim")
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """Parse, and keep the arguments: a reload (SIGHUP) parses them again."""
@@ -166,6 +173,7 @@ class Options(usage.Options):
             check_endpoint(listen_description(self, description), "--listen")
         if self["metrics"]:
             check_endpoint(self["metrics"], "--metrics")
+        load_keys(self["dkim"])
 
     def _apply_config(self, path: str) -> None:
         try:
@@ -180,6 +188,10 @@ class Options(usage.Options):
             key = raw_key.replace("_", "-")
             if key == "shaping":
                 self["shaping"] = _shaping(path, value)
+            elif key == "dkim":
+                specs = parse_specs(path, value)
+                if "dkim" not in self._given:
+                    self["dkim"] = specs
             elif key in MULTI:
                 values = value if isinstance(value, list) else [value]
                 if not all(isinstance(v, str) for v in values):

@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import heapq
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +53,7 @@ from txcolombe.codec.address import Mailbox, parse_recipient, parse_sender
 from txcolombe.codec.errors import SMTPError
 from txcolombe.delivery.outcome import DeliveryStatus, Outcome, failed, with_class
 from txcolombe.relay.bounce import RecipientReport, build_dsn
+from txcolombe.relay.signing import RelaySigning, StreamSigning
 from txcolombe.relay.spool import IncomingFile, Spool, new_queue_id
 from txcolombe.relay.transport import LOCAL, Transport
 from txcolombe.server.machine import ServerEnvelope
@@ -128,6 +130,9 @@ class Message:
     :ivar mailboxes: the parsed sender (key None) and recipients, by address.
     :ivar has_state: a state file exists in the spool.
     :ivar declared: what the client declared on MAIL (BODY, SMTPUTF8), passed on.
+    :ivar prefix: ``DKIM-Signature`` fields sent in front of the spooled
+        message, kept in its state file (a message streamed to the spool is
+        signed once its end is in; one held in memory is spooled signed).
     """
 
     id: str
@@ -146,6 +151,7 @@ class Message:
     mailboxes: dict[str | None, Mailbox | None] = field(default_factory=dict, repr=False)
     has_state: bool = False
     declared: MessageOptions = LOCAL
+    prefix: bytes = field(default=b"", repr=False)
 
     @property
     def pending(self) -> list[RecipientState]:
@@ -157,13 +163,16 @@ class Message:
         return [r for r in self.recipients if r.status == FAILED and not r.reported]
 
     def state(self) -> dict[str, Any]:
-        return {
+        state = {
             "held": self.held,
             "warned": self.warned,
             "attempts": self.attempts,
             "next_attempt": self.next_attempt,
             "recipients": [asdict(r) for r in self.recipients],
         }
+        if self.prefix:
+            state["dkim"] = self.prefix.decode("ascii")
+        return state
 
     def summary(self, now: float) -> dict[str, Any]:
         pending = self.pending
@@ -223,24 +232,51 @@ class IncomingStream:
     (:meth:`QueueManager.accept_stream`)."""
 
     def __init__(
-        self, queue: QueueManager, file: IncomingFile, message: Message, extra: dict[str, Any]
+        self,
+        queue: QueueManager,
+        file: IncomingFile,
+        message: Message,
+        extra: dict[str, Any],
+        signer: StreamSigning | None = None,
     ) -> None:
         self.queue = queue
         self.file = file
         self.message = message
         self.extra = extra
+        self.signer = signer
 
     def write(self, data: bytes) -> None:
         self.file.write(data)
+        if self.signer is not None:
+            self.signer.write(data)
 
     def finish(self) -> Deferred[str]:
-        """Fires with the queue id once the message is durable and queued."""
+        """Fires with the queue id once the message is durable and queued.
+
+        A signed message's signatures go to its state file first, so that
+        the message file never exists without them.
+        """
         self.message.size = self.file.size
 
         def queued(_: object) -> str:
             return self.queue._queued(self.message, self.extra)
 
-        return self.file.finish().addCallback(queued)
+        prefix = self.signer.finish() if self.signer is not None else b""
+        if not prefix:
+            return self.file.finish().addCallback(queued)
+        self.message.prefix = prefix
+        self.message.has_state = True
+        stored = self.queue.spool.write_state(self.message.id, self.message.state())
+        stored.addCallback(lambda _: self.file.finish())
+        return stored.addErrback(self._failed).addCallback(queued)
+
+    def _failed(self, failure: Failure) -> Failure:
+        """Nothing of a message not answered 250 stays behind (a state file
+        left by a crash here goes at the next start)."""
+        self.file.abort()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.queue.spool.queue_dir / f"{self.message.id}.state")
+        return failure
 
     def abort(self) -> None:
         self.file.abort()
@@ -282,12 +318,16 @@ class QueueManager:
         bounce_full: bool = False,
         postmaster: str | None = None,
         restart_spread: float = 60.0,
+        signing: RelaySigning | None = None,
     ) -> None:
         """:param postmaster: where undeliverable null-sender messages (bounces)
             go; None: they are kept on hold at the end of their lifetime.
         :param restart_spread: seconds over which the deferred messages that
             are due at start are spread.
+        :param signing: DKIM-signs the messages it says to, at intake
+            (after our Received header); may be replaced on a reload.
         """
+        self.signing = signing
         self.spool = spool
         self.transport = transport
         self.reactor = reactor
@@ -403,20 +443,24 @@ class QueueManager:
             mailboxes=mailboxes,
             has_state=bool(state),
             declared=_declared(envelope),
+            prefix=state.get("dkim", "").encode("ascii"),
         )
 
     # -- intake -------------------------------------------------------------------------
 
     def accept(self, envelope: ServerEnvelope, data: bytes) -> Deferred[str]:
-        """Spool a message from the SMTP server, with our Received header."""
+        """Spool a message from the SMTP server, with our Received header
+        (and DKIM signatures in front of it, when :attr:`signing` says so)."""
         queue_id = new_queue_id()
-        header = received_header(envelope, self.hostname, queue_id, time.time())
+        data = received_header(envelope, self.hostname, queue_id, time.time()) + data
+        if self.signing is not None:
+            data = self.signing.sign(envelope, data) + data
         sender = str(envelope.sender) if envelope.sender is not None else None
         mailboxes: dict[str | None, Mailbox | None] = {None: envelope.sender}
         for rcpt in envelope.recipients:
             mailboxes[str(rcpt)] = rcpt
         return self._spool(
-            queue_id, sender, [str(r) for r in envelope.recipients], header + data,
+            queue_id, sender, [str(r) for r in envelope.recipients], data,
             _intake_record(envelope), mailboxes,
         )  # fmt: skip
 
@@ -441,7 +485,10 @@ class QueueManager:
         )  # fmt: skip
         incoming = self.spool.incoming(queue_id, record)
         incoming.write(header)
-        return IncomingStream(self, incoming, message, extra)
+        signer = None if self.signing is None else self.signing.stream(envelope)
+        if signer is not None:
+            signer.write(header)
+        return IncomingStream(self, incoming, message, extra, signer)
 
     def inject(self, sender: str | None, recipients: Sequence[str], data: bytes) -> Deferred[str]:
         """Spool a locally made message (a bounce)."""
@@ -539,7 +586,7 @@ class QueueManager:
         started = self.reactor.seconds()
         if data is None:
             try:
-                data = self.spool.read_data(message.id)
+                data = message.prefix + self.spool.read_data(message.id)
             except OSError as error:
                 log.error("cannot read {id}: {error}; retrying later", id=message.id, error=error)
                 message.in_flight = False
@@ -851,7 +898,7 @@ class QueueManager:
         info = message.summary(self.reactor.seconds())
         info["recipient_state"] = [asdict(r) for r in message.recipients]
         info["envelope"] = self.spool.read_envelope(queue_id)
-        data = self.spool.read_data(queue_id)
+        data = message.prefix + self.spool.read_data(queue_id)
         end = data.find(b"\r\n\r\n")
         info["headers"] = data[: end if end >= 0 else len(data)].decode("utf-8", "replace")
         return info

@@ -41,6 +41,7 @@ from txcolombe.relay.options import (
 )
 from txcolombe.relay.passwords import hash_password, load_users, verify_password
 from txcolombe.relay.queue import IncomingStream, QueueManager, RetryPolicy
+from txcolombe.relay.signing import RelaySigning, load_keys
 from txcolombe.relay.spool import Spool
 from txcolombe.relay.transport import MXTransport, Smarthost, SmarthostTransport, Transport
 from txcolombe.server.machine import Rejected, ServerConfig, ServerEnvelope
@@ -341,6 +342,7 @@ def reload_settings(options: Any, factory: SMTPServerFactory, handler: RelayHand
         tls = _server_tls(fresh)
         users = load_users(Path(fresh["users"])) if fresh["users"] else {}
         networks = [ipaddress.ip_network(n, strict=False) for n in fresh["relay-network"]]
+        keys = load_keys(fresh["dkim"])
     except (usage.UsageError, OSError, ValueError, SSL.Error, crypto.Error) as error:
         log.error("reload failed, keeping the old settings: {error}", error=str(error))
         return
@@ -352,6 +354,9 @@ def reload_settings(options: Any, factory: SMTPServerFactory, handler: RelayHand
     handler.users = users
     handler.min_free = min_free(fresh)
     handler.set_networks(networks)
+    handler.queue.signing = RelaySigning(keys, handler.relay_allowed)
+    if keys:
+        log.info("DKIM keys: {keys}", keys=" ".join(str(k) for k in fresh["dkim"]))
     log.info(
         "reloaded: {users} users, relay networks {networks}, max size {max_size}",
         users=len(users), networks=" ".join(fresh["relay-network"]), max_size=fresh["max-size"],
@@ -417,6 +422,9 @@ def make_service(options: Any, reactor: Any = None) -> RelayService:
     relay = RelayService(spool, queue)
     config = server_config(options, hostname, tls_available=tls is not None, users=users)
     handler = RelayHandler(queue, networks, users, min_free(options))
+    queue.signing = RelaySigning(load_keys(options["dkim"]), handler.relay_allowed)
+    if options["dkim"]:
+        log.info("DKIM keys: {keys}", keys=" ".join(str(k) for k in options["dkim"]))
     factory = SMTPServerFactory(
         config, handler, reactor=reactor, tls=tls, idle_timeout=options["idle-timeout"],
     )  # fmt: skip

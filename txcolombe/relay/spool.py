@@ -150,7 +150,7 @@ class Spool:
             leftover.unlink()
         for state in self.queue_dir.glob("*.state"):
             if not state.with_suffix(".msg").exists():
-                state.unlink()  # its message was removed just before a crash
+                state.unlink()  # its message was never durable, or was removed before a crash
         self._stopping = False
         if self.inline:
             self._committer = Committer(self._dir, fsync=self.fsync)
