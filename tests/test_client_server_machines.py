@@ -76,7 +76,7 @@ class Link:
         self.replied: list[bytes] = []
         self.stored: list[server.MessageReceived] = []
         self.client_events: list[client.Event] = []
-        self.server_events: list[server.Event] = []
+        self.server_events: list[server.ServerEvent] = []
         self.bodies: deque[list[bytes]] = deque()
         self._body: deque[bytes] | None = None
         self.tls_asked = {"client": False, "server": False}
@@ -120,7 +120,7 @@ class Link:
             self._body = None
             self.client.end_body()
 
-    def _server_event(self, event: server.Event) -> None:
+    def _server_event(self, event: server.ServerEvent) -> None:
         self.server_events.append(event)
         machine = self.server
         if isinstance(event, server.AuthRequest):

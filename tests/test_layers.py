@@ -157,3 +157,15 @@ def test_old_paths_leave_the_package_functions_alone() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_no_public_class_is_defined_twice_in_the_package() -> None:
+    # Two classes of one name (the client's and the server's Envelope, say)
+    # make a reader, a log or a type error ambiguous.
+    homes: dict[str, list[str]] = {}
+    for path in modules():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                homes.setdefault(node.name, []).append(str(path.relative_to(PACKAGE)))
+    twice = {name: where for name, where in homes.items() if len(where) > 1}
+    assert not twice, twice

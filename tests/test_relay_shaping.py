@@ -22,9 +22,9 @@ from txcolombe.delivery.shaping import (
     BackoffRules,
     Limits,
     MemoryStore,
-    Policy,
     Rate,
     Shaper,
+    ShapingPolicy,
     SiteResolver,
 )
 from txcolombe.delivery.shaping.backoff import SiteState
@@ -79,7 +79,7 @@ class Inner:
 def shaped(clock: Clock, store: Any = None, **limits: Any) -> tuple[ShapedTransport, Inner, Shaper]:
     inner = Inner(clock)
     rules = BackoffRules(suspend=60, rate_factor=0.5, recover=600)
-    shaper = Shaper(Policy(default=Limits(**limits)), rules, store=store, clock=clock)
+    shaper = Shaper(ShapingPolicy(default=Limits(**limits)), rules, store=store, clock=clock)
     sites = SiteResolver(SharedZone(), clock=clock)
     return ShapedTransport(inner, shaper, sites), inner, shaper
 

@@ -21,9 +21,9 @@ from txcolombe.delivery.shaping import (
     BackoffRules,
     Limits,
     MemoryStore,
-    Policy,
     Rate,
     Shaper,
+    ShapingPolicy,
     SiteState,
 )
 from txcolombe.delivery.shaping.config import parse_shaping
@@ -95,7 +95,7 @@ async def test_slots_of_a_dead_relay_expire(stores: list[RedisStore]) -> None:
 
 
 def shapers(stores: list[RedisStore], **limits: Any) -> list[Shaper]:
-    policy = Policy(default=Limits(**limits))
+    policy = ShapingPolicy(default=Limits(**limits))
     rules = BackoffRules(suspend=0.5)
     return [Shaper(policy, rules, store=store, clock=reactor) for store in stores]
 

@@ -16,9 +16,9 @@ from txcolombe.codec.reply import Reply
 from txcolombe.delivery.shaping import (
     BackoffRules,
     Limits,
-    Policy,
     Rate,
     RateError,
+    ShapingPolicy,
     SiteNamer,
     SiteResolver,
     SiteState,
@@ -119,7 +119,7 @@ def test_site_patterns_group_providers() -> None:
 
 
 def test_policy_most_specific_wins_field_by_field() -> None:
-    policy = Policy(
+    policy = ShapingPolicy(
         default=Limits(max_connections=10, message_rate=Rate.parse("100/s")),
         sites={"google": Limits(max_connections=5, connection_rate=Rate.parse("1/s"))},
         domains={"example.com": Limits(max_connections=2)},

@@ -17,9 +17,9 @@ from txcolombe.delivery.shaping import (
     LeaseExhausted,
     LeaseReleased,
     Limits,
-    Policy,
     Rate,
     Shaper,
+    ShapingPolicy,
 )
 
 
@@ -27,7 +27,7 @@ def shaper(clock: Clock, backoff: BackoffRules | None = None, **limits: Any) -> 
     for name in ("message_rate", "connection_rate"):
         if name in limits:
             limits[name] = Rate.parse(limits[name])
-    return Shaper(Policy(default=Limits(**limits)), backoff, clock=clock)
+    return Shaper(ShapingPolicy(default=Limits(**limits)), backoff, clock=clock)
 
 
 def run_until(clock: Clock, until: float) -> None:
@@ -100,7 +100,7 @@ def test_concurrency_cap_waits_for_a_release() -> None:
     held[1].release()
     assert result(d).site == "site"
     # A domain override changes the cap checked against the site's counters.
-    s.policy = Policy(s.policy.default, domains={"big.example": Limits(max_connections=4)})
+    s.policy = ShapingPolicy(s.policy.default, domains={"big.example": Limits(max_connections=4)})
     assert result(s.acquire("site", "big.example")).limits.max_connections == 4
     assert not s.acquire("site").called
 

@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 
+from txcolombe.client.connect import IOpenSSLTrustRoot
 from txcolombe.client.machine import TLSMode
 from txcolombe.codec.dsn import DSN
 from txcolombe.codec.errors import InvalidArgument, UsageError

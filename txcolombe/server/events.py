@@ -48,17 +48,17 @@ class ServerEnvelope:
     rcpt_parameters: tuple[tuple[str, ...], ...] = ()
 
 
-class Event:
+class ServerEvent:
     """Base class of what :meth:`ServerMachine.next_event` returns."""
 
 
 @dataclass(frozen=True)
-class ServerStartTLS(Event):
+class ServerStartTLS(ServerEvent):
     """The client asked for TLS and got 220: start TLS, then ``tls_started()``."""
 
 
 @dataclass(frozen=True)
-class AuthRequest(Event):
+class AuthRequest(ServerEvent):
     """Check these credentials, then call ``auth_result()``."""
 
     mechanism: str
@@ -67,7 +67,7 @@ class AuthRequest(Event):
 
 
 @dataclass(frozen=True)
-class MessageReceived(Event):
+class MessageReceived(ServerEvent):
     """A complete message: store it, then call ``message_result()``.
 
     :ivar data: the message as received, dot-unstuffed (DATA) or as chunked
@@ -79,7 +79,7 @@ class MessageReceived(Event):
 
 
 @dataclass(frozen=True)
-class BodyData(Event):
+class BodyData(ServerEvent):
     """Part of the body of the message being received (dot-unstuffed, whole
     lines), handed over because more than ``body_chunk`` octets are held."""
 
@@ -88,20 +88,20 @@ class BodyData(Event):
 
 
 @dataclass(frozen=True)
-class DataAborted(Event):
+class DataAborted(ServerEvent):
     """The message whose parts went out as :class:`BodyData` is refused:
     forget those parts."""
 
 
 @dataclass(frozen=True)
-class Delay(Event):
+class Delay(ServerEvent):
     """Wait ``seconds``, then call ``wake()``: a client making errors."""
 
     seconds: float
 
 
 @dataclass(frozen=True)
-class Rejected(Event):
+class Rejected(ServerEvent):
     """A policy refusal (Postfix's ``NOQUEUE: reject:``), for the log.
 
     :ivar stage: the command refused (CONNECT, MAIL, RCPT, DATA, END-OF-MESSAGE).
@@ -115,7 +115,7 @@ class Rejected(Event):
 
 
 @dataclass(frozen=True)
-class CommandRead(Event):
+class CommandRead(ServerEvent):
     """(``intercept`` only) The machine is about to act on ``verb``: call
     ``proceed()`` for its usual answer, or ``override()`` with another.
 
@@ -131,5 +131,5 @@ class CommandRead(Event):
 
 
 @dataclass(frozen=True)
-class Close(Event):
+class Close(ServerEvent):
     """Close the connection once the pending bytes are written."""

@@ -78,10 +78,10 @@ from txcolombe.server.events import (
     CommandRead,
     DataAborted,
     Delay,
-    Event,
     MessageReceived,
     Rejected,
     ServerEnvelope,
+    ServerEvent,
     ServerStartTLS,
 )
 
@@ -94,11 +94,11 @@ __all__ = [
     "CommandRead",
     "DataAborted",
     "Delay",
-    "Event",
     "MessageReceived",
     "Rejected",
     "ServerConfig",
     "ServerEnvelope",
+    "ServerEvent",
     "ServerMachine",
     "ServerStartTLS",
     "ServerState",
@@ -243,7 +243,7 @@ class ServerMachine:
         self.esmtp = False
         self._in = bytearray()
         self._out: list[bytes] = []
-        self._events: deque[Event] = deque()
+        self._events: deque[ServerEvent] = deque()
         self._errors = 0
         self._reset_transaction()
         self._auth_mechanism = ""
@@ -277,7 +277,7 @@ class ServerMachine:
         out, self._out = b"".join(self._out), []
         return out
 
-    def next_event(self) -> Event | None:
+    def next_event(self) -> ServerEvent | None:
         """The next event for the driver, or None."""
         return self._events.popleft() if self._events else None
 

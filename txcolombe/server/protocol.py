@@ -458,6 +458,8 @@ class SMTPServerFactory(Factory):
         idle_timeout: float = 300.0,
     ) -> None:
         if reactor is None:
+            # client.options.default_reactor() is the helper, but the server
+            # layer may not import the client's: the same two lines.
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor

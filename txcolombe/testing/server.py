@@ -32,6 +32,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import Certificate
 from twisted.python.failure import Failure
 
+from txcolombe.client.options import default_reactor
 from txcolombe.codec.reply import Reply
 from txcolombe.server.events import (
     END_OF_DATA,
@@ -414,9 +415,7 @@ class MemoryServerProtocol(Protocol):
         elif response.delay > 0:
             clock = self.server.clock
             if clock is None:
-                from twisted.internet import reactor
-
-                clock = cast(IReactorTime, reactor)
+                clock = cast(IReactorTime, default_reactor())
             self._timer = clock.callLater(response.delay, self._delayed, event, response)
         else:
             self._answer(event, response)

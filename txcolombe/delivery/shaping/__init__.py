@@ -7,7 +7,7 @@ relays, a :class:`~txcolombe.delivery.shaping.redisstore.RedisStore`.
 """
 
 from txcolombe.delivery.shaping.backoff import BackoffRules, SiteState
-from txcolombe.delivery.shaping.policy import DEFAULT_LIMITS, Limits, Policy
+from txcolombe.delivery.shaping.policy import DEFAULT_LIMITS, Limits, ShapingPolicy
 from txcolombe.delivery.shaping.shaper import Lease, LeaseExhausted, LeaseReleased, Shaper
 from txcolombe.delivery.shaping.sites import SiteNamer, SiteResolver
 from txcolombe.delivery.shaping.store import MemoryStore, Store
@@ -21,10 +21,10 @@ __all__ = [
     "LeaseReleased",
     "Limits",
     "MemoryStore",
-    "Policy",
     "Rate",
     "RateError",
     "Shaper",
+    "ShapingPolicy",
     "SiteNamer",
     "SiteResolver",
     "SiteState",

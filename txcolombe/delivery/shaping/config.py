@@ -36,7 +36,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 
 from txcolombe.delivery.shaping.backoff import DEFAULT_PATTERNS, BackoffRules
-from txcolombe.delivery.shaping.policy import DEFAULT_LIMITS, Limits, Policy
+from txcolombe.delivery.shaping.policy import DEFAULT_LIMITS, Limits, ShapingPolicy
 from txcolombe.delivery.shaping.redisstore import DEFAULT_PREFIX, RedisStore
 from txcolombe.delivery.shaping.shaper import Shaper
 from txcolombe.delivery.shaping.sites import SiteNamer
@@ -65,7 +65,7 @@ class ShapingSettings:
         None for the in-process store.
     """
 
-    policy: Policy = field(default_factory=Policy)
+    policy: ShapingPolicy = field(default_factory=ShapingPolicy)
     backoff: BackoffRules = field(default_factory=BackoffRules)
     sites: SiteNamer = field(default_factory=SiteNamer)
     redis: tuple[str, int] | None = None
@@ -188,7 +188,7 @@ def parse_shaping(section: Any) -> ShapingSettings:
     default = DEFAULT_LIMITS
     if "default" in values:
         default = _limits(values["default"], "shaping.default").over(DEFAULT_LIMITS)
-    policy = Policy(
+    policy = ShapingPolicy(
         default,
         _overrides(values.get("site", {}), "shaping.site", lower=False),
         _overrides(values.get("domain", {}), "shaping.domain", lower=True),

@@ -2,7 +2,7 @@
 
 A :class:`Limits` holds the four limits of the issue; ``None`` means "no
 limit" in a resolved one and "inherit" in an override. For a message to
-``domain`` on ``site``, :meth:`Policy.limits` starts from the defaults,
+``domain`` on ``site``, :meth:`ShapingPolicy.limits` starts from the defaults,
 applies the site's override, then the domain's (the most specific wins,
 field by field). The counters are always the site's: a domain override
 changes the limits checked against them when sending to that domain.
@@ -50,7 +50,7 @@ DEFAULT_LIMITS = Limits(max_connections=20)
 
 
 @dataclass(frozen=True)
-class Policy:
+class ShapingPolicy:
     """Defaults and overrides; site names as :class:`~txcolombe.delivery.shaping.sites.SiteNamer`
     gives them, domains lower-case."""
 

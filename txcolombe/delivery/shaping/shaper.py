@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from txcolombe.codec.reply import Reply
 from txcolombe.delivery.shaping.backoff import BackoffRules, SiteState
-from txcolombe.delivery.shaping.policy import Limits, Policy
+from txcolombe.delivery.shaping.policy import Limits, ShapingPolicy
 from txcolombe.delivery.shaping.store import MemoryStore, Store
 
 log = Logger(namespace="txcolombe.delivery.shaping")
@@ -120,7 +120,7 @@ class Shaper:
 
     def __init__(
         self,
-        policy: Policy | None = None,
+        policy: ShapingPolicy | None = None,
         backoff: BackoffRules | None = None,
         *,
         store: Store | None = None,
@@ -131,7 +131,7 @@ class Shaper:
 
             clock = reactor
         self.clock = clock
-        self.policy = policy or Policy()
+        self.policy = policy or ShapingPolicy()
         self.backoff = backoff or BackoffRules()
         self.store: Store = store if store is not None else MemoryStore()
         self._sites: dict[str, _Site] = {}
