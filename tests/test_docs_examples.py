@@ -58,6 +58,7 @@ DOCS = ROOT / "docs"
 DELIVER = importlib.import_module("txcolombe.delivery.deliver")
 Deliverer = importlib.import_module("txcolombe.delivery.deliverer").Deliverer
 SESSION = importlib.import_module("txcolombe.client.session")
+CONNECT = importlib.import_module("txcolombe.client.connect")
 
 _FENCE = re.compile(r"^(`{3,})\s*([\w{}-]*)\s*$")
 _MARKER = re.compile(r"^<!--\s*(output|file|test)\s*(?::\s*(\S+))?\s*-->\s*$")
@@ -154,6 +155,9 @@ def docs_world(fake: MemorySMTP, directory: Path) -> Iterator[None]:
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     cwd = os.getcwd()
+    # TLS options are cached per name and trust root: none made with the real
+    # platform trust may serve an example, nor one made here a later test.
+    CONNECT._verified_options.cache_clear()
     try:
         for owner, name, value in patches:
             setattr(owner, name, value)
@@ -163,6 +167,7 @@ def docs_world(fake: MemorySMTP, directory: Path) -> Iterator[None]:
         os.chdir(cwd)
         for owner, name, value in saved:
             setattr(owner, name, value)
+        CONNECT._verified_options.cache_clear()
 
 
 def run_test_module(block: Block, directory: Path, number: int) -> None:
