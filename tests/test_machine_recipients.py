@@ -18,6 +18,7 @@ from tests.test_machine import (
     Conversation,
     envelope,
     only,
+    refused_before_sending,
     send_message,
     session,
 )
@@ -418,3 +419,31 @@ def test_cancel_between_transactions_drops_the_rest() -> None:
     assert len(done.accepted) == 1
     assert conv.sent.count(b"RCPT") == 1
     assert conv.state is State.READY
+
+
+def test_mailmax_refuses_a_send_beyond_it_for_now() -> None:
+    conv = session("PIPELINING", "LIMITS MAILMAX=2")
+    for _ in range(2):
+        conv.machine.start_transaction(envelope("a@example.net"))
+        assert conv.flush()[0] == MAIL + rcpts("a@example.net") + DATA
+        conv.feed(OK * 2 + GO)
+        send_message(conv)
+        conv.flush()
+        assert isinstance(only(conv.feed(OK)[1], TransactionDone), TransactionDone)
+    assert conv.machine.exhausted
+    error = refused_before_sending(conv, envelope("a@example.net"))
+    assert error.temporary and "MAILMAX" in str(error)
+
+
+def test_a_split_send_that_reaches_mailmax_keeps_its_untried_recipients_pending() -> None:
+    conv = session("PIPELINING", "LIMITS MAILMAX=1", max_recipients=2)
+    people = names(3)
+    conv.machine.start_transaction(envelope(*people))
+    assert conv.flush()[0] == MAIL + rcpts(*people[:2]) + DATA
+    conv.feed(OK * 3 + GO)
+    send_message(conv)
+    conv.flush()
+    done = done_of(conv.feed(OK)[1])
+    assert sorted(done.accepted) == people[:2]
+    assert people[2] not in done.accepted and people[2] not in done.refused
+    assert conv.machine.exhausted

@@ -261,3 +261,21 @@ def test_message_options_as_one_object_send_what_the_keywords_send() -> None:
         sent.append(fake.server.commands)
     assert sent[0] == sent[1]
     assert any(c.startswith("MAIL") and "RET=HDRS" in c and "ENVID=e1" in c for c in sent[0])
+
+
+def test_a_server_mailmax_opens_a_new_connection_for_the_next_messages() -> None:
+    server = MemorySMTPServer(extensions=(*DEFAULT_EXTENSIONS, "LIMITS MAILMAX=2"))
+    smtp = MemorySMTP(server)
+    pool = Pool(reactor=smtp.reactor, pipeline=4)
+    sends = [
+        pool.send(
+            "mx.example.org", "a@example.com", [f"r{i}@example.org"], MESSAGE,
+            endpoint=smtp.endpoint(), trust_root=smtp.trust_root,
+        )
+        for i in range(5)
+    ]  # fmt: skip
+    smtp.flush()
+    assert all(isinstance(result(d), Receipt) for d in sends)
+    assert len(server.transactions) == 5
+    assert len(smtp.connections) == 3  # 2 + 2 + 1 transactions
+    smtp.run(pool.close())

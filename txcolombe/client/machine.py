@@ -223,6 +223,7 @@ class ClientMachine:
         self._queue: deque[_Send] = deque()  # sends with recipients waiting for a transaction
         self._txns: deque[_Transaction] = deque()  # running, oldest first
         self._learned_limit: int | None = None  # from a "too many recipients" reply
+        self._mails = 0  # transactions begun on this connection (LIMITS MAILMAX)
         self._encoder: DataEncoder | None = None
         self._bdat_buffer: list[bytes] = []
         #: Counts replies, so a driver can restart its timer on each one.
@@ -425,11 +426,22 @@ class ClientMachine:
         known = [limit for limit in limits if limit is not None]
         return min(known) if known else None
 
+    @property
+    def exhausted(self) -> bool:
+        """True once the server's LIMITS MAILMAX (RFC 9422) transactions have
+        begun: this connection takes no further message."""
+        mailmax = self._limits.get("MAILMAX")
+        return mailmax is not None and self._mails >= mailmax
+
     def _start_queued(self) -> None:
         """Start the queued sends the conversation allows now, oldest first."""
         while self._queue and self._can_start():
             send = self._queue[0]
             envelope = send.envelope
+            if self.exhausted:
+                self._queue.popleft()
+                self._beyond_mailmax(send)
+                continue
             if not send.started:
                 try:
                     send.bdat = use_bdat(envelope, self.extensions)
@@ -450,8 +462,29 @@ class ClientMachine:
                 self._queue.popleft()
             self._begin(send, batch)
 
+    def _beyond_mailmax(self, send: _Send) -> None:
+        """A send the connection has no transaction left for: refused for now if
+        nothing of it has begun; else it ends with what its transactions gave,
+        its untried recipients neither accepted nor refused (still to send)."""
+        send.todo.clear()
+        if send.handle not in self._sends:
+            return
+        if not send.started:
+            del self._sends[send.handle]
+            error = SMTPError(
+                f"the server takes {self._limits['MAILMAX']} transactions per connection"
+                " (LIMITS MAILMAX): send it on another connection",
+                step=Step.MAIL,
+                temporary=True,
+            )
+            self._events.append(TransactionRefused(send.handle, error))
+        elif send.running == 0:
+            del self._sends[send.handle]
+            self._events.append(send.tally.result(send.handle))
+
     def _begin(self, send: _Send, indices: list[int]) -> None:
         """Send one transaction's MAIL (and, pipelined, its RCPTs and DATA)."""
+        self._mails += 1
         self._go(Input.MAIL)
         txn = _Transaction(send, indices, pipelined=self.pipelining)
         self._txns.append(txn)

@@ -158,6 +158,17 @@ class _Slot:
     waiters: deque[Deferred[None]] = field(default_factory=deque)
 
 
+def _beyond_mailmax(error: SMTPError) -> bool:
+    """The machine refused a message because its connection had no transaction
+    left (nothing of it was sent, no server reply)."""
+    return (
+        error.temporary
+        and error.reply is None
+        and error.step is Step.MAIL
+        and ("MAILMAX" in str(error))
+    )
+
+
 class Pool:
     """Sessions kept open and shared between messages.
 
@@ -307,6 +318,12 @@ class Pool:
                 # The idle connection was gone: try once more on another.
                 self._drop(conn)
                 retried = True
+            except SMTPError as error:
+                spent = conn.session
+                if spent is None or spent.usable or not _beyond_mailmax(error):
+                    raise
+                # The connection's LIMITS MAILMAX was reached before this message
+                # began (with a pipeline, others took the last transactions).
             finally:
                 self._release(conn)
 

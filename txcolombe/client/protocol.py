@@ -197,6 +197,8 @@ class SMTPClientProtocol(Protocol):
     @property
     def usable(self) -> bool:
         """True while transactions can still run on this connection."""
+        if self._machine is not None and self._machine.exhausted:
+            return False  # LIMITS MAILMAX reached: no further message here
         return self._failure is None and not self._gone
 
     @property
