@@ -110,3 +110,19 @@ def test_mx_failure_of_the_relays_own_is_named() -> None:
     outcome = out["b@y.test"]
     assert outcome.temporary and outcome.local == "connection"
     assert outcome.status_code == "4.4.1"
+
+
+def test_each_recipient_of_a_split_send_gets_its_own_transactions_reply() -> None:
+    from txcolombe.client.receipt import Receipt
+    from txcolombe.codec.reply import Reply
+    from txcolombe.delivery.outcome import recipient_verdict
+
+    ok = Reply.of(250, "2.1.5 ok")
+    first = Receipt({"a@x.test": ok}, {}, Reply.of(250, "2.0.0 Ok: queued as AAA"))
+    second = Receipt({"b@x.test": ok}, {}, Reply.of(250, "2.0.0 Ok: queued as BBB"))
+    whole = Receipt({"a@x.test": ok, "b@x.test": ok}, {}, first.reply, parts=(first, second))
+    verdicts = {r: recipient_verdict(whole, r) for r in ("a@x.test", "b@x.test")}
+    assert {r: v.reply.queue_id for r, v in verdicts.items() if v and v.reply} == {
+        "a@x.test": "AAA",
+        "b@x.test": "BBB",
+    }

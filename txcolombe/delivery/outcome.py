@@ -280,7 +280,10 @@ def recipient_verdict(result: Receipt | SMTPError, recipient: str) -> Verdict | 
     nothing of it (a recipient neither accepted nor refused: all-or-nothing
     mode, a pipelined failure). A 4xx refusal is temporary, any other final."""
     if isinstance(result, Receipt) and recipient in result.accepted:
-        return Verdict(DeliveryStatus.DELIVERED, result.reply, None)
+        # A send split over transactions: the end-of-data reply (its queue id)
+        # of the transaction that took this recipient.
+        part = next((p for p in result.parts if recipient in p.accepted), result)
+        return Verdict(DeliveryStatus.DELIVERED, part.reply, None)
     if isinstance(result, Receipt | RecipientsRefused):
         reply = result.refused.get(recipient)
         if reply is None:
