@@ -395,3 +395,49 @@ async def test_each_recipient_may_carry_its_own_dsn_options(world: World) -> Non
         b"RCPT TO:<bob@dsn.test> NOTIFY=FAILURE ORCPT=rfc822;bob@old.test",
         b"RCPT TO:<carol@dsn.test> NOTIFY=SUCCESS",
     ]
+
+
+# -- traffic shaping (docs/shaping.md), in the Deliverer -----------------------------------
+
+
+def _shaping(**limits: Any) -> Any:
+    from txcolombe.delivery.shaping import Limits, ShapingPolicy
+    from txcolombe.delivery.shaping.config import ShapingSettings
+
+    return ShapingSettings(policy=ShapingPolicy(default=Limits(**limits)))
+
+
+@pytest_twisted.ensureDeferred
+async def test_domains_of_one_site_share_its_message_rate(world: World) -> None:
+    from txcolombe.delivery.shaping import Rate
+
+    for i in range(4):
+        _mx(world, f"site{i}.test", (10, "a.mx.test"))
+    deliverer = Deliverer(shaping=_shaping(message_rate=Rate.parse("10/s")))
+    started = time.monotonic()
+    result = await _through(deliverer, world, [f"bob@site{i}.test" for i in range(4)])
+    elapsed = time.monotonic() - started
+    assert all(outcome.delivered for outcome in result.values())
+    # One site (a.mx.test): four messages at 10/s need three gaps of 100 ms.
+    assert elapsed >= 0.3
+    [(site, info)] = deliverer.shaper.snapshot().items()
+    assert site == "a.mx.test" and info["messages_total"] == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_down_from_the_first_exchanger_suspends_the_site_though_the_second_delivered(
+    world: World,
+) -> None:
+    deliverer = Deliverer(shaping=_shaping())
+    outcome = only(await _through(deliverer, world, ["bob@busyfirst.test"]))
+    assert outcome.delivered and outcome.mx == "b.mx.test"  # the 421 greeting was the first's
+    [(site, info)] = deliverer.shaper.snapshot().items()
+    assert site == "b.mx.test,busy.mx.test"
+    assert info["slow_downs"] == 1 and info["suspended"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_shaping_nothing_waits_or_is_counted(world: World) -> None:
+    deliverer = Deliverer()
+    assert only(await _through(deliverer, world, ["bob@pref.test"])).delivered
+    assert deliverer.shaper is None

@@ -367,9 +367,20 @@ def _in_order(
 def _domain_task(
     options: _Options, group: DomainRecipients, body: ReplayableBody
 ) -> Deferred[dict[str, Outcome]]:
-    return options.deliverer.for_domain(
-        group.domain, lambda: Deferred.fromCoroutine(_DomainDelivery(options, group, body).run())
-    )
+    agent = options.deliverer
+
+    def shaped() -> Deferred[dict[str, Outcome]]:
+        names = [key for key, _ in group.recipients]
+        run = _DomainDelivery(options, group, body).run
+        return agent.shaped(
+            group.domain,
+            names,
+            lambda: Deferred.fromCoroutine(run()),
+            options.resolver,
+            options.reactor,
+        )
+
+    return agent.for_domain(group.domain, shaped)
 
 
 class _DomainDelivery:

@@ -13,6 +13,10 @@ A :class:`Deliverer` holds, for every delivery made through it:
 - where its connections come from (source addresses), which address families
   it uses, and whether it races IPv6 and IPv4 (Happy Eyeballs,
   :mod:`txcolombe.delivery.eyeballs`);
+- when given ``shaping`` (:mod:`txcolombe.delivery.shaping`), the limits of
+  each destination site: every domain's delivery waits for its site's
+  connection slot and message token, and every reply that means "slow down"
+  (of any attempt) suspends the site;
 - when asked (``reuse_time``), sessions left open after a delivery, for the
   next delivery to the same exchanger under the same options, whatever its
   domain (Postfix's connection cache); :meth:`Deliverer.close` quits them.
@@ -200,6 +204,9 @@ class Deliverer:
         ``settings.cache_dns`` is false.
     :param settings: the limits and connection choices (:class:`Settings`);
         keyword arguments build one: ``Deliverer(max_per_host=5)``.
+    :param shaping: traffic shaping per destination site: its settings
+        (``ShapingSettings``, the relay's ``[shaping]`` section in Python) or a
+        ``Shaper`` of one's own; None (the default) shapes nothing.
     """
 
     def __init__(
@@ -208,6 +215,7 @@ class Deliverer:
         resolver: IResolver | None = None,
         reactor: Any = None,
         settings: Settings | None = None,
+        shaping: Any = None,
         **kwargs: Any,
     ) -> None:
         if settings is not None and kwargs:
@@ -219,6 +227,8 @@ class Deliverer:
         self._hosts = _Limits(self.settings.max_per_host)
         self._domains = _Limits(self.settings.max_per_domain)
         self._clocked: weakref.WeakKeyDictionary[Any, _Clocked] = weakref.WeakKeyDictionary()
+        self._shaping = shaping
+        self._shaped: tuple[Any, Any] | None = None  # (Shaper, SiteResolver), made on first use
 
     def deliver(self, sender: Any, recipients: Any, body: Any, **options: Any) -> Any:
         """:func:`~txcolombe.delivery.deliver` through this Deliverer; same arguments."""
@@ -253,6 +263,39 @@ class Deliverer:
     def for_domain(self, domain: str, function: Callable[[], Deferred[T]]) -> Deferred[T]:
         """Run one domain's delivery within the per-domain limit."""
         return self._domains.run(domain.lower(), function)
+
+    def shaped(
+        self,
+        domain: str,
+        names: Sequence[str],
+        function: Callable[[], Deferred[dict[str, Any]]],
+        resolver: IResolver,
+        reactor: Any,
+    ) -> Deferred[dict[str, Any]]:
+        """One domain's delivery within its site's limits (when shaping)."""
+        if self._shaping is None:
+            return function()
+        from txcolombe.delivery.shaping.run import shaped
+
+        shaper, sites = self._shaper(resolver, reactor)
+        return Deferred.fromCoroutine(shaped(shaper, sites, domain, names, function))
+
+    @property
+    def shaper(self) -> Any:
+        """The ``Shaper`` (None before the first shaped delivery, or when not shaping)."""
+        return self._shaped[0] if self._shaped is not None else None
+
+    def _shaper(self, resolver: IResolver, reactor: Any) -> tuple[Any, Any]:
+        if self._shaped is None:
+            from txcolombe.delivery.shaping import Shaper, SiteNamer, SiteResolver
+
+            given = self._shaping
+            if isinstance(given, Shaper):
+                shaper, namer = given, SiteNamer()
+            else:
+                shaper, namer = given.shaper(reactor), given.sites
+            self._shaped = (shaper, SiteResolver(resolver, clock=reactor, namer=namer))
+        return self._shaped
 
     def for_host(self, host: str, function: Callable[[], Deferred[T]]) -> Deferred[T]:
         """Run one connection to exchanger ``host`` within the per-host limit."""

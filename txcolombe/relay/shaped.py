@@ -1,13 +1,12 @@
 """MX delivery through a :class:`~txcolombe.delivery.shaping.Shaper`.
 
-:class:`ShapedTransport` wraps the relay's MX transport: before each
-delivery it finds the recipient domain's site (from its MX records), waits
-for a lease of that site (a connection slot, a connection-rate token, no
-suspension) and a message-rate token, delivers, gives the lease back, and
-reports every deferral or refusal to the shaper, so that a "slow down"
-reply suspends the site. ``deliver()`` opens one connection per call, so a
-delivery is one lease and one message (``messages_per_connection`` does
-not bind here; it is for a delivery engine that keeps connections).
+:class:`ShapedTransport` wraps the relay's MX transport in the shaping flow
+that the :class:`~txcolombe.delivery.deliverer.Deliverer` uses too
+(:func:`~txcolombe.delivery.shaping.run.shaped`): the recipient domain's site
+(from its MX records), a lease of that site (a connection slot, a
+connection-rate token, no suspension) and a message-rate token, the delivery,
+the lease given back, and every reply that was not a success reported, of
+each attempt, so that a "slow down" reply suspends the site.
 """
 
 from __future__ import annotations
@@ -15,16 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred
 
 from txcolombe.codec.address import Mailbox
-from txcolombe.codec.errors import RoutingError, SMTPError
-from txcolombe.delivery.outcome import DeliveryStatus, Outcome, failed
-from txcolombe.delivery.shaping import Lease, Shaper, SiteResolver
+from txcolombe.delivery.outcome import Outcome
+from txcolombe.delivery.shaping import Shaper, SiteResolver
+from txcolombe.delivery.shaping.run import shaped
 from txcolombe.relay.transport import Transport
-
-log = Logger(namespace="txcolombe.relay")
 
 
 class ShapedTransport:
@@ -61,44 +57,11 @@ class ShapedTransport:
         **kwargs: Any,
     ) -> dict[str, Outcome]:
         names = [str(r) for r in recipients]
-        try:
-            site = await self.sites.site(destination)
-        except RoutingError:
-            # No site without MX records: deliver() meets the same answer
-            # and classifies it (no such domain, DNS failure...).
-            return await self.inner.send(destination, sender, recipients, data, *args, **kwargs)
-        lease: Lease | None = None
-        try:
-            lease = await self.shaper.acquire(site, destination)
-            await lease.message()
-        except CancelledError as error:
-            if lease is not None:
-                lease.release()
-            return {name: failed(name, error, domain=destination) for name in names}
-        except Exception as error:
-            if lease is not None:
-                lease.release()
-            log.error("traffic shaping failed for {site}: {error}", site=site, error=error)
-            text = f"traffic shaping unavailable: {type(error).__name__}: {error}"
-            unavailable = SMTPError(text, temporary=True)
-            return {
-                name: Outcome(
-                    name, destination, DeliveryStatus.TEMPORARY, error=unavailable, local="software"
-                )
-                for name in names
-            }
-        try:
-            outcomes = await self.inner.send(destination, sender, recipients, data, *args, **kwargs)
-        finally:
-            lease.release()
-        undelivered = {
-            o.text for o in outcomes.values() if o.status is not DeliveryStatus.DELIVERED
-        }
-        for text in sorted(undelivered):
-            self.shaper.report(site, text).addErrback(
-                lambda f: log.failure("cannot report a reply of {site}", f, site=site)
-            )
-        return outcomes
+
+        def send() -> Deferred[dict[str, Outcome]]:
+            return self.inner.send(destination, sender, recipients, data, *args, **kwargs)
+
+        return await shaped(self.shaper, self.sites, destination, names, send)
 
     def close(self) -> Deferred[None]:
         async def close() -> None:
