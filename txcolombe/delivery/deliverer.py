@@ -45,6 +45,7 @@ from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.common import ResolverBase
 
+from txcolombe.client.options import default_reactor
 from txcolombe.client.session import Session
 from txcolombe.codec.errors import ConnectTimeout, ResponseTimeout, SMTPError, Step, UsageError
 from txcolombe.delivery.eyeballs import CONNECTION_ATTEMPT_DELAY
@@ -239,12 +240,11 @@ class Deliverer:
     # -- what deliver() asks ---------------------------------------------------------
 
     def reactor(self, given: Any) -> Any:
+        """The reactor of one delivery: ``given``, else this Deliverer's, else the global one."""
         if given is not None:
             return given
         if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
+            self._reactor = default_reactor()
         return self._reactor
 
     def resolver(self, given: IResolver | None, reactor: Any) -> IResolver:
