@@ -441,3 +441,18 @@ async def test_without_shaping_nothing_waits_or_is_counted(world: World) -> None
     deliverer = Deliverer()
     assert only(await _through(deliverer, world, ["bob@pref.test"])).delivered
     assert deliverer.shaper is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kept_session_ends_at_its_sites_messages_per_connection(world: World) -> None:
+    deliverer = Deliverer(reuse_time=30, shaping=_shaping(messages_per_connection=2))
+    try:
+        kept = []
+        for _ in range(3):
+            assert only(await _through(deliverer, world, ["bob@pref.test"])).delivered
+            kept.append(deliverer.idle("a.mx.test"))
+        # 1st: kept; 2nd: the same session's second message, its last: closed;
+        # 3rd: a new connection, kept again.
+        assert kept == [1, 0, 1]
+    finally:
+        await deliverer.close()

@@ -756,7 +756,7 @@ class _DomainDelivery:
             self._receipt(target, tls, receipt)
             verdict = Next.NEXT_ADDRESS if self.pending else Next.STOP
             key = self._session_key(target)
-            keep = options.deliverer.keep_idle(options.reactor, key, idle)
+            keep = options.deliverer.keep_idle(options.reactor, key, idle, self.domain)
         finally:
             if not keep:
                 with contextlib.suppress(Exception):

@@ -285,6 +285,17 @@ class Deliverer:
         """The ``Shaper`` (None before the first shaped delivery, or when not shaping)."""
         return self._shaped[0] if self._shaped is not None else None
 
+    def _messages_per_connection(self, domain: str | None) -> int | None:
+        """The shaping limit on messages per connection for ``domain``'s site."""
+        if self._shaped is None or domain is None:
+            return None
+        shaper, sites = self._shaped
+        site = sites.cached(domain)
+        if site is None:
+            return None
+        limit: int | None = shaper.policy.limits(site, domain).messages_per_connection
+        return limit
+
     def _shaper(self, resolver: IResolver, reactor: Any) -> tuple[Any, Any]:
         if self._shaped is None:
             from txcolombe.delivery.shaping import Shaper, SiteNamer, SiteResolver
@@ -379,10 +390,17 @@ class Deliverer:
             idle.session.abort()
         return None
 
-    def keep_idle(self, clock: IReactorTime, key: Hashable, idle: Idle) -> bool:
-        """Keep ``idle`` for the next delivery; False when it must be closed instead."""
+    def keep_idle(
+        self, clock: IReactorTime, key: Hashable, idle: Idle, domain: str | None = None
+    ) -> bool:
+        """Keep ``idle`` for the next delivery; False when it must be closed instead
+        (kept too long, spent, or its site's ``messages_per_connection`` reached)."""
         settings = self.settings
-        if settings.reuse_time == 0 or idle.uses >= settings.reuse_limit or not idle.session.usable:
+        limit = settings.reuse_limit
+        per_connection = self._messages_per_connection(domain)
+        if per_connection is not None:
+            limit = min(limit, per_connection)
+        if settings.reuse_time == 0 or idle.uses >= limit or not idle.session.usable:
             return False
         kept = self._memory(clock).idle.setdefault(key, [])
         idle.timer = clock.callLater(settings.reuse_time, self._expire, clock, key, idle)

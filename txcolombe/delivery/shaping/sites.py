@@ -67,6 +67,13 @@ class SiteResolver:
         self.ttl = ttl
         self._cache: dict[str, tuple[float, str]] = {}
 
+    def cached(self, domain: str) -> str | None:
+        """The site of ``domain`` if it is known now, without a lookup."""
+        cached = self._cache.get(domain.rstrip(".").lower())
+        if cached is None or cached[0] <= self.clock.seconds():
+            return None
+        return cached[1]
+
     async def site(self, domain: str) -> str:
         """The site of ``domain``; lookup errors propagate (routing errors)."""
         domain = domain.rstrip(".").lower()
