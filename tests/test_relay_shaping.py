@@ -1,4 +1,5 @@
-"""The relay's MX mode through the shaper (ShapedTransport), on a fake clock:
+"""The relay's MX mode through the shaper, on a fake clock: the shaping flow its
+Deliverer runs (txcolombe.delivery.shaping.run.shaped) around a recording MX transport:
 deliveries paced per site (domains of one provider together), suspended by a
 "slow down" reply, failures of the shaping layer deferred as the relay's own;
 the state in the queue tool and the metrics."""
@@ -6,6 +7,7 @@ the state in the queue tool and the metrics."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -28,9 +30,10 @@ from txcolombe.delivery.shaping import (
     SiteResolver,
 )
 from txcolombe.delivery.shaping.backoff import SiteState
+from txcolombe.delivery.shaping.run import shaped as shaped_flow
 from txcolombe.relay.control import ControlProtocol, _print_shaping
 from txcolombe.relay.metrics import prometheus_text
-from txcolombe.relay.shaped import ShapedTransport, shaping_snapshot
+from txcolombe.relay.transport import shaping_snapshot
 
 
 class SharedZone(Zone):
@@ -74,6 +77,32 @@ class Inner:
     def close(self) -> Deferred[None]:
         self.closed = True
         return succeed(None)
+
+
+class ShapedTransport:
+    """A recording MX transport, each delivery through the shaping flow, and its
+    shaper where the relay's MX transport has it (``deliverer.shaper``)."""
+
+    def __init__(self, inner: Inner, shaper: Shaper, sites: SiteResolver) -> None:
+        self.inner = inner
+        self.sites = sites
+        self.deliverer = SimpleNamespace(shaper=shaper)
+
+    def send(
+        self, destination: str, sender: Mailbox | None, recipients: Sequence[Mailbox], data: bytes
+    ) -> Deferred[dict[str, Outcome]]:
+        names = [str(r) for r in recipients]
+
+        def deliver() -> Deferred[dict[str, Outcome]]:
+            return self.inner.send(destination, sender, recipients, data)
+
+        shaper = self.deliverer.shaper
+        return Deferred.fromCoroutine(shaped_flow(shaper, self.sites, destination, names, deliver))
+
+    def close(self) -> Deferred[None]:
+        self.inner.close()
+        closing: Deferred[None] = self.deliverer.shaper.close()
+        return closing
 
 
 def shaped(clock: Clock, store: Any = None, **limits: Any) -> tuple[ShapedTransport, Inner, Shaper]:

@@ -426,6 +426,8 @@ class Deliverer:
                         idle.timer.cancel()
                     closing.append(_quit(idle.session))
             memory.idle.clear()
+        if self._shaped is not None:
+            closing.append(self._shaped[0].close())  # the shaper's store (Redis)
         return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
 
     def idle(self, host: str) -> int:

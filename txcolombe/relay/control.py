@@ -26,8 +26,8 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
 from txcolombe.relay.queue import QueueManager
-from txcolombe.relay.shaped import shaping_snapshot
 from txcolombe.relay.spool import Spool
+from txcolombe.relay.transport import shaping_snapshot
 
 SOCKET_NAME = "control.sock"
 LOCK_NAME = "lock"

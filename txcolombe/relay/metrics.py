@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from txcolombe.relay.queue import QueueManager
-from txcolombe.relay.shaped import shaping_snapshot
+from txcolombe.relay.transport import shaping_snapshot
 
 _COUNTERS = {
     "received": "Messages accepted into the spool.",

@@ -277,17 +277,8 @@ def build_transport(options: Any, hostname: str, reactor: Any) -> Transport:
         host, _, port = str(options["dns-server"]).rpartition(":")
         servers = [(host.strip("[]"), int(port))]
         mx["resolver"] = client.createResolver(servers=servers)  # type: ignore[no-untyped-call]
-    transport = MXTransport(reactor=reactor, domain=hostname, **mx)
-    settings = options.get("shaping")
-    if settings is None:
-        return transport
-    from txcolombe.delivery.dns import default_resolver
-    from txcolombe.delivery.shaping import SiteResolver
-    from txcolombe.relay.shaped import ShapedTransport
-
-    resolver = mx.get("resolver") or default_resolver()
-    sites = SiteResolver(resolver, clock=reactor, namer=settings.sites)
-    return ShapedTransport(transport, settings.shaper(reactor), sites)
+    # With a [shaping] section, the MX transport's Deliverer shapes each site.
+    return MXTransport(reactor=reactor, domain=hostname, shaping=options.get("shaping"), **mx)
 
 
 def _server_tls(options: Any) -> IOpenSSLServerConnectionCreator | None:

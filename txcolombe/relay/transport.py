@@ -193,7 +193,8 @@ REUSE_TIME = 2.0
 class MXTransport:
     """Each recipient domain to its own exchangers, through ``txcolombe.delivery.deliver``,
     with one :class:`~txcolombe.delivery.deliverer.Deliverer` for the relay's
-    lifetime (its DNS cache, limits and memory of dead hosts)."""
+    lifetime (its DNS cache, limits, memory of dead hosts, kept sessions and,
+    with ``shaping``, the traffic shaping of each destination site)."""
 
     def __init__(
         self,
@@ -202,13 +203,16 @@ class MXTransport:
         domain: str | None = None,
         port: int = 25,
         resolver: IResolver | None = None,
+        shaping: Any = None,
     ) -> None:
         from txcolombe.delivery.deliverer import Deliverer
 
         self.reactor = reactor
         self.domain = domain
         self.port = port
-        self.deliverer = Deliverer(resolver=resolver, reactor=reactor, reuse_time=REUSE_TIME)
+        self.deliverer = Deliverer(
+            resolver=resolver, reactor=reactor, reuse_time=REUSE_TIME, shaping=shaping
+        )
 
     def route(self, recipient: Mailbox) -> str:
         return (recipient.domain or "").lower()
@@ -257,3 +261,11 @@ def _ours(name: str, outcome: Outcome | None, destination: str) -> Outcome:
     if outcome.temporary and outcome.error is not None:
         return dataclasses.replace(outcome, local=local_reason(outcome.error))
     return outcome
+
+
+def shaping_snapshot(transport: object) -> dict[str, dict[str, Any]]:
+    """The shaper's :meth:`~txcolombe.delivery.shaping.Shaper.snapshot` of a relay's
+    transport; empty when it is not shaped (smarthost mode, no ``[shaping]``, or
+    nothing delivered yet)."""
+    shaper = getattr(getattr(transport, "deliverer", None), "shaper", None)
+    return shaper.snapshot() if shaper is not None else {}
