@@ -70,6 +70,8 @@ QUICK_N = {"reuse": 200, "new": 50, "concurrent": CONNECTIONS * 50}
 CLIENTS = (
     "txcolombe",
     "txcolombe-queued",
+    "txcolombe-dkim-rsa",
+    "txcolombe-dkim-ed25519",
     "aiosmtplib",
     "smtplib",
     "twisted-mail",
@@ -81,6 +83,8 @@ CLIENTS = (
 CLIENT_MODULES = {
     "txcolombe": "txcolombe",
     "txcolombe-queued": "txcolombe",
+    "txcolombe-dkim-rsa": "txcolombe",
+    "txcolombe-dkim-ed25519": "txcolombe",
     "aiosmtplib": "aiosmtplib",
     "twisted-mail": "twisted",
     "twisted-mail-nodelay": "twisted",
@@ -187,13 +191,66 @@ def run_txcolombe(scenario: str, port: int, count: int, budget: float) -> Outcom
     return _txcolombe(scenario, port, count, budget, window=1)
 
 
+#: The DKIM keys of the signed clients (made by ``dkim_signer``, one per algorithm).
+DKIM_DOMAIN, DKIM_SELECTOR = "example.com", "bench"
+
+
+def dkim_signer(algorithm: str) -> Any:
+    """A signer with a key made once per machine (deterministic signatures:
+    no ``t=``, and RSA PKCS#1 v1.5 and Ed25519 are deterministic), so that the
+    sink can check every signed message against one digest."""
+    import tempfile
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    import txcolombe
+
+    path = Path(tempfile.gettempdir()) / f"txcolombe-bench-dkim-{algorithm}.pem"
+    if not path.exists():
+        key: Any = (
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            if algorithm == "rsa"
+            else ed25519.Ed25519PrivateKey.generate()
+        )
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        path.write_bytes(pem)
+    return txcolombe.DKIMSigner(DKIM_DOMAIN, DKIM_SELECTOR, path)
+
+
+def signed_message(algorithm: str) -> bytes:
+    """MESSAGE as a signed client sends it: its DKIM-Signature, then the message."""
+    from txcolombe.codec.dkim import MessageSigner
+
+    signer = MessageSigner([dkim_signer(algorithm)])
+    signer.feed(MESSAGE)
+    return signer.finish() + MESSAGE
+
+
+def run_txcolombe_rsa(scenario: str, port: int, count: int, budget: float) -> Outcome:
+    """As ``txcolombe``, every message DKIM-signed with RSA-2048."""
+    return _txcolombe(scenario, port, count, budget, window=1, dkim=dkim_signer("rsa"))
+
+
+def run_txcolombe_ed25519(scenario: str, port: int, count: int, budget: float) -> Outcome:
+    """As ``txcolombe``, every message DKIM-signed with Ed25519."""
+    return _txcolombe(scenario, port, count, budget, window=1, dkim=dkim_signer("ed25519"))
+
+
 def run_txcolombe_queued(scenario: str, port: int, count: int, budget: float) -> Outcome:
     """Up to WINDOW sends queued on each session: their commands pipeline
     with the previous message's final dot (one round trip a message)."""
     return _txcolombe(scenario, port, count, budget, window=WINDOW)
 
 
-def _txcolombe(scenario: str, port: int, count: int, budget: float, window: int) -> Outcome:
+def _txcolombe(
+    scenario: str, port: int, count: int, budget: float, window: int, dkim: Any = None
+) -> Outcome:
     from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 
     import txcolombe
@@ -205,7 +262,7 @@ def _txcolombe(scenario: str, port: int, count: int, budget: float, window: int)
         done = 0
         if window == 1:
             while clock.more(done, count):
-                await session.send(SENDER, [RECIPIENT], MESSAGE)
+                await session.send(SENDER, [RECIPIENT], MESSAGE, dkim=dkim)
                 done += 1
         else:
             slots = DeferredSemaphore(window)
@@ -228,7 +285,7 @@ def _txcolombe(scenario: str, port: int, count: int, budget: float, window: int)
     async def main() -> Outcome:
         clock = Clock(budget)
         done = 0
-        if scenario == "reuse":
+        if scenario in ("reuse", "signed"):
             done = await one_connection(clock, count)
         elif scenario == "new":
             while clock.more(done, count):
@@ -472,6 +529,8 @@ RUNNERS: dict[str, Runner] = {
     "socket": run_socket,
     "txcolombe": run_txcolombe,
     "txcolombe-queued": run_txcolombe_queued,
+    "txcolombe-dkim-rsa": run_txcolombe_rsa,
+    "txcolombe-dkim-ed25519": run_txcolombe_ed25519,
     "aiosmtplib": run_aiosmtplib,
     "smtplib": run_smtplib,
     "twisted-mail": run_twisted_mail,

@@ -91,6 +91,15 @@ WORKLOADS = (
         cpu_target=140e-6,
     ),
     Workload(
+        "signed",
+        "1 KiB DKIM-signed (RSA-2048, Ed25519), one connection, each send awaited",
+        ("txcolombe", "txcolombe-dkim-rsa", "txcolombe-dkim-ed25519"),
+        (),
+        "msg",
+        1000,
+        100,
+    ),
+    Workload(
         "concurrent",
         f"1 KiB over {messages.CONNECTIONS} connections",
         ("txcolombe", "aiosmtplib", "smtp-source"),
@@ -136,6 +145,11 @@ PEER_NAMES = {
     "body-tls": {"socket": "ssl sendall", "twisted-floor": "Twisted TLS transport"},
     "concurrent": {"smtp-source": f"smtp-source -s {messages.CONNECTIONS}"},
     "reuse": {"socket": "plain Python socket"},
+    "signed": {
+        "txcolombe": "unsigned",
+        "txcolombe-dkim-rsa": "signed RSA-2048",
+        "txcolombe-dkim-ed25519": "signed Ed25519",
+    },
 }
 
 
@@ -319,7 +333,7 @@ def run_message_client(
         run.units, run.seconds, run.cpu = report["messages"], report["seconds"], report["cpu"]
     sent = int(run.units) if error is None else -1
     if error is None:
-        run.error = check(sink_, MESSAGE_DIGEST, sent)
+        run.error = check(sink_, message_digest(client), sent)
     else:
         sink_.stats()  # forget what a failed run left
     return run
@@ -368,6 +382,17 @@ def run_body_client(
 
 
 MESSAGE_DIGEST = digest(iter([messages.MESSAGE]))
+
+
+def message_digest(client: str) -> str:
+    """What the sink must receive from ``client``: the message, signed first by
+    the signed clients (their signatures are the same for every message)."""
+    for algorithm in ("rsa", "ed25519"):
+        if client == f"txcolombe-dkim-{algorithm}":
+            return digest(iter([messages.signed_message(algorithm)]))
+    return MESSAGE_DIGEST
+
+
 #: smtp-source -F ends every message with an empty line of its own.
 SMTP_SOURCE_DIGEST = digest(iter([messages.MESSAGE, b"\r\n"]))
 _BODY_DIGESTS: dict[int, str] = {}
@@ -511,6 +536,8 @@ def print_table(outcomes: list[Outcome], rounds: int) -> None:
             for c in outcome.runs
             if (cpu := cpu_per_unit(outcome, c))
         )
+        if not verdicts(outcome):  # a row of figures only (the signed one)
+            print(f"| {size}{w.title} | {ours} | {peers} | {cpus} | (no target) | | |")
         for i, v in enumerate(verdicts(outcome)):
             median = v["median"]
             if median is None:
