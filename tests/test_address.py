@@ -287,3 +287,14 @@ def test_null_path_is_not_a_recipient() -> None:
         parse_recipient("<>")
     with pytest.raises(InvalidAddress):
         parse_recipient("")
+
+
+def test_a_unicode_domain_is_kept_as_given_beside_its_a_labels() -> None:
+    mailbox = Mailbox.parse("jörg@Bücher.Example.")
+    assert str(mailbox) == "jörg@xn--bcher-kva.example"  # routing, keys
+    assert mailbox.utf8() == "jörg@bücher.example"  # an SMTPUTF8 envelope
+    assert Mailbox.parse(mailbox.utf8()) == mailbox == Mailbox.parse(str(mailbox))
+    assert Mailbox.parse(mailbox.utf8()).utf8() == mailbox.utf8()
+    # Given as A-labels, it stays A-labels (the envelope as received).
+    assert Mailbox.parse("jörg@xn--bcher-kva.example").utf8() == "jörg@xn--bcher-kva.example"
+    assert Mailbox.parse("a@[192.0.2.1]").utf8() == "a@[192.0.2.1]"

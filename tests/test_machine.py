@@ -865,10 +865,19 @@ def test_mail_parameters(keywords: tuple[str, ...], env: Envelope, mail: bytes) 
 
 
 def test_utf8_recipient_on_the_wire() -> None:
+    # SMTPUTF8 (RFC 6531): the domain goes as it was given, not as A-labels.
     conv = session("SMTPUTF8")
     conv.machine.start_transaction(envelope("jörg@bücher.example"))
     conv.flush()
-    assert conv.reply(250, "ok")[0] == "RCPT TO:<jörg@xn--bcher-kva.example>\r\n".encode()
+    assert conv.reply(250, "ok")[0] == "RCPT TO:<jörg@bücher.example>\r\n".encode()
+
+
+def test_a_unicode_domain_goes_as_a_labels_without_smtputf8() -> None:
+    # An ASCII local part needs no SMTPUTF8: the domain is downgraded to A-labels.
+    conv = session("SMTPUTF8")
+    conv.machine.start_transaction(envelope("joerg@Bücher.example"))
+    conv.flush()
+    assert conv.reply(250, "ok")[0] == b"RCPT TO:<joerg@xn--bcher-kva.example>\r\n"
 
 
 def test_message_too_large() -> None:

@@ -121,3 +121,20 @@ def test_smtputf8_to_a_next_hop_without_it(
         assert any(b"non-ASCII address" in r.data for r in bounces)
         queue = relay.spool / "queue"
         wait_for(lambda: not list(queue.glob("*.msg")), 10, "an empty queue")
+
+
+def test_an_smtputf8_envelope_reaches_the_next_hop_as_received(
+    relay: RelayProcess, peer: AiosmtpdPeer
+) -> None:
+    """RFC 6531: domains in U-labels are not turned into A-labels for a next hop
+    that offers SMTPUTF8 (one given in A-labels stays so)."""
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        refused = client.sendmail(
+            "jörg@bücher.example", ["zoë@bücher.example", "ann@xn--bcher-kva.example"],
+            message("idn"), ["SMTPUTF8"],
+        )  # fmt: skip
+        assert refused == {}
+    wait_for(lambda: len(peer.received) == 1, 15, "the message delivered")
+    [got] = peer.received
+    assert got.sender == "jörg@bücher.example"
+    assert got.recipients == ["zoë@bücher.example", "ann@xn--bcher-kva.example"]

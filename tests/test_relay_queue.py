@@ -31,6 +31,7 @@ class ScriptedTransport:
         self.script: dict[str, Outcome] = {}
         #: What each call passed on of the client's MAIL (BODY, SMTPUTF8).
         self.declared: list[MessageOptions] = []
+        self.as_given: list[list[str]] = []
 
     def route(self, recipient: Mailbox) -> str:
         return recipient.domain or ""
@@ -46,6 +47,7 @@ class ScriptedTransport:
         names = [str(r) for r in recipients]
         self.calls.append((self.clock.seconds(), str(sender) if sender else None, names, data))
         self.declared.append(declared)
+        self.as_given.append([m.utf8() for m in [sender, *recipients] if m is not None])
         return succeed({n: self.script.get(n.split("@")[0], OK) for n in names})
 
     def close(self) -> Deferred[None]:
@@ -212,6 +214,23 @@ def test_the_clients_body_and_smtputf8_are_passed_on(tmp_path: Path) -> None:
         MessageOptions(body_type="8BITMIME", smtputf8=True),
         MessageOptions(body_type="7BIT"),
     ]
+
+
+def test_domains_given_in_u_labels_are_kept_across_a_restart(tmp_path: Path) -> None:
+    """The spool keeps each address as it came (RFC 6531), beside its A-label
+    form, which stays its key."""
+    queue, transport, clock = make(tmp_path)
+    transport.script["busy"] = TEMP
+    accept(queue, envelope("jörg@bücher.test", "busy@zürich.test", "ok@y.test"), clock)
+    assert sorted(transport.as_given) == [  # one attempt per destination domain
+        ["jörg@bücher.test", "busy@zürich.test"],
+        ["jörg@bücher.test", "ok@y.test"],
+    ]
+    queue.spool.stop()
+    _, transport2, clock2 = make(tmp_path)
+    clock2.advance(300)
+    assert transport2.as_given == [["jörg@bücher.test", "busy@zürich.test"]]
+    assert transport2.calls[0][2] == ["busy@xn--zrich-kva.test"]
 
 
 def test_queue_commands(tmp_path: Path) -> None:

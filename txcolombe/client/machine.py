@@ -140,6 +140,8 @@ class _Send:
     todo: deque[int]
     mail_command: str = ""
     bdat: bool = False
+    #: An SMTPUTF8 transaction: paths keep the domains as given.
+    utf8: bool = False
     running: int = 0
     started: int = 0
     tally: Tally = field(default_factory=Tally)
@@ -451,7 +453,8 @@ class ClientMachine:
                     del self._sends[send.handle]
                     self._events.append(TransactionRefused(send.handle, error))
                     continue
-                send.mail_command = f"MAIL FROM:{path(envelope.sender)}{params}"
+                send.utf8 = " SMTPUTF8" in params
+                send.mail_command = f"MAIL FROM:{path(envelope.sender, utf8=send.utf8)}{params}"
             if envelope.all_or_nothing:
                 batch = list(send.todo)
                 send.todo.clear()
@@ -591,7 +594,7 @@ class ClientMachine:
         txn.next_rcpt += 1
         options = txn.envelope.rcpt_options
         params = options[index].parameters() if index < len(options) else ""
-        self._send(f"RCPT TO:{path(rcpt)}{params}", Step.RCPT, position)
+        self._send(f"RCPT TO:{path(rcpt, utf8=txn.send.utf8)}{params}", Step.RCPT, position)
 
     def _handle(self, reply: Reply) -> None:
         self.replies_received += 1

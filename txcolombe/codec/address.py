@@ -3,8 +3,9 @@
 Everything a caller gives as an address is parsed here, before any byte is
 sent: CR, LF, NUL or anything outside the grammar is an
 :class:`~txcolombe.codec.errors.InvalidAddress`. Non-ASCII domains become A-labels
-(IDNA 2008) so they need no SMTPUTF8; a non-ASCII local part marks the
-mailbox as needing SMTPUTF8.
+(IDNA 2008) so they need no SMTPUTF8, and are kept as given too, for a
+transaction that uses SMTPUTF8 (RFC 6531: the envelope as received); a
+non-ASCII local part marks the mailbox as needing SMTPUTF8.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import functools
 import ipaddress
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import idna
 
@@ -100,11 +101,16 @@ class Mailbox:
 
     :ivar local: the local part as it goes on the wire (quoted if it must be).
     :ivar domain: the domain in A-label or address-literal form, or None for
-        ``Postmaster``.
+        ``Postmaster``: what routing uses, and ``str()`` gives.
+    :ivar utf8_domain: the domain as it was given, when it was given in
+        U-labels (``bücher.example``): an SMTPUTF8 transaction sends it so
+        (RFC 6531 keeps the envelope as received), any other the A-labels.
+        Two mailboxes that differ only in it are equal.
     """
 
     local: str
     domain: str | None
+    utf8_domain: str | None = field(default=None, compare=False)
 
     @classmethod
     @functools.lru_cache(maxsize=4096)
@@ -129,7 +135,9 @@ class Mailbox:
         if not (_DOT_STRING.fullmatch(local) or _QUOTED.fullmatch(local)):
             raise InvalidAddress(f"invalid local part in address {value!r}")
         _check_local(local, value)
-        mailbox = cls(local, parse_domain(domain))
+        wire = parse_domain(domain)
+        utf8 = _u_labels(domain) if not domain.isascii() and not wire.startswith("[") else None
+        mailbox = cls(local, wire, utf8)
         if len(str(mailbox).encode("utf-8")) + 2 > MAX_PATH:
             raise InvalidAddress(f"address {value!r} is longer than {MAX_PATH} octets")
         return mailbox
@@ -141,6 +149,19 @@ class Mailbox:
 
     def __str__(self) -> str:
         return self.local if self.domain is None else f"{self.local}@{self.domain}"
+
+    def utf8(self) -> str:
+        """The mailbox with its domain as given: what an SMTPUTF8 transaction sends."""
+        if self.utf8_domain is None:
+            return str(self)
+        return f"{self.local}@{self.utf8_domain}"
+
+
+def _u_labels(domain: str) -> str:
+    """A domain given in U-labels, as the wire keeps it: its A-labels decoded
+    again (NFC, lower case, no trailing dot), so one domain has one form."""
+    name = domain[:-1] if domain.endswith(".") else domain
+    return str(idna.decode(parse_domain(name)))
 
 
 def parse_sender(value: str | Mailbox | None) -> Mailbox | None:
@@ -161,6 +182,9 @@ def parse_recipient(value: str | Mailbox) -> Mailbox:
     return value if isinstance(value, Mailbox) else Mailbox.parse(value)
 
 
-def path(mailbox: Mailbox | None) -> str:
-    """The angle-bracketed path for MAIL FROM / RCPT TO."""
-    return "<>" if mailbox is None else f"<{mailbox}>"
+def path(mailbox: Mailbox | None, *, utf8: bool = False) -> str:
+    """The angle-bracketed path for MAIL FROM / RCPT TO; with ``utf8`` (an
+    SMTPUTF8 transaction), the domain as it was given."""
+    if mailbox is None:
+        return "<>"
+    return f"<{mailbox.utf8() if utf8 else mailbox}>"

@@ -204,7 +204,15 @@ def _intake_record(envelope: ServerEnvelope) -> dict[str, Any]:
     """What the spool keeps of an SMTP envelope besides sender and recipients."""
     return {"client": envelope.client_address, "helo": envelope.helo,
             "protocol": envelope.protocol, "auth": envelope.authenticated,
-            "body": envelope.body_type, "smtputf8": envelope.smtputf8}  # fmt: skip
+            "body": envelope.body_type, "smtputf8": envelope.smtputf8,
+            "utf8": _as_given(envelope)}  # fmt: skip
+
+
+def _as_given(envelope: ServerEnvelope) -> dict[str, str]:
+    """The addresses whose domain came in U-labels, as they came (RFC 6531:
+    an SMTPUTF8 next hop gets the envelope as received), by their A-label form."""
+    mailboxes = [envelope.sender, *envelope.recipients]
+    return {str(m): m.utf8() for m in mailboxes if m is not None and m.utf8_domain is not None}
 
 
 def _declared(record: dict[str, Any]) -> MessageOptions:
@@ -426,9 +434,13 @@ class QueueManager:
         recipients = [RecipientState(**r) for r in state.get("recipients", [])] or [
             RecipientState(address) for address in envelope["recipients"]
         ]
-        mailboxes: dict[str | None, Mailbox | None] = {None: parse_sender(envelope["sender"])}
+        given: dict[str, str] = envelope.get("utf8") or {}
+        sender = envelope["sender"]
+        mailboxes: dict[str | None, Mailbox | None] = {
+            None: parse_sender(given.get(sender, sender) if sender is not None else None)
+        }
         for rcpt in recipients:
-            mailboxes[rcpt.address] = parse_recipient(rcpt.address)
+            mailboxes[rcpt.address] = parse_recipient(given.get(rcpt.address, rcpt.address))
         return Message(
             id=queue_id,
             sender=envelope["sender"],

@@ -240,7 +240,8 @@ class MXTransport:
 
         try:
             result = await deliver(
-                sender, names, data, domain=self.domain, reactor=self.reactor,
+                # The mailboxes themselves: a domain given in U-labels stays so.
+                sender, list(recipients), data, domain=self.domain, reactor=self.reactor,
                 port=self.port, deliverer=self.deliverer,
                 body_type=declared.body_type, smtputf8=declared.smtputf8,
                 utf8_headers=declared.utf8_headers,
