@@ -298,3 +298,14 @@ def test_a_unicode_domain_is_kept_as_given_beside_its_a_labels() -> None:
     # Given as A-labels, it stays A-labels (the envelope as received).
     assert Mailbox.parse("jörg@xn--bcher-kva.example").utf8() == "jörg@xn--bcher-kva.example"
     assert Mailbox.parse("a@[192.0.2.1]").utf8() == "a@[192.0.2.1]"
+
+
+def test_a_domain_idna_2008_refuses_is_kept_for_smtputf8() -> None:
+    # U+2603 is not IDNA 2008, but an SMTPUTF8 envelope may carry it (RFC 6531).
+    mailbox = Mailbox.parse("a@☃.example")
+    assert str(mailbox) == "a@xn--n3h.example" and mailbox.utf8() == "a@☃.example"
+    assert Mailbox.parse(str(mailbox)) == mailbox == Mailbox.parse(mailbox.utf8())
+    # What IDNA 2003 would change (a joiner dropped) or cannot hold is refused.
+    for bad in ("a@a\u200db.example", "a@ex ample.example", "a@\u3000.example"):
+        with pytest.raises(InvalidAddress):
+            Mailbox.parse(bad)

@@ -127,14 +127,17 @@ def test_an_smtputf8_envelope_reaches_the_next_hop_as_received(
     relay: RelayProcess, peer: AiosmtpdPeer
 ) -> None:
     """RFC 6531: domains in U-labels are not turned into A-labels for a next hop
-    that offers SMTPUTF8 (one given in A-labels stays so)."""
+    that offers SMTPUTF8 (one given in A-labels stays so), and one that IDNA 2008
+    refuses is not refused (553 before)."""
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
         refused = client.sendmail(
-            "jörg@bücher.example", ["zoë@bücher.example", "ann@xn--bcher-kva.example"],
+            "jörg@bücher.example",
+            ["zoë@bücher.example", "ann@xn--bcher-kva.example", "bo@☃.example"],
             message("idn"), ["SMTPUTF8"],
         )  # fmt: skip
         assert refused == {}
     wait_for(lambda: len(peer.received) == 1, 15, "the message delivered")
     [got] = peer.received
     assert got.sender == "jörg@bücher.example"
-    assert got.recipients == ["zoë@bücher.example", "ann@xn--bcher-kva.example"]
+    # ☃ is no IDNA 2008 label, but RFC 6531 lets an SMTPUTF8 envelope carry it.
+    assert got.recipients == ["zoë@bücher.example", "ann@xn--bcher-kva.example", "bo@☃.example"]

@@ -135,8 +135,15 @@ class Mailbox:
         if not (_DOT_STRING.fullmatch(local) or _QUOTED.fullmatch(local)):
             raise InvalidAddress(f"invalid local part in address {value!r}")
         _check_local(local, value)
-        wire = parse_domain(domain)
-        utf8 = _u_labels(domain) if not domain.isascii() and not wire.startswith("[") else None
+        utf8: str | None
+        try:
+            wire = parse_domain(domain)
+        except InvalidAddress:
+            if domain.isascii():
+                raise
+            wire, utf8 = _beyond_idna2008(domain, value)
+        else:
+            utf8 = _u_labels(domain) if not domain.isascii() and not wire.startswith("[") else None
         mailbox = cls(local, wire, utf8)
         if len(str(mailbox).encode("utf-8")) + 2 > MAX_PATH:
             raise InvalidAddress(f"address {value!r} is longer than {MAX_PATH} octets")
@@ -155,6 +162,23 @@ class Mailbox:
         if self.utf8_domain is None:
             return str(self)
         return f"{self.local}@{self.utf8_domain}"
+
+
+def _beyond_idna2008(domain: str, value: str) -> tuple[str, str]:
+    """A non-ASCII domain IDNA 2008 refuses but an SMTPUTF8 envelope may carry
+    (RFC 6531 keeps it as received; ``☃.example``): its IDNA 2003 A-labels for
+    routing and for a next hop without SMTPUTF8, and the domain as given.
+    Refused unless the A-labels give the very domain back (IDNA 2003 maps some
+    characters away: that would be another domain)."""
+    name = unicodedata.normalize("NFC", domain[:-1] if domain.endswith(".") else domain).lower()
+    try:
+        ace = name.encode("idna").decode("ascii")
+        back = ace.encode("ascii").decode("idna")
+    except (UnicodeError, ValueError):
+        raise InvalidAddress(f"invalid internationalised domain in {value!r}") from None
+    if back != name:
+        raise InvalidAddress(f"invalid internationalised domain in {value!r}")
+    return parse_domain(ace), name
 
 
 def _u_labels(domain: str) -> str:
