@@ -102,13 +102,13 @@ def tls_options(
     """
     if tls is not None:
         return tls
-    return _verified_options(host.name, _Identity(trust_root))
+    return _verified_options(host.name, Identity(trust_root))
 
 
-class _Identity:
-    """A cache key that is its object, compared by identity (trust roots
-    need not be hashable); the cache keeps the object alive, so its id is
-    never reused while the entry exists."""
+class Identity:
+    """A key part that is its object, compared by identity (trust roots and
+    credentials need not be hashable); a key holding it keeps the object
+    alive, so its id is never reused while the key exists."""
 
     __slots__ = ("value",)
 
@@ -119,11 +119,11 @@ class _Identity:
         return id(self.value)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Identity) and other.value is self.value
+        return isinstance(other, Identity) and other.value is self.value
 
 
 @functools.lru_cache(maxsize=64)
-def _verified_options(name: str, trust_root: _Identity) -> IOpenSSLClientConnectionCreator:
+def _verified_options(name: str, trust_root: Identity) -> IOpenSSLClientConnectionCreator:
     """A context is bound to one name: Twisted verifies the name in the
     context's callback, so options are cached per name, not shared."""
     return optionsForClientTLS(name, trustRoot=trust_root.value)  # type: ignore[arg-type]

@@ -42,7 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txcolombe.client.body import Body, check_body
-from txcolombe.client.connect import Host, IOpenSSLTrustRoot, connect_error
+from txcolombe.client.connect import Host, Identity, IOpenSSLTrustRoot, connect_error
 from txcolombe.client.machine import TLSMode
 from txcolombe.client.options import DEFAULT_TIMEOUTS, MessageOptions, Timeouts
 from txcolombe.client.receipt import Receipt
@@ -605,8 +605,8 @@ class _DomainDelivery:
             options.port,
             self.policy,
             options.ehlo,
-            _Same(options.trust_root),
-            _Same(options.authentication),
+            Identity(options.trust_root),
+            Identity(options.authentication),
         )
 
     async def _reuse(self, race: list[Target]) -> Next | None:
@@ -857,21 +857,6 @@ class _DomainDelivery:
                 temporary=temporary,
             )
         )
-
-
-class _Same:
-    """A key part equal only to the very same object (trust roots, credentials)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Same) and other.value is self.value
-
-    def __hash__(self) -> int:
-        return id(self.value)
 
 
 def _stale(error: SMTPError) -> bool:
