@@ -72,6 +72,7 @@ from txcolombe.codec.errors import (
     SMTPError,
     STARTTLSUnavailable,
     Step,
+    TransactionLimit,
     UnexpectedResponse,
     UsageError,
     error_for_reply,
@@ -474,11 +475,10 @@ class ClientMachine:
             return
         if not send.started:
             del self._sends[send.handle]
-            error = SMTPError(
+            error = TransactionLimit(
                 f"the server takes {self._limits['MAILMAX']} transactions per connection"
                 " (LIMITS MAILMAX): send it on another connection",
                 step=Step.MAIL,
-                temporary=True,
             )
             self._events.append(TransactionRefused(send.handle, error))
         elif send.running == 0:

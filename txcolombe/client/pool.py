@@ -57,7 +57,7 @@ from txcolombe.client.session import Session, check_message, open_session
 from txcolombe.client.signing import DKIM, signed_body, signers
 from txcolombe.codec.address import Mailbox
 from txcolombe.codec.dsn import DSN, Recipient
-from txcolombe.codec.errors import ConnectionFailed, SMTPError, Step, UsageError
+from txcolombe.codec.errors import ConnectionFailed, SMTPError, Step, TransactionLimit, UsageError
 from txcolombe.codec.sasl import Authentication
 
 #: Steps at which a failure on a reused session is safe to retry elsewhere:
@@ -156,17 +156,6 @@ class _Slot:
 
     connections: list[_Connection] = field(default_factory=list)
     waiters: deque[Deferred[None]] = field(default_factory=deque)
-
-
-def _beyond_mailmax(error: SMTPError) -> bool:
-    """The machine refused a message because its connection had no transaction
-    left (nothing of it was sent, no server reply)."""
-    return (
-        error.temporary
-        and error.reply is None
-        and error.step is Step.MAIL
-        and ("MAILMAX" in str(error))
-    )
 
 
 class Pool:
@@ -318,12 +307,11 @@ class Pool:
                 # The idle connection was gone: try once more on another.
                 self._drop(conn)
                 retried = True
-            except SMTPError as error:
-                spent = conn.session
-                if spent is None or spent.usable or not _beyond_mailmax(error):
-                    raise
+            except TransactionLimit:
                 # The connection's LIMITS MAILMAX was reached before this message
-                # began (with a pipeline, others took the last transactions).
+                # began (with a pipeline, others took the last transactions):
+                # nothing of it was sent, and the spent session takes no more.
+                pass
             finally:
                 self._release(conn)
 

@@ -74,6 +74,7 @@ __all__ = [
     "TLSFailure",
     "TemporaryFailure",
     "TransactionFailed",
+    "TransactionLimit",
     "UTF8Unsupported",
     "UnexpectedResponse",
     "UnsupportedMechanism",
@@ -221,6 +222,14 @@ class ConnectionLost(ConnectionFailed):
 
 class ResponseTimeout(ConnectionFailed):
     """The server did not answer within the timeout for this step."""
+
+
+class TransactionLimit(SMTPError):
+    """The connection has had as many transactions as the server takes
+    (LIMITS MAILMAX, RFC 9422): nothing of this message was sent; another
+    connection may take it."""
+
+    temporary = True
 
 
 # -- the server's fault -------------------------------------------------------
