@@ -137,6 +137,23 @@ class SmallBodyProducer:
         pass
 
 
+def until_stopped(work: Deferred[None], stopped: Callable[[], bool]) -> Deferred[None]:
+    """A producer's Deferred for ``work``: its outcome, unless the producer was
+    stopped meanwhile (IBodyProducer: once stopped, it never fires)."""
+    done: Deferred[None] = Deferred()
+
+    def finished(result: object) -> None:
+        if stopped():
+            return
+        if isinstance(result, Failure):
+            done.errback(result)
+        else:
+            done.callback(None)
+
+    work.addBoth(finished)
+    return done
+
+
 def _never_after_stop(failure: Failure) -> Deferred[None]:
     """IBodyProducer: once stopped, the producer's Deferred never fires."""
     if not isinstance(failure.value, TaskStopped):
@@ -158,18 +175,7 @@ class PullProducer:
         self._stopped = False
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        done: Deferred[None] = Deferred()
-
-        def finished(result: object) -> None:
-            if self._stopped:
-                return  # IBodyProducer: never fire once stopped
-            if isinstance(result, Failure):
-                done.errback(result)
-            else:
-                done.callback(None)
-
-        ensureDeferred(self._run(consumer)).addBoth(finished)
-        return done
+        return until_stopped(ensureDeferred(self._run(consumer)), lambda: self._stopped)
 
     async def _run(self, consumer: IConsumer) -> None:
         while not self._stopped:

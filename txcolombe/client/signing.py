@@ -17,11 +17,10 @@ from typing import Any, Union
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IConsumer, IProducer
 from twisted.internet.task import Cooperator
-from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from txcolombe.client.body import Body, body_producer
+from txcolombe.client.body import Body, body_producer, until_stopped
 from txcolombe.client.replay import ReplayableBody
 from txcolombe.codec.dkim import DKIMSigner, MessageSigner
 from txcolombe.codec.errors import InvalidArgument
@@ -154,18 +153,7 @@ class _SigningProducer:
         self._stopped = False
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        done: Deferred[None] = Deferred()
-
-        def finished(result: object) -> None:
-            if self._stopped:
-                return  # IBodyProducer: never fire once stopped
-            if isinstance(result, Failure):
-                done.errback(result)
-            else:
-                done.callback(None)
-
-        Deferred.fromCoroutine(self._run(consumer)).addBoth(finished)
-        return done
+        return until_stopped(Deferred.fromCoroutine(self._run(consumer)), lambda: self._stopped)
 
     async def _run(self, consumer: IConsumer) -> None:
         spooled = await ReplayableBody.of(self._body)
