@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import pstats
 import shutil
 import subprocess
@@ -95,7 +96,7 @@ def main() -> int:
         ca, cert, key = bench.large_body.make_cert(tmp)
         with bench.sink((cert, key) if workload.tls else None) as sink:
             args = command(workload, sink, count, tmp, ca)
-            stats_file = tmp / "profile.out"
+            stats_file = Path(os.environ.get("PROFILE_OUT", tmp / "profile.out"))
             profiled = [sys.executable, "-m", "cProfile", "-o", str(stats_file), *args[1:]]
             report, error = bench.run_process(profiled, 600)
             sink.stats()

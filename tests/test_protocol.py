@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IProtocolFactory, IStreamClientEndpoint
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -805,7 +806,8 @@ def test_tcp_nodelay_and_one_write_per_command_group(fake: MemorySMTP) -> None:
         b"MAIL FROM:<a@example.com> BODY=8BITMIME SIZE=%d\r\n" % len(MESSAGE)
         + b"RCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n",
     ]
-    assert client.writes[-2:] == [b".\r\n", b"QUIT\r\n"]
+    # A body of one chunk leaves with its final dot, in one write.
+    assert client.writes[-2:] == [MESSAGE + b".\r\n", b"QUIT\r\n"]
 
 
 def test_lock_step_without_pipelining(network: Callable[..., MemorySMTP]) -> None:
@@ -926,3 +928,45 @@ def test_a_wrong_per_transaction_limit_is_refused_before_connecting(
     with pytest.raises(UsageError, match="max_recipients"):
         result_of(d)
     assert fake.connections == []
+
+
+# -- the debug trace -----------------------------------------------------------------------------
+
+
+def test_the_conversation_is_logged_once_per_exchange(fake: MemorySMTP) -> None:
+    events: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "conversation" in event and event.get("log_namespace") == "txcolombe":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        d = send(fake, recipients=("b@example.org", "c@example.org"), starttls=False)
+        fake.flush()
+        result_of(d)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    rendered = [formatEvent(event) for event in events]
+    # Not one event per line or per read: one for the set-up with the
+    # commands that followed it, one for the transaction, one for the close.
+    assert len(rendered) == 3, rendered
+    assert all(line.startswith("mx.example.org:25 ") for line in rendered)
+    lines = " | ".join(line.removeprefix("mx.example.org:25 ") for line in rendered).split(" | ")
+    assert [line[:6] for line in lines] == [
+        "< 220 ",
+        "> EHLO",
+        "< 250 ",
+        "> MAIL",
+        "> RCPT",
+        "> RCPT",
+        "> DATA",
+        "< 250 ",
+        "< 250 ",
+        "< 250 ",
+        "< 354 ",
+        "> <68 ",
+        "< 250 ",
+        "> QUIT",
+        "< 221 ",
+    ]

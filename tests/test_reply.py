@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from txcolombe.codec import reply as reply_module
 from txcolombe.codec.errors import MalformedReply, ReplyTooLong
 from txcolombe.codec.reply import MAX_LINE, MAX_LINES, Reply, ReplyParser
 
@@ -187,6 +188,7 @@ def test_reply_classes(code: int, positive: bool, temporary: bool) -> None:
 def test_str() -> None:
     assert str(Reply.of(250, "a", "b")) == "250 a / 250 b"
     assert str(Reply.of(250)) == "250"
+    assert str(Reply.of(354, "go ahead ")) == "354 go ahead"
 
 
 # -- malformed replies ---------------------------------------------------------------
@@ -362,3 +364,28 @@ def test_discard_forgets_a_partial_multi_line_reply() -> None:
     assert not parser.pending
     parser.feed(b"220 fresh\r\n")
     assert parser.next_reply() == Reply(220, ("fresh",))
+
+
+# -- replies seen before ----------------------------------------------------------
+
+
+def test_a_repeated_single_line_reply_is_parsed_once() -> None:
+    first, second = parse_all(b"250 2.1.0 Ok\r\n250 2.1.0 Ok\r\n")
+    assert first is second
+    assert first == Reply(250, ("2.1.0 Ok",), (2, 1, 0))
+
+
+def test_a_multi_line_reply_is_not_confused_with_its_lines() -> None:
+    (single,) = parse_all(b"250 SIZE 1000\r\n")
+    (multi,) = parse_all(b"250-mx.example\r\n250 SIZE 1000\r\n")
+    assert multi.lines == ("mx.example", "SIZE 1000")
+    assert single.lines == ("SIZE 1000",)
+
+
+def test_the_replies_kept_are_bounded() -> None:
+    unique = b"".join(b"250 queued as %d\r\n" % n for n in range(5 * reply_module._SEEN_MAX))
+    replies = parse_all(unique)
+    assert [reply.queue_id for reply in replies] == [
+        str(n) for n in range(5 * reply_module._SEEN_MAX)
+    ]
+    assert len(reply_module._SEEN) <= reply_module._SEEN_MAX

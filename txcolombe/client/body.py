@@ -122,6 +122,11 @@ class SmallBodyProducer:
         self.length = len(data)
         self._data = data
 
+    @property
+    def data(self) -> bytes:
+        """The whole body (the protocol sends it without a producer's round)."""
+        return self._data
+
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         if self._data:
             consumer.write(self._data)

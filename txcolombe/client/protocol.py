@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from txcolombe.client.body import CHUNK, IterableProducer
+from txcolombe.client.body import CHUNK, IterableProducer, SmallBodyProducer
 from txcolombe.client.envelope import Envelope
 from txcolombe.client.events import (
     BodyRefused,
@@ -51,6 +51,8 @@ from txcolombe.client.events import (
 from txcolombe.client.machine import ClientMachine, TLSMode, Trace
 from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.client.receipt import Receipt, TLSInfo
+from txcolombe.client.states import State
+from txcolombe.client.writer import immediate_writer
 from txcolombe.codec.address import address_literal
 from txcolombe.codec.errors import (
     ConnectionLost,
@@ -94,6 +96,12 @@ MachineFactory = Callable[[str, Trace | None], ClientMachine]
 #: Octets a TCP transport may hand the kernel in one send.
 _SEND_LIMIT = 1 << 20
 
+#: Trace lines kept before they are logged even mid-transaction.
+_TRACE_LINES = 64
+
+#: The events after which the conversation so far is logged.
+_TRACE_FLUSH = (Ready, TransactionDone, TransactionRefused, SessionFailed, Closed)
+
 
 @implementer(IHandshakeListener)
 class SMTPClientProtocol(Protocol):
@@ -120,8 +128,10 @@ class SMTPClientProtocol(Protocol):
         self._new_machine = new_machine
         self._machine: ClientMachine | None = None
         self.peer = peer
-        self._trace: list[str] = []
+        self._trace: list[tuple[str, str]] = []
         self._tracing = trace
+        self._trace_due = False  # an exchange ended: log the conversation so far
+        self._write: Callable[[bytes], None] | None = None
         self.ready: Deferred[SMTPClientProtocol] = Deferred()
         self.closed: Deferred[None] = Deferred()
         self.tls_info: TLSInfo | None = None
@@ -149,6 +159,7 @@ class SMTPClientProtocol(Protocol):
             # (128 KiB; the limit is for Windows): a body leaves in fewer,
             # larger sends.
             self._transport.SEND_LIMIT = _SEND_LIMIT
+        self._write = immediate_writer(self._transport)
         trace = self._trace_line if self._tracing else None
         self._machine = self._new_machine(_local_literal(self.transport), trace)
         self._process()
@@ -187,6 +198,7 @@ class SMTPClientProtocol(Protocol):
         if self._machine is not None:
             self._machine.connection_lost(_error_from(reason, step))
             self._process()
+        self._log_trace()
         self._stop_body()
         if self._failure is None:
             self._failure = ConnectionLost("the connection is closed")
@@ -257,22 +269,35 @@ class SMTPClientProtocol(Protocol):
     # -- the machine's events ------------------------------------------------------
 
     def _trace_line(self, direction: str, line: str) -> None:
-        self._trace.append(f"{direction} {line}")
+        self._trace.append((direction, line))
 
     def _process(self) -> None:
+        machine = self.machine
         while True:
-            data = self.machine.data_to_send()
-            if data and self.transport is not None and not self._gone:
-                self.transport.write(data)
-            event = self.machine.next_event()
+            data = machine.data_to_send()
+            if data and self._write is not None and not self._gone:
+                self._write(data)
+            event = machine.next_event()
             if event is None:
                 break
+            if isinstance(event, _TRACE_FLUSH):
+                self._trace_due = True
             self._on_event(event)
-        if self._trace:
-            # One log event per exchange, not per line: logging is not free.
-            log.debug("{peer} {conversation}", peer=self.peer, conversation=" | ".join(self._trace))
-            self._trace.clear()
+        if self._trace_due or len(self._trace) >= _TRACE_LINES:
+            self._log_trace()
         self._update_timer()
+
+    def _log_trace(self) -> None:
+        """Log the conversation since the last time, as one event.
+
+        Once per transaction (or session step), not per line or per read:
+        a log event costs more than the rest of a small message's work.
+        """
+        self._trace_due = False
+        if self._trace:
+            conversation = _Conversation(self._trace)
+            log.debug("{peer} {conversation}", peer=self.peer, conversation=conversation)
+            self._trace = []
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Ready):
@@ -349,6 +374,9 @@ class SMTPClientProtocol(Protocol):
         else:
             # Complete: the machine sends no more of a send whose body was cut short.
             body = item.spool.producer(self.reactor)
+        if isinstance(body, SmallBodyProducer):
+            self._send_small_body(body.data)
+            return
         self._body = body
         self._consumer = consumer = _BodyConsumer(self)
         if self.transport is not None:
@@ -356,6 +384,18 @@ class SMTPClientProtocol(Protocol):
             self._transport.registerProducer(body, True)
         done: Deferred[None] = body.startProducing(consumer)  # type: ignore[no-untyped-call]
         done.addCallbacks(self._body_done, self._body_failed)
+
+    def _send_small_body(self, data: bytes) -> None:
+        """A body in one chunk goes with its end marker, in the same write:
+        no producer to register, no Deferred, no reactor turn."""
+        if self._recording is not None:
+            self._recording.write(data)
+            self._recording = None
+        machine = self.machine
+        if data:
+            machine.send_body(data)
+        if machine.state is State.BODY:  # unless the chunk failed the session
+            machine.end_body()
 
     def _body_chunk(self, data: bytes) -> None:
         if self._recording is not None:
@@ -404,19 +444,26 @@ class SMTPClientProtocol(Protocol):
     # -- timers -------------------------------------------------------------------
 
     def _update_timer(self) -> None:
-        """One timer for the step the machine waits on, restarted by each reply."""
-        step = None if self._gone else self.machine.waiting_for
-        replies = self.machine.replies_received
-        if step is not None and step == self._timer_step and self._timer is not None:
-            if replies != self._timer_replies:
-                self._timer_replies = replies
-                self._timer.reset(self._timeouts.for_step(step))
+        """One timer for the step the machine waits on, restarted by each reply.
+
+        The same delayed call moves from step to step (``reset`` to a later
+        time costs no reordering of the reactor's timers); it goes only when
+        the machine waits for nothing.
+        """
+        machine = self.machine
+        step = None if self._gone else machine.waiting_for
+        if step is None:
+            self._cancel_timer()
             return
-        self._cancel_timer()
-        if step is not None:
-            self._timer_step = step
-            self._timer_replies = replies
+        replies = machine.replies_received
+        if step is self._timer_step and replies == self._timer_replies:
+            return
+        self._timer_step = step
+        self._timer_replies = replies
+        if self._timer is None:
             self._timer = self.reactor.callLater(self._timeouts.for_step(step), self._timed_out)
+        else:
+            self._timer.reset(self._timeouts.for_step(step))
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -429,6 +476,18 @@ class SMTPClientProtocol(Protocol):
         self._timer_step = None
         self.machine.timed_out()
         self._process()
+
+
+class _Conversation:
+    """Trace lines, put together only if a log observer renders the event."""
+
+    __slots__ = ("_lines",)
+
+    def __init__(self, lines: list[tuple[str, str]]) -> None:
+        self._lines = lines
+
+    def __str__(self) -> str:
+        return " | ".join(f"{direction} {line}" for direction, line in self._lines)
 
 
 def _local_literal(transport: object) -> str:

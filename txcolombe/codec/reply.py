@@ -24,6 +24,12 @@ _QUEUE_ID = re.compile(
 MAX_LINE = 4096
 MAX_LINES = 512
 
+#: Single-line replies already parsed, by their line: a server says the same
+#: few ("250 2.1.0 Ok", "354 End data with ...") over and over. Bounded: it
+#: starts afresh when full, so unique lines (queue ids) cannot grow it.
+_SEEN: dict[bytes, Reply] = {}
+_SEEN_MAX = 256
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -67,6 +73,8 @@ class Reply:
         return match.group(1) if match else None
 
     def __str__(self) -> str:
+        if len(self.lines) == 1:  # most replies: no generator to run
+            return f"{self.code} {self.lines[0]}".rstrip()
         return " / ".join(f"{self.code} {line}".rstrip() for line in self.lines)
 
     def to_bytes(self) -> bytes:
@@ -145,6 +153,17 @@ class ReplyParser:
                 raw = raw[:-1]
             if len(raw) > self._max_line:
                 raise ReplyTooLong(f"reply line longer than {self._max_line} octets")
+            if self._code is None:  # the first line of a reply
+                reply = _SEEN.get(raw)
+                if reply is not None:
+                    return reply
+                reply = self._line(raw)
+                if reply is not None:  # a single-line reply
+                    if len(_SEEN) >= _SEEN_MAX:
+                        _SEEN.clear()
+                    _SEEN[raw] = reply
+                    return reply
+                continue
             reply = self._line(raw)
             if reply is not None:
                 return reply
