@@ -24,6 +24,10 @@ class State(enum.Enum):
     QUITTING = "quitting"
     CLOSED = "closed"
 
+    # Members are singletons, equal only to themselves: hashed by identity, in
+    # C, instead of by Enum's own __hash__, Python code run at each lookup.
+    __hash__ = object.__hash__
+
 
 class Input(enum.Enum):
     """What moves the session from one :class:`State` to another."""
@@ -39,6 +43,10 @@ class Input(enum.Enum):
     IDLE = "no transaction left"
     QUIT = "QUIT sent"
     CLOSE = "connection over"
+
+    # Members are singletons, equal only to themselves: hashed by identity, in
+    # C, instead of by Enum's own __hash__, Python code run at each lookup.
+    __hash__ = object.__hash__
 
 
 _S, _I = State, Input

@@ -38,7 +38,8 @@ class Extensions(Mapping[str, tuple[str, ...]]):
         return self._items[key.upper()]
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.upper() in self._items
+        # Asked in upper case, as the client asks: no new string to make.
+        return isinstance(key, str) and (key in self._items or key.upper() in self._items)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)

@@ -22,3 +22,7 @@ class Step(enum.Enum):
     DATA_END = "end of data"
     RSET = "RSET"
     QUIT = "QUIT"
+
+    # Members are singletons, equal only to themselves: hashed by identity, in
+    # C, instead of by Enum's own __hash__, Python code run at each lookup.
+    __hash__ = object.__hash__
