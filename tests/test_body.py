@@ -26,7 +26,6 @@ from tests.helpers import fired
 from txcolombe.client.body import (
     BURST,
     CHUNK,
-    READ_SIZE,
     PullProducer,
     ReadProducer,
     body_producer,
@@ -124,7 +123,7 @@ def produce(producer: IBodyProducer, ticker: Ticker | None = None) -> Collector:
 
 # -- bytes-like ----------------------------------------------------------------------------------
 
-BIG = bytes(range(256)) * (READ_SIZE * 5 // 2 // 256)  # 2.5 reads
+BIG = bytes(range(256)) * (CHUNK * 5 // 2 // 256)  # 2.5 chunks
 
 
 @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
@@ -135,7 +134,7 @@ def test_bytes_like(ticker: Ticker, kind: type) -> None:
     assert known_length(producer) == len(BIG)
     consumer = produce(producer, ticker)
     assert consumer.data == BIG
-    assert [len(c) for c in consumer.chunks] == [READ_SIZE, READ_SIZE, len(BIG) - 2 * READ_SIZE]
+    assert [len(c) for c in consumer.chunks] == [CHUNK, CHUNK, len(BIG) - 2 * CHUNK]
 
 
 def test_bytes_are_copied(ticker: Ticker) -> None:
@@ -171,7 +170,7 @@ def test_binary_file_length_comes_from_fstat(ticker: Ticker, tmp_path: Path) -> 
         assert known_length(producer) == len(BIG)
         consumer = produce(producer, ticker)
     assert consumer.data == BIG
-    assert max(len(c) for c in consumer.chunks) <= READ_SIZE
+    assert max(len(c) for c in consumer.chunks) <= CHUNK
 
 
 def test_text_mode_file_is_a_clear_error(ticker: Ticker, tmp_path: Path) -> None:
@@ -224,7 +223,7 @@ def test_read_producer_writes_on_resume_without_a_turn(ticker: Ticker) -> None:
 
 def test_read_producer_gives_the_reactor_a_turn_after_a_burst(ticker: Ticker) -> None:
     """A consumer that never pauses gets BURST chunks a turn."""
-    data = b"y" * (READ_SIZE * (BURST + 1))
+    data = b"y" * (CHUNK * (BURST + 1))
     producer = body_producer(data, cooperator=ticker.cooperator)
     consumer = Collector()
     done = producer.startProducing(consumer)

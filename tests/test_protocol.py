@@ -36,7 +36,7 @@ from txcolombe import (
     Timeouts,
     TLSFailure,
 )
-from txcolombe.client.body import CHUNK, READ_SIZE, body_producer
+from txcolombe.client.body import CHUNK, body_producer
 from txcolombe.codec.errors import UsageError
 from txcolombe.codec.reply import Reply
 from txcolombe.testing import END_OF_DATA, GREETING, MemorySMTP, MemorySMTPServer
@@ -580,7 +580,7 @@ def test_backpressure_pauses_the_body_while_the_server_does_not_read(
     client = fake.connections[0].client
     assert spy.calls[-1] == "pause"
     buffered = client.buffered
-    assert 0 < buffered < 2 * READ_SIZE
+    assert 0 < buffered < 2 * CHUNK
     for _ in range(3):
         fake.flush()
     assert client.buffered == buffered  # the producer stays paused: no growth

@@ -5,10 +5,13 @@ returns the bytes to send. It keeps just enough state to be right across
 chunk boundaries: whether the next byte starts a line, a CR that may be
 followed by LF at the start of the next chunk, and the length of the current
 line. Work is done on whole chunks with C-level bytes methods, never per line
-in Python and without splitting a chunk into lines: two replaces and a compare
-find a stray CR or LF (then replaces normalise), one ``rfind`` per up to
-``max_line + 2`` octets bounds the lines, and one split and join at ``CRLF.``
-dot-stuffs (skipped for BDAT, whose chunks are not stuffed).
+in Python and without splitting a chunk into lines: two single-octet replaces
+and a compare per block of the chunk find a stray CR or LF (then replaces
+normalise), one ``rfind`` per up to ``max_line + 2`` octets bounds the lines,
+and dot-stuffing looks at each dot (``find``, a memchr) and cuts the chunk
+before those that start a line (skipped for BDAT, whose chunks are not
+stuffed). Copies are kept small or few: a chunk-sized copy is in pages that
+malloc hands out fresh, and their faults cost more than the work itself.
 
 :class:`DataDecoder` (the server's: the relay's intake and the test server
 run the same one) reads those bytes back, or BDAT's chunks (RFC 3030), and
