@@ -182,6 +182,8 @@ dotted = st.lists(
 )
 @example(chunks=[b"ab\r\ncd\r\nef"], block=4, sparse=0, max_line=14)
 @example(chunks=[b"ab\r", b"\ncd\r\n"], block=3, sparse=0, max_line=14)
+@example(chunks=[b"a", b".b\r\n.c\r\n"], block=12, sparse=2, max_line=14)  # a dot within a line
+@example(chunks=[b"a\r\n", b".b\r\n.c\r\n"], block=12, sparse=2, max_line=14)
 @example(chunks=[b"x." * 17 + b"\r\n.x"], block=12, sparse=40, max_line=99)
 @example(chunks=[b"\r\n.", b"." + b"x." * 17 + b"\r\n.x"], block=12, sparse=40, max_line=99)
 def test_same_output_in_small_blocks(

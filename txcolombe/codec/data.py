@@ -8,10 +8,10 @@ line. Work is done on whole chunks with C-level bytes methods, never per line
 in Python and without splitting a chunk into lines: two single-octet replaces
 and a compare per block of the chunk find a stray CR or LF (then replaces
 normalise), one ``rfind`` per up to ``max_line + 2`` octets bounds the lines,
-and dot-stuffing looks at each dot (``find``, a memchr) and cuts the chunk
-before those that start a line (skipped for BDAT, whose chunks are not
-stuffed). Copies are kept small or few: a chunk-sized copy is in pages that
-malloc hands out fresh, and their faults cost more than the work itself.
+and dot-stuffing looks at each dot (``find``, a memchr) and doubles those
+that start a line (skipped for BDAT, whose chunks are not stuffed). Copies
+are kept small or few: a chunk-sized copy is in pages that malloc hands out
+fresh, and their faults cost more than the work itself.
 
 :class:`DataDecoder` (the server's: the relay's intake and the test server
 run the same one) reads those bytes back, or BDAT's chunks (RFC 3030), and
@@ -85,33 +85,34 @@ def _stuffed(chunk: bytes, at_line_start: bool) -> bytes:
     """``chunk`` (normalised) with a dot added before each line's leading dot.
 
     Dots are few in most bodies (none in base64), and ``find(b".")`` is a
-    memchr: each dot is looked at, and the chunk is cut before those that
-    start a line (a memoryview each, no copy), then joined with a dot between
-    the pieces. Where dots are dense within lines (prose), one split and join
-    at ``CRLF.`` is cheaper, and is done instead.
+    memchr: each dot is looked at, and those that start a line are doubled,
+    by one replace of every dot if no other dot was seen, else by cutting
+    the chunk before them (memoryviews, no copy) and joining the pieces with
+    a dot. Where dots are dense within lines (prose), one split and join at
+    ``CRLF.`` is cheaper, and is done instead.
     """
     leading = at_line_start and chunk[0] == _DOT
     find = chunk.find
     dot = find(b".", 1)
     if dot < 0:
         return b"." + chunk if leading else chunk
-    view = memoryview(chunk)
-    pieces: list[bytes | memoryview] = [b""] if leading else []
-    last = misses = 0
+    cuts = [0] if leading else []  # where a dot goes in
+    misses = 0
     while dot >= 0:
         if chunk[dot - 1] == _LF:
-            pieces.append(view[last:dot])
-            last = dot
+            cuts.append(dot)
         else:
             misses += 1
             if misses > 16 + (dot >> _SPARSE):
                 stuffed = b"\r\n..".join(chunk.split(b"\r\n."))
                 return b"." + stuffed if leading else stuffed
         dot = find(b".", dot + 1)
-    if not pieces:
+    if not cuts:
         return chunk
-    pieces.append(view[last:])
-    return b".".join(pieces)
+    if not misses and (leading or chunk[0] != _DOT):
+        return chunk.replace(b".", b"..")  # every dot starts a line
+    view = memoryview(chunk)
+    return b".".join([view[a:b] for a, b in zip([0, *cuts], [*cuts, None], strict=True)])
 
 
 class DataEncoder:
