@@ -24,9 +24,10 @@ from zope.interface import implementer
 
 from tests.helpers import fired
 from txcolombe.client.body import (
+    BURST,
     CHUNK,
-    IterableProducer,
     PullProducer,
+    ReadProducer,
     body_producer,
     known_length,
     message_bytes,
@@ -129,7 +130,7 @@ BIG = bytes(range(256)) * (CHUNK * 5 // 2 // 256)  # 2.5 chunks
 def test_bytes_like(ticker: Ticker, kind: type) -> None:
     source = kind(BIG)
     producer = body_producer(source, cooperator=ticker.cooperator)
-    assert isinstance(producer, IterableProducer)
+    assert isinstance(producer, ReadProducer)
     assert known_length(producer) == len(BIG)
     consumer = produce(producer, ticker)
     assert consumer.data == BIG
@@ -181,6 +182,144 @@ def test_text_mode_file_is_a_clear_error(ticker: Ticker, tmp_path: Path) -> None
             body_producer(file, cooperator=ticker.cooperator)  # type: ignore[arg-type]
         assert isinstance(raised.value, TypeError)  # still a TypeError for old callers
         assert file.tell() == 0
+
+
+# -- the read producer (files and bytes) --------------------------------------------------------
+
+
+class Pauser(Collector):
+    """A consumer that, like a transport, pauses its producer after each write."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.producer.pauseProducing()
+
+
+def reading(data: bytes, ticker: Ticker) -> tuple[ReadProducer, Collector, Deferred[None]]:
+    producer = body_producer(data, cooperator=ticker.cooperator)
+    assert isinstance(producer, ReadProducer)
+    consumer = Pauser()
+    consumer.registerProducer(producer, True)
+    return producer, consumer, producer.startProducing(consumer)
+
+
+def test_read_producer_writes_on_resume_without_a_turn(ticker: Ticker) -> None:
+    producer, consumer, done = reading(BIG, ticker)
+    assert consumer.chunks == []  # the first chunk waits for a turn
+    ticker.tick()
+    assert len(consumer.chunks) == 1 and not ticker.pending
+    producer.resumeProducing()  # the transport's buffer is empty: the next chunk, now
+    assert len(consumer.chunks) == 2 and not ticker.pending
+    producer.resumeProducing()
+    assert fired(done) == []
+    producer.resumeProducing()  # the end of the data
+    assert consumer.data == BIG
+    assert fired(done) == [None]
+    producer.resumeProducing()  # late calls after the end are harmless
+    producer.pauseProducing()
+    producer.stopProducing()
+    assert consumer.data == BIG
+
+
+def test_read_producer_gives_the_reactor_a_turn_after_a_burst(ticker: Ticker) -> None:
+    """A consumer that never pauses gets BURST chunks a turn."""
+    data = b"y" * (CHUNK * (BURST + 1))
+    producer = body_producer(data, cooperator=ticker.cooperator)
+    consumer = Collector()
+    done = producer.startProducing(consumer)
+    ticker.tick()
+    assert len(consumer.chunks) == BURST
+    ticker.tick()
+    assert consumer.data == data
+    assert fired(done) == [None]
+
+
+def test_read_producer_stopped_while_writing(ticker: Ticker) -> None:
+    class Stopper(Collector):
+        def write(self, data: bytes) -> None:
+            super().write(data)
+            self.producer.stopProducing()
+
+    producer = body_producer(BIG, cooperator=ticker.cooperator)
+    consumer = Stopper()
+    consumer.registerProducer(producer, True)
+    done = producer.startProducing(consumer)
+    ticker.run()
+    producer.resumeProducing()
+    assert len(consumer.chunks) == 1
+    assert fired(done) == []  # IBodyProducer: stopped, it never fires
+
+
+def test_read_producer_stopped_before_its_turn(ticker: Ticker) -> None:
+    producer, consumer, done = reading(BIG, ticker)
+    producer.stopProducing()
+    ticker.run()
+    assert consumer.chunks == [] and fired(done) == []
+
+
+def test_read_producer_paused_before_its_turn(ticker: Ticker) -> None:
+    producer, consumer, done = reading(BIG, ticker)
+    producer.pauseProducing()
+    ticker.run()
+    assert consumer.chunks == []
+    producer.resumeProducing()
+    assert len(consumer.chunks) == 1 and fired(done) == []
+    producer.stopProducing()
+
+
+def test_read_producer_resumed_from_within_a_write(ticker: Ticker) -> None:
+    """A consumer may pause and resume its producer while it writes (a
+    transport that empties its buffer at once): the loop just goes on."""
+
+    class Bouncer(Collector):
+        def write(self, data: bytes) -> None:
+            super().write(data)
+            self.producer.pauseProducing()
+            self.producer.resumeProducing()
+
+    producer = body_producer(BIG, cooperator=ticker.cooperator)
+    consumer = Bouncer()
+    consumer.registerProducer(producer, True)
+    done = producer.startProducing(consumer)
+    ticker.run()
+    assert consumer.data == BIG
+    assert fired(done) == [None]
+
+
+def test_read_producer_fails_with_the_consumer(ticker: Ticker) -> None:
+    class Refuser(Collector):
+        def write(self, data: bytes) -> None:
+            raise ValueError("no more")
+
+    producer = body_producer(BIG, cooperator=ticker.cooperator)
+    done = producer.startProducing(Refuser())
+    ticker.run()
+    [failure] = fired(done)
+    assert failure.check(ValueError)
+
+
+def test_read_producer_fails_with_the_file(ticker: Ticker) -> None:
+    class Broken(io.RawIOBase):
+        def read(self, size: int = -1) -> bytes:
+            raise OSError("disk on fire")
+
+    done = body_producer(Broken(), cooperator=ticker.cooperator).startProducing(Collector())
+    ticker.run()
+    [failure] = fired(done)
+    assert failure.check(OSError)
+
+
+def test_read_producer_refuses_text(ticker: Ticker) -> None:
+    """A file-like object that is not a TextIOBase but reads text."""
+
+    class Texty:
+        def read(self, size: int) -> str:
+            return "text"
+
+    done = body_producer(Texty(), cooperator=ticker.cooperator).startProducing(Collector())  # type: ignore[arg-type]
+    ticker.run()
+    [failure] = fired(done)
+    assert failure.check(TypeError) and "binary mode" in str(failure.value)
 
 
 # -- iterables -----------------------------------------------------------------------------------

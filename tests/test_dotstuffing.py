@@ -138,6 +138,16 @@ def test_dot_in_the_middle_of_a_line_is_untouched() -> None:
     assert encode([b"a.b\r\nc.\r\n"]) == b"a.b\r\nc.\r\n.\r\n"
 
 
+def test_dot_that_continues_a_line_from_the_last_chunk_is_untouched() -> None:
+    assert encode([b"a", b".b\r\n.c\r\n"]) == b"a.b\r\n..c\r\n.\r\n"
+    assert encode([b"a\r\n", b".b\r\n.c\r\n"]) == b"a\r\n..b\r\n..c\r\n.\r\n"
+
+
+def test_dots_dense_within_lines() -> None:
+    prose = b"One. Two. Three... e.g. this.\r\n.Dot line.\r\n" * 2000
+    assert encode([prose]) == prose.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
 def test_final_crlf_added() -> None:
     assert encode([b"no newline"]) == b"no newline\r\n.\r\n"
 

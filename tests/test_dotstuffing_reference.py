@@ -11,10 +11,12 @@ same exception at the same chunk.
 from __future__ import annotations
 
 import re
+from unittest import mock
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from txcolombe.codec import data
 from txcolombe.codec.data import MAX_LINE, DataEncoder
 from txcolombe.codec.errors import EightBitUnsupported, InvalidBody, Step
 
@@ -160,3 +162,33 @@ def test_same_output_at_the_real_line_limit(body: bytes, cuts: list[int]) -> Non
     points = sorted({min(c, len(body)) for c in cuts})
     chunks = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
     assert run(DataEncoder(), chunks) == run(ReferenceEncoder(), chunks)
+
+
+# The encoder's work on large chunks, on small ones: ``_BLOCK`` octets of a
+# chunk are checked for line ends at a time, and a chunk whose dots are mostly
+# within lines is split at CRLF. instead of cut dot by dot.
+dotted = st.lists(
+    st.sampled_from([b".", b"..", b"x", b"xx.", b".x", b"\r\n", b"\r\n.", b"\r", b"\n", b"\r\n.."]),
+    max_size=40,
+).map(b"".join)
+
+
+@settings(max_examples=1000)
+@given(
+    chunks=st.lists(dotted, max_size=6),
+    block=st.integers(min_value=1, max_value=12),
+    sparse=st.sampled_from([0, 2, 40]),  # 40: split after 16 dots within lines
+    max_line=st.integers(min_value=1, max_value=14),
+)
+@example(chunks=[b"ab\r\ncd\r\nef"], block=4, sparse=0, max_line=14)
+@example(chunks=[b"ab\r", b"\ncd\r\n"], block=3, sparse=0, max_line=14)
+@example(chunks=[b"a", b".b\r\n.c\r\n"], block=12, sparse=2, max_line=14)  # a dot within a line
+@example(chunks=[b"a\r\n", b".b\r\n.c\r\n"], block=12, sparse=2, max_line=14)
+@example(chunks=[b"x." * 17 + b"\r\n.x"], block=12, sparse=40, max_line=99)
+@example(chunks=[b"\r\n.", b"." + b"x." * 17 + b"\r\n.x"], block=12, sparse=40, max_line=99)
+def test_same_output_in_small_blocks(
+    chunks: list[bytes], block: int, sparse: int, max_line: int
+) -> None:
+    with mock.patch.object(data, "_BLOCK", block), mock.patch.object(data, "_SPARSE", sparse):
+        ours = run(DataEncoder(max_line=max_line), chunks)
+    assert ours == run(ReferenceEncoder(max_line=max_line), chunks)

@@ -29,8 +29,15 @@ from zope.interface import implementer
 
 from txcolombe.codec.errors import InvalidArgument
 
-#: Bytes handed to the transport at a time.
+#: Bytes handed to the transport at a time. Larger chunks would save little
+#: per octet and cost more: malloc serves copies of 1 MiB from fresh pages, and
+#: the page faults cost more than the encoder's work on the chunk.
 CHUNK = 256 * 1024
+
+#: Chunks a :class:`ReadProducer` writes in a row to a consumer that does not
+#: pause it (the transport does, once its buffer is full) before it lets the
+#: reactor run.
+BURST = 4
 
 Chunk = bytes | bytearray | memoryview | tuple[bytes, int, int]
 PullStream = Callable[[], Chunk | Awaitable[Chunk | None] | None]
@@ -142,6 +149,99 @@ class SmallBodyProducer:
         pass
 
 
+@implementer(IBodyProducer)
+class ReadProducer:
+    """Writes what ``read(size)`` returns, :data:`CHUNK` octets at a time,
+    until it returns ``b""``: a file's contents, or slices of a bytes body.
+
+    A push producer that writes in a loop while it is not paused, not a
+    Cooperator task stepped once per chunk: the transport pauses it when its
+    buffer is full and resumes it, from its write callback, once the buffer
+    is empty, and the next chunk is written there and then. Only the first
+    chunks, and the chunks after a burst of :data:`BURST` that nothing
+    paused, wait for a turn of the cooperator.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[int], bytes],
+        length: int | object = UNKNOWN_LENGTH,
+        cooperator: Cooperator | None = None,
+    ) -> None:
+        self.length = length
+        self._read = read
+        self._cooperate = cooperator.cooperate if cooperator is not None else cooperate
+        self._consumer: IConsumer | None = None
+        self._done: Deferred[None] = Deferred()
+        self._task: Any = None  # the cooperator's next turn, while one is due
+        self._paused = False
+        self._writing = False
+        self._finished = False
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._consumer = consumer
+        self._later()
+        return self._done
+
+    def _later(self) -> None:
+        """Write on the cooperator's next turn (unless a turn is due already)."""
+        if self._task is None:
+            self._task = self._cooperate(self._turns())
+
+    def _turns(self) -> Iterator[None]:
+        while self._write():
+            yield None
+        self._task = None
+
+    def _write(self) -> bool:
+        """Write chunks while not paused; True if a burst ended it (more to write)."""
+        if self._writing or self._finished or self._consumer is None:
+            # Writing already (a consumer resumed it from within a write: the
+            # loop goes on), done, or not started.
+            return False
+        self._writing = True
+        try:
+            for _ in range(BURST):
+                if self._paused or self._finished:
+                    return False
+                chunk = self._read(CHUNK)
+                if isinstance(chunk, str):
+                    raise TypeError("the body file is open in text mode; open it in binary mode")
+                if not chunk:
+                    self._finish(None)
+                    return False
+                self._consumer.write(chunk)
+            return not (self._paused or self._finished)
+        except Exception:
+            self._finish(Failure())  # type: ignore[no-untyped-call]
+            return False
+        finally:
+            self._writing = False
+
+    def _finish(self, failure: Failure | None) -> None:
+        if self._finished:
+            return  # stopped meanwhile: IBodyProducer, the Deferred never fires
+        self._finished = True
+        if failure is None:
+            self._done.callback(None)
+        else:
+            self._done.errback(failure)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._write():
+            self._later()
+
+    def stopProducing(self) -> None:
+        # IBodyProducer: once stopped, the Deferred never fires. A pending
+        # turn finds the producer finished and ends (stopping its task from
+        # within its own step would upset the Cooperator).
+        self._finished = True
+
+
 def until_stopped(work: Deferred[None], stopped: Callable[[], bool]) -> Deferred[None]:
     """A producer's Deferred for ``work``: its outcome, unless the producer was
     stopped meanwhile (IBodyProducer: once stopped, it never fires)."""
@@ -206,13 +306,6 @@ class PullProducer:
         self.resumeProducing()
 
 
-def _read_chunks(file: IO[bytes]) -> Iterator[bytes]:
-    while chunk := file.read(CHUNK):
-        if isinstance(chunk, str):
-            raise TypeError("the body file is open in text mode; open it in binary mode")
-        yield chunk
-
-
 def _file_length(file: IO[bytes]) -> int | object:
     try:
         return os.fstat(file.fileno()).st_size - file.tell()
@@ -220,10 +313,18 @@ def _file_length(file: IO[bytes]) -> int | object:
         return UNKNOWN_LENGTH
 
 
-def _slices(data: bytes) -> Iterator[bytes]:
+def _reader(data: bytes) -> Callable[[int], bytes]:
+    """``read(size)`` over ``data``: copies of its next ``size`` octets."""
     view = memoryview(data)
-    for start in range(0, len(view), CHUNK):
-        yield bytes(view[start : start + CHUNK])
+    position = 0
+
+    def read(size: int) -> bytes:
+        nonlocal position
+        chunk = bytes(view[position : position + size])
+        position += len(chunk)
+        return chunk
+
+    return read
 
 
 def _pull(stream: PullStream) -> Callable[[], Awaitable[object]]:
@@ -269,10 +370,10 @@ def body_producer(body: Body, *, cooperator: Cooperator | None = None) -> IBodyP
         data = message_bytes(body) if isinstance(body, email.message.Message) else bytes(body)
         if len(data) <= CHUNK:
             return SmallBodyProducer(data)
-        return IterableProducer(_slices(data), len(data), cooperator)
+        return ReadProducer(_reader(data), len(data), cooperator)
     if hasattr(body, "read"):
         file: IO[bytes] = body  # type: ignore[assignment]
-        return IterableProducer(_read_chunks(file), _file_length(file), cooperator)
+        return ReadProducer(file.read, _file_length(file), cooperator)
     if isinstance(body, AsyncIterable):
         return PullProducer(_anext(body))
     if isinstance(body, Iterable):

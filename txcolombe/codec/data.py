@@ -5,10 +5,13 @@ returns the bytes to send. It keeps just enough state to be right across
 chunk boundaries: whether the next byte starts a line, a CR that may be
 followed by LF at the start of the next chunk, and the length of the current
 line. Work is done on whole chunks with C-level bytes methods, never per line
-in Python and without splitting a chunk into lines: two replaces and a compare
-find a stray CR or LF (then replaces normalise), one ``rfind`` per up to
-``max_line + 2`` octets bounds the lines, and one split and join at ``CRLF.``
-dot-stuffs (skipped for BDAT, whose chunks are not stuffed).
+in Python and without splitting a chunk into lines: two single-octet replaces
+and a compare per block of the chunk find a stray CR or LF (then replaces
+normalise), one ``rfind`` per up to ``max_line + 2`` octets bounds the lines,
+and dot-stuffing looks at each dot (``find``, a memchr) and doubles those
+that start a line (skipped for BDAT, whose chunks are not stuffed). Copies
+are kept small or few: a chunk-sized copy is in pages that malloc hands out
+fresh, and their faults cost more than the work itself.
 
 :class:`DataDecoder` (the server's: the relay's intake and the test server
 run the same one) reads those bytes back, or BDAT's chunks (RFC 3030), and
@@ -28,23 +31,88 @@ MAX_LINE = 998
 _CR, _LF, _DOT = 13, 10, 46
 
 
+#: Octets of a chunk checked for line ends at a time: the checks make copies,
+#: and copies this small reuse the same memory, where a copy of a whole chunk
+#: is in fresh pages (the kernel's page faults would cost more than the check).
+_BLOCK = 64 * 1024
+
+#: Stuffing stops looking for line-start dots one by one and splits the chunk
+#: at ``CRLF.`` when more than ``16 + position >> _SPARSE`` of the dots seen
+#: so far were within lines: a body dense in dots (prose) is then split.
+_SPARSE = 10
+
+
+def _crlf_only(chunk: bytes) -> bool:
+    """True if every CR in ``chunk`` is followed by LF and every LF follows a CR.
+
+    Block by block, cut after an LF: the block is right exactly when deleting
+    its CRs, then putting one before each LF, gives it back. These are
+    single-octet replaces (memchr and memcpy in C), cheaper than counting
+    CRLFs. False is safe, merely slower: a block without an LF (a line
+    longer than a block) counts as wrong and the caller normalises.
+    """
+    size = len(chunk)
+    rfind = chunk.rfind
+    start = 0
+    while start < size:
+        end = start + _BLOCK
+        if end < size:
+            end = rfind(b"\n", start, end) + 1
+            if end <= start:
+                return False
+        block = chunk[start:end]
+        if block.replace(b"\r", b"").replace(b"\n", b"\r\n") != block:
+            return False
+        start = end
+    return True
+
+
 def _normalised(chunk: bytes) -> bytes:
     """``chunk`` with every line break as CRLF: a CRLF, a lone CR and a lone LF
     (read left to right, as ``\\r\\n|\\r|\\n`` would) each become CRLF.
 
-    A chunk without CR (a Unix file's) takes one replace. Otherwise the chunk
-    is right exactly when a CR put before each LF gives the same bytes as a CR
-    put beside each CR: two single-octet replaces (memchr and memcpy in C)
-    and a compare, cheaper than counting CRLFs. (Equal means the CRs inserted
-    before the LFs can be slid onto those beside the CRs, which needs each CR
-    alone and right before an LF, and each LF right after a CR.) A mix of
-    line ends then takes three replaces.
+    A chunk without CR (a Unix file's) takes one replace, a chunk of CRLF
+    lines (the usual one) none. A mix of line ends takes three replaces.
     """
     if b"\r" not in chunk:
         return chunk.replace(b"\n", b"\r\n")
-    if chunk.replace(b"\n", b"\r\n") == chunk.replace(b"\r", b"\r\r"):
+    if _crlf_only(chunk):
         return chunk
     return chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+def _stuffed(chunk: bytes, at_line_start: bool) -> bytes:
+    """``chunk`` (normalised) with a dot added before each line's leading dot.
+
+    Dots are few in most bodies (none in base64), and ``find(b".")`` is a
+    memchr: each dot is looked at, and those that start a line are doubled,
+    by one replace of every dot if no other dot was seen, else by cutting
+    the chunk before them (memoryviews, no copy) and joining the pieces with
+    a dot. Where dots are dense within lines (prose), one split and join at
+    ``CRLF.`` is cheaper, and is done instead.
+    """
+    leading = at_line_start and chunk[0] == _DOT
+    find = chunk.find
+    dot = find(b".", 1)
+    if dot < 0:
+        return b"." + chunk if leading else chunk
+    cuts = [0] if leading else []  # where a dot goes in
+    misses = 0
+    while dot >= 0:
+        if chunk[dot - 1] == _LF:
+            cuts.append(dot)
+        else:
+            misses += 1
+            if misses > 16 + (dot >> _SPARSE):
+                stuffed = b"\r\n..".join(chunk.split(b"\r\n."))
+                return b"." + stuffed if leading else stuffed
+        dot = find(b".", dot + 1)
+    if not cuts:
+        return chunk
+    if not misses and (leading or chunk[0] != _DOT):
+        return chunk.replace(b".", b"..")  # every dot starts a line
+    view = memoryview(chunk)
+    return b".".join([view[a:b] for a, b in zip([0, *cuts], [*cuts, None], strict=True)])
 
 
 class DataEncoder:
@@ -99,13 +167,7 @@ class DataEncoder:
         chunk = _normalised(chunk)
         self._check_lines(chunk)
         if self._stuff:
-            # Every LF of a normalised chunk follows a CR: "\r\n." finds each
-            # line that starts with a dot, except the chunk's first line.
-            parts = chunk.split(b"\r\n.")
-            if len(parts) > 1:
-                chunk = b"\r\n..".join(parts)
-            if self._at_line_start and chunk[0] == _DOT:
-                chunk = b"." + chunk
+            chunk = _stuffed(chunk, self._at_line_start)
         self._at_line_start = chunk[-1] == _LF
         self.octets_out += len(chunk)
         return chunk
@@ -116,20 +178,16 @@ class DataEncoder:
         step = self._max_line + 2  # a longest allowed line and its CRLF
         size = len(chunk)
         rfind = chunk.rfind
-        # Where the current line begins, relative to the chunk (before it when
-        # the line began in an earlier chunk); its LF must come before ``end``.
-        begin = -self._line_length
+        # Where the current line begins (after the LF found last; 0 when it
+        # began in an earlier chunk); its LF must come before ``end``.
         start = 0
-        end = begin + step
+        end = step - self._line_length
         while end <= size:
-            lf = rfind(b"\n", start, end)
-            if lf < 0:
+            start = rfind(b"\n", start, end) + 1
+            if not start:
                 raise self._too_long()
-            begin = start = lf + 1
-            end = begin + step
-        lf = rfind(b"\n", start)
-        if lf >= 0:
-            begin = lf + 1
+            end = start + step
+        begin = rfind(b"\n", start) + 1 or start or -self._line_length
         tail = size - begin
         if tail > self._max_line:
             raise self._too_long()
