@@ -1,7 +1,9 @@
 """Reaching a server: TLS client options (made once per server name and trust
-root, then reused), and addresses reached without an endpoint."""
+root, then reused), addresses reached without an endpoint, this host's name."""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 from twisted.internet.defer import CancelledError, Deferred
@@ -15,7 +17,7 @@ import txcolombe
 from tests.helpers import failure_of, result_of
 from txcolombe import Receipt, Timeouts, TLSMode
 from txcolombe.client.body import body_producer
-from txcolombe.client.connect import Host, connect_tcp, tls_options
+from txcolombe.client.connect import Host, connect_tcp, default_domain, tls_options
 from txcolombe.client.protocol import SMTPClientProtocol
 from txcolombe.codec.errors import (
     ConnectionFailed,
@@ -25,6 +27,8 @@ from txcolombe.codec.errors import (
     Step,
 )
 from txcolombe.testing import MemorySMTP
+
+CONNECT = importlib.import_module("txcolombe.client.connect")
 
 
 def test_verified_options_are_reused_for_the_same_name_and_trust_root() -> None:
@@ -125,3 +129,34 @@ def test_a_raising_connect_tcp_fails_the_attempt() -> None:
 def test_connect_tcp_takes_addresses_only() -> None:
     with pytest.raises(InvalidAddress):
         connect_tcp(MemoryReactorClock(), Host.parse("mx.example.org"), 25, ClientFactory())
+
+
+# -- this host's name ------------------------------------------------------------------------
+
+
+def test_the_fqdn_is_looked_up_once_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = iter(["mail.example.com", "renamed.example.com"])
+    lookups: list[str] = []
+
+    def getfqdn() -> str:
+        lookups.append(name := next(names))
+        return name
+
+    now = [1000.0]
+    monkeypatch.setattr(CONNECT, "_fqdn", None)
+    monkeypatch.setattr(CONNECT.socket, "getfqdn", getfqdn)
+    monkeypatch.setattr(CONNECT.time, "monotonic", lambda: now[0])
+    assert default_domain() == default_domain() == "mail.example.com"
+    now[0] += CONNECT.FQDN_LIFETIME - 1
+    assert default_domain() == "mail.example.com" and len(lookups) == 1
+    now[0] += 1
+    assert default_domain() == "renamed.example.com" and len(lookups) == 2
+
+
+@pytest.mark.parametrize("fqdn", ["localhost", "bad_name.example.com"])
+def test_an_fqdn_that_is_no_domain_name_gives_none(
+    monkeypatch: pytest.MonkeyPatch, fqdn: str
+) -> None:
+    monkeypatch.setattr(CONNECT, "_fqdn", None)
+    monkeypatch.setattr(CONNECT.socket, "getfqdn", lambda: fqdn)
+    assert default_domain() is None

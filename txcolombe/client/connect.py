@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass
 from typing import cast
 
@@ -215,8 +216,27 @@ def connect_error(failure: Failure, host: Host, port: int) -> SMTPError:
     return error
 
 
+#: Seconds a looked-up FQDN is reused: ``socket.getfqdn()`` may ask the
+#: resolver (a reverse lookup), too slow to repeat for every connection.
+FQDN_LIFETIME = 60.0
+
+_fqdn: tuple[float, str | None] | None = None  # (when looked up, the EHLO name)
+
+
 def default_domain() -> str | None:
-    """This host's FQDN for EHLO, or None if it is no valid domain name."""
+    """This host's FQDN for EHLO, or None if it is no valid domain name.
+
+    Looked up again once :data:`FQDN_LIFETIME` has passed, so a host whose
+    name changes (or whose resolver comes up late) is seen within a minute.
+    """
+    global _fqdn
+    now = time.monotonic()
+    if _fqdn is None or now - _fqdn[0] >= FQDN_LIFETIME:
+        _fqdn = (now, _lookup_domain())
+    return _fqdn[1]
+
+
+def _lookup_domain() -> str | None:
     name = socket.getfqdn()
     if "." not in name:
         return None
