@@ -130,12 +130,13 @@ def docs_world(fake: MemorySMTP, directory: Path) -> Iterator[None]:
     """Point everything an example touches at ``fake``; see the module docstring."""
     from twisted.internet import _sslverify, task
 
-    real_endpoint_for = SESSION.endpoint_for
+    def guarded(connect: Any) -> Any:
+        def guarded_connect(reactor: Any, *args: Any, **kwargs: Any) -> Any:
+            if not isinstance(reactor, MemoryReactorClock):
+                raise AssertionError("a documentation example must pass reactor= to txcolombe")
+            return connect(reactor, *args, **kwargs)
 
-    def guarded_endpoint_for(reactor: Any, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(reactor, MemoryReactorClock):
-            raise AssertionError("a documentation example must pass reactor= to txcolombe")
-        return real_endpoint_for(reactor, *args, **kwargs)
+        return guarded_connect
 
     class GuardedDeliverer(Deliverer):
         def reactor(self, given: Any) -> Any:
@@ -151,7 +152,8 @@ def docs_world(fake: MemorySMTP, directory: Path) -> Iterator[None]:
         (_sslverify, "platformTrust", lambda: fake.trust_root),
         (DELIVER, "default_deliverer", lambda: GuardedDeliverer(resolver=fake.resolver)),
         (SESSION, "default_domain", lambda: "client.example.com"),
-        (SESSION, "endpoint_for", guarded_endpoint_for),
+        (SESSION, "endpoint_for", guarded(SESSION.endpoint_for)),
+        (SESSION, "connect_tcp", guarded(SESSION.connect_tcp)),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     cwd = os.getcwd()

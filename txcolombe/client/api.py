@@ -155,21 +155,57 @@ def _send_one(
         signing = signers(dkim)
     except SMTPError as error:
         return fail(error)
+    if not signing:
+        # Callbacks, not a coroutine: no signing pass to wait for, and this
+        # is every message's path when each one has its own connection.
+        try:
+            connected = open_session(destination, options, reactor)
+        except Exception:  # what a bug raises still goes to the Deferred
+            return fail()
+        # Cancelling the result cancels what is under way: the connection
+        # attempt or session set-up, else the send (Twisted forwards it).
+        result: Deferred[Receipt] = Deferred(lambda _: connected.cancel())
+        connected.addCallback(_send_then_quit, sender, recipients, body, message)
+        connected.addBoth(_settle, result)
+        return result
 
     async def signed() -> Receipt:
         async with signed_body(body, signing) as signed_message:
-            return await run(signed_message)
-
-    async def run(body: Body) -> Receipt:
-        session: Session = await open_session(destination, options, reactor)
-        try:
-            return await session.send_message(sender, recipients, body, message)
-        finally:
-            # The reply that decided the outcome is in: report it now. QUIT
-            # and close go on in the background, bounded by the quit timeout.
-            session.quit().addErrback(_quit_failed, session)
+            session: Session = await open_session(destination, options, reactor)
+            return await _send_then_quit(session, sender, recipients, signed_message, message)
 
     return Deferred.fromCoroutine(signed())
+
+
+def _send_then_quit(
+    session: Session,
+    sender: str | Mailbox | None,
+    recipients: tuple[str | Mailbox | Recipient, ...],
+    body: Body,
+    message: MessageOptions,
+) -> Deferred[Receipt]:
+    """Send the one message, then QUIT whatever its outcome.
+
+    The reply that decided the outcome is reported at once: QUIT and close
+    go on in the background, bounded by the quit timeout.
+    """
+    sent = session.send_message(sender, recipients, body, message)
+    return sent.addBoth(_quit_after, session)
+
+
+def _quit_after(outcome: object, session: Session) -> object:
+    session.quit().addErrback(_quit_failed, session)
+    return outcome
+
+
+def _settle(outcome: object, result: Deferred[Receipt]) -> None:
+    """Hand the outcome to the caller's Deferred, unless it was cancelled."""
+    if result.called:
+        return
+    if isinstance(outcome, Failure):
+        result.errback(outcome)
+    else:
+        result.callback(outcome)  # type: ignore[arg-type]
 
 
 def _quit_failed(failure: Failure, session: Session) -> None:

@@ -1,8 +1,9 @@
 """Reaching a server: destinations, endpoints and the TLS policy.
 
 A destination is a host name (resolved by ``HostnameEndpoint``, which races
-IPv6 and IPv4: happy eyeballs) or an IP address. Implicit TLS wraps the
-endpoint with ``wrapClientTLS``; STARTTLS reuses the same TLS options later.
+IPv6 and IPv4: happy eyeballs) or an IP address (the reactor's ``connectTCP``
+as it is, :func:`connect_tcp`). Implicit TLS wraps the endpoint with
+``wrapClientTLS``; STARTTLS reuses the same TLS options later.
 Unless the caller gives its own connection creator, the server's certificate
 is verified against the destination's name with ``optionsForClientTLS``
 (service_identity), on the platform's trust store or on ``trust_root``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass
 from typing import cast
 
@@ -35,11 +37,13 @@ from twisted.internet.error import (
     TimeoutError as ConnectTimeoutError,
 )
 from twisted.internet.interfaces import (
+    IConnector,
     IOpenSSLClientConnectionCreator,
     IReactorTCP,
     IReactorTime,
     IStreamClientEndpoint,
 )
+from twisted.internet.protocol import ClientFactory
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 
@@ -76,6 +80,13 @@ class Host:
             return cls(str(destination), destination)
         if not isinstance(destination, str):
             raise InvalidAddress(f"invalid destination {destination!r}")
+        return cls._parse_text(destination)
+
+    @classmethod
+    @functools.lru_cache(maxsize=1024)
+    def _parse_text(cls, destination: str) -> Host:
+        """:meth:`parse` for text, cached: the same few destinations come
+        back connection after connection (hosts are immutable)."""
         text = destination.strip()
         if text.startswith("[") and text.endswith("]"):
             text = text[1:-1]
@@ -153,6 +164,29 @@ def endpoint_for(
     return endpoint
 
 
+def connect_tcp(
+    reactor: IReactorTCP,
+    host: Host,
+    port: int,
+    factory: ClientFactory,
+    *,
+    timeout: float = 30.0,
+) -> IConnector:
+    """Connect ``factory`` to the address ``host``: the reactor's ``connectTCP``, no endpoint.
+
+    An endpoint puts a wrapping protocol of its own between the transport
+    and ``factory``'s (one more call for every event of the connection) and
+    reports the outcome with Deferreds; a ``ClientFactory`` hears both from
+    the connector itself (``buildProtocol``, ``clientConnectionFailed``).
+    For an address only: a name needs ``HostnameEndpoint``'s happy eyeballs.
+    """
+    if host.ip is None:
+        raise InvalidAddress(f"{host.name} is no IP address")
+    if not 0 < port < 65536:
+        raise InvalidAddress(f"invalid port {port}")
+    return reactor.connectTCP(host.name, port, factory, timeout=timeout)
+
+
 def wrap_tls(
     creator: IOpenSSLClientConnectionCreator, endpoint: IStreamClientEndpoint, reactor: object
 ) -> IStreamClientEndpoint:
@@ -182,8 +216,27 @@ def connect_error(failure: Failure, host: Host, port: int) -> SMTPError:
     return error
 
 
+#: Seconds a looked-up FQDN is reused: ``socket.getfqdn()`` may ask the
+#: resolver (a reverse lookup), too slow to repeat for every connection.
+FQDN_LIFETIME = 60.0
+
+_fqdn: tuple[float, str | None] | None = None  # (when looked up, the EHLO name)
+
+
 def default_domain() -> str | None:
-    """This host's FQDN for EHLO, or None if it is no valid domain name."""
+    """This host's FQDN for EHLO, or None if it is no valid domain name.
+
+    Looked up again once :data:`FQDN_LIFETIME` has passed, so a host whose
+    name changes (or whose resolver comes up late) is seen within a minute.
+    """
+    global _fqdn
+    now = time.monotonic()
+    if _fqdn is None or now - _fqdn[0] >= FQDN_LIFETIME:
+        _fqdn = (now, _lookup_domain())
+    return _fqdn[1]
+
+
+def _lookup_domain() -> str | None:
     name = socket.getfqdn()
     if "." not in name:
         return None

@@ -7,15 +7,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import (
     IAddress,
+    IConnector,
     IOpenSSLClientConnectionCreator,
+    IProtocol,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
@@ -26,6 +28,7 @@ from txcolombe.client.connect import (
     Host,
     IOpenSSLTrustRoot,
     connect_error,
+    connect_tcp,
     default_domain,
     endpoint_for,
     tls_options,
@@ -261,7 +264,8 @@ def check_message(
         raise InvalidArgument(f"dsn must be a DSN or None, not {type(dsn).__name__}")
     parse_sender(sender)
     recipient_options(items, dsn)
-    check_body(body)
+    if not isinstance(body, bytes):  # bytes, the usual body, need no check
+        check_body(body)
     return items
 
 
@@ -308,6 +312,31 @@ class _ProtocolFactory(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return self._protocol
+
+
+class _DirectFactory(ClientFactory):
+    """The one protocol of a :func:`connect_tcp` attempt, and the attempt's outcome:
+    ``connected`` just before the protocol gets its transport, ``failed``
+    with the reason when no connection was made."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        protocol: SMTPClientProtocol,
+        connected: Callable[[], None],
+        failed: Callable[[Failure], None],
+    ) -> None:
+        self._protocol = protocol
+        self._connected = connected
+        self._failed = failed
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        self._connected()
+        return self._protocol
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self._failed(reason)
 
 
 def connect(
@@ -413,25 +442,37 @@ def open_session(
 
     implicit = creator if tls_mode is TLSMode.IMPLICIT else None
     try:
-        if endpoint is None:
+        if endpoint is None and (host.ip is None or implicit is not None):
             endpoint = endpoint_for(
                 reactor, host, port, implicit_tls=implicit, timeout=timeouts.connect
             )
-        elif implicit is not None:
+        elif endpoint is not None and implicit is not None:
             endpoint = wrap_tls(implicit, endpoint, reactor)
     except SMTPError as error:
         return fail(error)
+    # No endpoint left: an address without implicit TLS, reached with connect_tcp
+    # (STARTTLS upgrades that TCP transport itself).
+    target = _Target(reactor, host, port, endpoint, timeouts.connect)
     if authentication is not None and authentication.token_provider is not None:
-        return _with_token(authentication, new_protocol, endpoint, host, port)
-    return _connect(endpoint, new_protocol(authentication), host, port)
+        return _with_token(authentication, new_protocol, target)
+    return _connect(target, new_protocol(authentication))
+
+
+class _Target(NamedTuple):
+    """Where a session connects: through ``endpoint``, or (None) to the
+    address ``host`` with :func:`~txcolombe.client.connect.connect_tcp`."""
+
+    reactor: Any
+    host: Host
+    port: int
+    endpoint: IStreamClientEndpoint | None
+    timeout: float
 
 
 def _with_token(
     authentication: Authentication,
     new_protocol: Callable[[Authentication], SMTPClientProtocol],
-    endpoint: IStreamClientEndpoint,
-    host: Host,
-    port: int,
+    target: _Target,
 ) -> Deferred[Session]:
     """Ask the token provider for a fresh OAuth token, then connect."""
 
@@ -444,28 +485,29 @@ def _with_token(
             raise AuthenticationError(
                 f"the OAuth token provider failed: {error}", step=Step.AUTH
             ) from error
-        return await _connect(endpoint, new_protocol(credentials), host, port)
+        return await _connect(target, new_protocol(credentials))
 
     return Deferred.fromCoroutine(run())
 
 
-def _connect(
-    endpoint: IStreamClientEndpoint,
-    protocol: SMTPClientProtocol,
-    host: Host,
-    port: int,
-) -> Deferred[Session]:
+def _connect(target: _Target, protocol: SMTPClientProtocol) -> Deferred[Session]:
+    """Connect ``protocol``; fires with the session once it is set up."""
+    host, port = target.host, target.port
     connected = False
+    attempt: Deferred[IProtocol] | None = None
+    connector: IConnector | None = None
 
     def cancel(_: Deferred[Session]) -> None:
         if connected:
             protocol.abort()
-        else:
+        elif attempt is not None:
             attempt.cancel()
+        elif connector is not None:
+            connector.stopConnecting()
 
     result: Deferred[Session] = Deferred(cancel)
 
-    def on_connected(_: object) -> None:
+    def on_connected(_: object = None) -> None:
         nonlocal connected
         connected = True
         protocol.ready.addCallbacks(on_ready, on_failed)
@@ -485,6 +527,18 @@ def _connect(
         else:
             result.errback(connect_error(failure, host, port))
 
-    attempt = endpoint.connect(_ProtocolFactory(protocol))
-    attempt.addCallbacks(on_connected, on_failed)
+    if target.endpoint is not None:
+        attempt = target.endpoint.connect(_ProtocolFactory(protocol))
+        attempt.addCallbacks(on_connected, on_failed)
+        return result
+    try:
+        connector = connect_tcp(
+            target.reactor,
+            host,
+            port,
+            _DirectFactory(protocol, on_connected, on_failed),
+            timeout=target.timeout,
+        )
+    except Exception as error:
+        on_failed(Failure(error))  # type: ignore[no-untyped-call]
     return result
