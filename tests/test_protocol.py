@@ -8,6 +8,7 @@ test ends with no timer left on the clock and every connection closed (the
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -933,27 +934,30 @@ def test_a_wrong_per_transaction_limit_is_refused_before_connecting(
 # -- the debug trace -----------------------------------------------------------------------------
 
 
-def test_the_conversation_is_logged_once_per_exchange(fake: MemorySMTP) -> None:
-    events: list[dict[str, Any]] = []
+@contextlib.contextmanager
+def traces() -> Iterator[list[str]]:
+    """The conversation's debug events, rendered as an observer would."""
+    rendered: list[str] = []
 
     def observe(event: dict[str, Any]) -> None:
         if "conversation" in event and event.get("log_namespace") == "txcolombe":
-            events.append(event)
+            rendered.append(formatEvent(event).removeprefix("mx.example.org:25 "))
 
     globalLogPublisher.addObserver(observe)
     try:
+        yield rendered
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+
+def test_a_message_on_its_own_connection_is_one_log_event(fake: MemorySMTP) -> None:
+    with traces() as rendered:
         d = send(fake, recipients=("b@example.org", "c@example.org"), starttls=False)
         fake.flush()
         result_of(d)
-    finally:
-        globalLogPublisher.removeObserver(observe)
-    rendered = [formatEvent(event) for event in events]
-    # Not one event per line or per read: one for the set-up with the
-    # commands that followed it, one for the transaction, one for the close.
-    assert len(rendered) == 3, rendered
-    assert all(line.startswith("mx.example.org:25 ") for line in rendered)
-    lines = " | ".join(line.removeprefix("mx.example.org:25 ") for line in rendered).split(" | ")
-    assert [line[:6] for line in lines] == [
+    # Not an event per line or per read: the session was never idle.
+    assert len(rendered) == 1, rendered
+    assert [line[:6] for line in rendered[0].split(" | ")] == [
         "< 220 ",
         "> EHLO",
         "< 250 ",
@@ -970,3 +974,20 @@ def test_the_conversation_is_logged_once_per_exchange(fake: MemorySMTP) -> None:
         "> QUIT",
         "< 221 ",
     ]
+
+
+def test_a_session_is_logged_each_time_it_goes_idle(fake: MemorySMTP) -> None:
+    with traces() as rendered:
+        d = connect(fake)
+        fake.flush()
+        session = result_of(d)
+        assert len(rendered) == 1 and rendered[0].startswith("< 220 ")  # set up
+        sent = session.send("a@example.com", ["b@example.org"], body(fake, b"one\r\n"))
+        fake.flush()
+        result_of(sent)
+        assert len(rendered) == 2 and rendered[1].startswith("> MAIL ")
+        assert rendered[1].endswith("< 250 2.0.0 Ok: queued as MEM000001")
+        closed = session.quit()
+        fake.flush()
+        result_of(closed)
+    assert rendered[2:] == ["> QUIT | < 221 2.0.0 Bye"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -35,3 +36,18 @@ def test_a_transport_without_a_send_limit_is_left_alone() -> None:
     transport = StringTransport()
     connect(transport)
     assert not hasattr(transport, "SEND_LIMIT")
+
+
+def test_the_ehlo_fallback_is_our_end_as_an_address_literal() -> None:
+    seen: list[str] = []
+
+    def new_machine(local: str, trace: object) -> ClientMachine:
+        seen.append(local)
+        return ClientMachine(local, tls=TLSMode.NONE)
+
+    for host in (IPv4Address("TCP", "127.0.0.9", 2525), IPv6Address("TCP", "::1", 2525)) * 2:
+        protocol = SMTPClientProtocol(new_machine, reactor=Clock())
+        protocol.makeConnection(StringTransport(hostAddress=host))
+    protocol = SMTPClientProtocol(new_machine, reactor=Clock())
+    protocol.makeConnection(StringTransport(hostAddress=UNIXAddress("/tmp/s")))
+    assert seen == ["[127.0.0.9]", "[IPv6:::1]"] * 2 + ["localhost"]

@@ -9,6 +9,7 @@ else, including every decision, is the machine's.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import tempfile
 from collections.abc import Callable, Iterator
@@ -96,11 +97,12 @@ MachineFactory = Callable[[str, Trace | None], ClientMachine]
 #: Octets a TCP transport may hand the kernel in one send.
 _SEND_LIMIT = 1 << 20
 
-#: Trace lines kept before they are logged even mid-transaction.
+#: Trace lines kept before they are logged even mid-conversation.
 _TRACE_LINES = 64
 
-#: The events after which the conversation so far is logged.
-_TRACE_FLUSH = (Ready, TransactionDone, TransactionRefused, SessionFailed, Closed)
+#: The machine's states in which the conversation so far is logged: nothing
+#: is under way (set up and idle, or over).
+_TRACE_AT = (State.READY, State.CLOSED)
 
 
 @implementer(IHandshakeListener)
@@ -130,7 +132,6 @@ class SMTPClientProtocol(Protocol):
         self.peer = peer
         self._trace: list[tuple[str, str]] = []
         self._tracing = trace
-        self._trace_due = False  # an exchange ended: log the conversation so far
         self._write: Callable[[bytes], None] | None = None
         self.ready: Deferred[SMTPClientProtocol] = Deferred()
         self.closed: Deferred[None] = Deferred()
@@ -280,20 +281,19 @@ class SMTPClientProtocol(Protocol):
             event = machine.next_event()
             if event is None:
                 break
-            if isinstance(event, _TRACE_FLUSH):
-                self._trace_due = True
             self._on_event(event)
-        if self._trace_due or len(self._trace) >= _TRACE_LINES:
+        if self._trace and (machine.state in _TRACE_AT or len(self._trace) >= _TRACE_LINES):
             self._log_trace()
         self._update_timer()
 
     def _log_trace(self) -> None:
         """Log the conversation since the last time, as one event.
 
-        Once per transaction (or session step), not per line or per read:
-        a log event costs more than the rest of a small message's work.
+        Each time the session goes idle or ends (and every
+        :data:`_TRACE_LINES` lines), not per line or per read: a log event
+        costs more than the rest of a small message's work. A message sent
+        on a new connection is one event, from the greeting to QUIT.
         """
-        self._trace_due = False
         if self._trace:
             conversation = _Conversation(self._trace)
             log.debug("{peer} {conversation}", peer=self.peer, conversation=conversation)
@@ -494,8 +494,18 @@ def _local_literal(transport: object) -> str:
     """An address literal for our end of the connection (EHLO fallback)."""
     get_host = getattr(transport, "getHost", None)
     try:
-        return address_literal(ipaddress.ip_address(get_host().host))  # type: ignore[misc]
-    except (AttributeError, TypeError, ValueError):
+        host: object = get_host().host  # type: ignore[misc]
+    except (AttributeError, TypeError):
+        return "localhost"
+    return _literal(host) if isinstance(host, str) else "localhost"
+
+
+@functools.lru_cache(maxsize=64)
+def _literal(host: str) -> str:
+    """``host`` (our address) as an address literal; made once per address."""
+    try:
+        return address_literal(ipaddress.ip_address(host))
+    except ValueError:
         return "localhost"
 
 
