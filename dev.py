@@ -4,6 +4,8 @@
     python3 dev.py demo    # a real send through a real SMTP server on loopback
     python3 dev.py test    # every check: lint, types, the docs, the whole test suite
     python3 dev.py bench   # the benchmarks under bench/
+    python3 dev.py accel   # optional: compile the sans-I/O core with mypyc, in place
+                           # (--clean removes it; TXCOLOMBE_MYPYC=1 builds it before test/demo)
 
 Each task first makes ``.venv`` and installs the project with its test
 extras into it (again only when pyproject.toml changed). ``test`` also
@@ -19,6 +21,8 @@ import subprocess
 import sys
 import venv
 from pathlib import Path
+
+from tools import accel as accel_tool  # standard library only, like this script
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
@@ -57,8 +61,16 @@ def install_peers() -> None:
     run("bash", script, *strict, check=bool(strict))
 
 
+def build_accel_if_asked() -> None:
+    """With TXCOLOMBE_MYPYC=1, compile the core (tools/accel.py) before running it."""
+    if accel_tool.wanted():
+        step(f"{accel_tool.ENV} is set: compiling the sans-I/O core with mypyc")
+        run(PYTHON, ROOT / "tools" / "accel.py")
+
+
 def demo(args: list[str]) -> int:
     ensure_venv()
+    build_accel_if_asked()
     step("running the demo: real sends through a real SMTP server on loopback")
     return run(PYTHON, ROOT / "tools" / "demo.py", *args, check=False)
 
@@ -74,6 +86,8 @@ def test(args: list[str]) -> int:
     step("sphinx: the documentation, warnings as errors")
     sphinx = ["-W", "--keep-going", "-q", "-b", "html", "docs", "docs/_build/html"]
     failed |= run(PYTHON, "-m", "sphinx", *sphinx, check=False)
+    # After Sphinx: autodoc documents the .py sources, not the compiled modules.
+    build_accel_if_asked()
     step("pytest: the whole suite")
     code = run(PYTHON, "-m", "pytest", *args, check=False)
     if code == 5:
@@ -88,7 +102,13 @@ def bench(args: list[str]) -> int:
     return run(PYTHON, ROOT / "bench" / "run.py", *args, check=False)
 
 
-TASKS = {"demo": demo, "test": test, "bench": bench}
+def accel(args: list[str]) -> int:
+    ensure_venv()
+    step("tools/accel.py: the optional mypyc-compiled sans-I/O core")
+    return run(PYTHON, ROOT / "tools" / "accel.py", *args, check=False)
+
+
+TASKS = {"demo": demo, "test": test, "bench": bench, "accel": accel}
 
 
 def main() -> int:
