@@ -950,13 +950,13 @@ def traces() -> Iterator[list[str]]:
         globalLogPublisher.removeObserver(observe)
 
 
-def test_a_message_on_its_own_connection_is_one_log_event(fake: MemorySMTP) -> None:
+def test_a_message_on_its_own_connection_is_two_log_events(fake: MemorySMTP) -> None:
     with traces() as rendered:
         d = send(fake, recipients=("b@example.org", "c@example.org"), starttls=False)
         fake.flush()
         result_of(d)
-    # Not an event per line or per read: the session was never idle.
-    assert len(rendered) == 1, rendered
+    # Not an event per line or per read: all of it up to the result, then the close.
+    assert len(rendered) == 2, rendered
     assert [line[:6] for line in rendered[0].split(" | ")] == [
         "< 220 ",
         "> EHLO",
@@ -971,9 +971,8 @@ def test_a_message_on_its_own_connection_is_one_log_event(fake: MemorySMTP) -> N
         "< 354 ",
         "> <68 ",
         "< 250 ",
-        "> QUIT",
-        "< 221 ",
     ]
+    assert rendered[1] == "> QUIT | < 221 2.0.0 Bye"
 
 
 def test_a_session_is_logged_each_time_it_goes_idle(fake: MemorySMTP) -> None:

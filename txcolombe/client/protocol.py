@@ -289,10 +289,11 @@ class SMTPClientProtocol(Protocol):
     def _log_trace(self) -> None:
         """Log the conversation since the last time, as one event.
 
-        Each time the session goes idle or ends (and every
-        :data:`_TRACE_LINES` lines), not per line or per read: a log event
-        costs more than the rest of a small message's work. A message sent
-        on a new connection is one event, from the greeting to QUIT.
+        Before a send's result is given, each time the session goes idle or
+        ends, and every :data:`_TRACE_LINES` lines; not per line or per
+        read: a log event costs more than the rest of a small message's
+        work. A message on its own connection is two events: from the
+        greeting to the final reply, then QUIT.
         """
         if self._trace:
             conversation = _Conversation(self._trace)
@@ -343,6 +344,7 @@ class SMTPClientProtocol(Protocol):
         item = self._close_send(handle)
         if item is None or item.result.called:
             return
+        self._log_trace()  # the caller hears of it after the log has it
         if receipt is not None:
             item.result.callback(receipt)
         else:
