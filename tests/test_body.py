@@ -195,10 +195,13 @@ class Pauser(Collector):
         self.producer.pauseProducing()
 
 
-def reading(data: bytes, ticker: Ticker) -> tuple[ReadProducer, Collector, Deferred[None]]:
+def reading(
+    data: bytes, ticker: Ticker, consumer: Collector | None = None
+) -> tuple[ReadProducer, Collector, Deferred[None]]:
+    """``data``'s producer started on ``consumer`` (a :class:`Pauser` by default)."""
     producer = body_producer(data, cooperator=ticker.cooperator)
     assert isinstance(producer, ReadProducer)
-    consumer = Pauser()
+    consumer = consumer if consumer is not None else Pauser()
     consumer.registerProducer(producer, True)
     return producer, consumer, producer.startProducing(consumer)
 
@@ -240,10 +243,7 @@ def test_read_producer_stopped_while_writing(ticker: Ticker) -> None:
             super().write(data)
             self.producer.stopProducing()
 
-    producer = body_producer(BIG, cooperator=ticker.cooperator)
-    consumer = Stopper()
-    consumer.registerProducer(producer, True)
-    done = producer.startProducing(consumer)
+    producer, consumer, done = reading(BIG, ticker, Stopper())
     ticker.run()
     producer.resumeProducing()
     assert len(consumer.chunks) == 1
@@ -277,10 +277,7 @@ def test_read_producer_resumed_from_within_a_write(ticker: Ticker) -> None:
             self.producer.pauseProducing()
             self.producer.resumeProducing()
 
-    producer = body_producer(BIG, cooperator=ticker.cooperator)
-    consumer = Bouncer()
-    consumer.registerProducer(producer, True)
-    done = producer.startProducing(consumer)
+    _, consumer, done = reading(BIG, ticker, Bouncer())
     ticker.run()
     assert consumer.data == BIG
     assert fired(done) == [None]

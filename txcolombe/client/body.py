@@ -388,6 +388,8 @@ def check_body(body: object) -> None:
 
     :raises UsageError: a ``str``, a text-mode file or another unsupported type.
     """
+    if isinstance(body, bytes):  # the usual body: answered before the other kinds
+        return
     if isinstance(body, str):
         raise InvalidArgument("the body must be bytes, not str: encode it first")
     if isinstance(body, io.TextIOBase):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from txcolombe.client.body import CHUNK, IterableProducer, SmallBodyProducer
+from txcolombe.client.body import ReadProducer, SmallBodyProducer
 from txcolombe.client.envelope import Envelope
 from txcolombe.client.events import (
     BodyRefused,
@@ -538,14 +538,10 @@ class _Spool:
         self.length += len(data)
 
     def producer(self, reactor: IReactorTime) -> IBodyProducer:
-        """A producer of the whole body again, one chunk per turn of ``reactor``."""
+        """A producer of the whole body again, read from the spool, paced by ``reactor``."""
         self._file.seek(0)
         cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
-        return IterableProducer(self._chunks(), self.length, cooperator)
-
-    def _chunks(self) -> Iterator[bytes]:
-        while chunk := self._file.read(CHUNK):
-            yield chunk
+        return ReadProducer(self._file.read, self.length, cooperator)
 
     def close(self) -> None:
         self._file.close()

@@ -264,8 +264,7 @@ def check_message(
         raise InvalidArgument(f"dsn must be a DSN or None, not {type(dsn).__name__}")
     parse_sender(sender)
     recipient_options(items, dsn)
-    if not isinstance(body, bytes):  # bytes, the usual body, need no check
-        check_body(body)
+    check_body(body)
     return items
 
 

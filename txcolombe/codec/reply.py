@@ -153,19 +153,15 @@ class ReplyParser:
                 raw = raw[:-1]
             if len(raw) > self._max_line:
                 raise ReplyTooLong(f"reply line longer than {self._max_line} octets")
-            if self._code is None:  # the first line of a reply
-                reply = _SEEN.get(raw)
-                if reply is not None:
-                    return reply
-                reply = self._line(raw)
-                if reply is not None:  # a single-line reply
+            first = self._code is None  # the first line of a reply
+            if first and (seen := _SEEN.get(raw)) is not None:
+                return seen
+            reply = self._line(raw)
+            if reply is not None:
+                if first:  # a single-line reply: worth keeping
                     if len(_SEEN) >= _SEEN_MAX:
                         _SEEN.clear()
                     _SEEN[raw] = reply
-                    return reply
-                continue
-            reply = self._line(raw)
-            if reply is not None:
                 return reply
 
     def _line(self, raw: bytes) -> Reply | None:
