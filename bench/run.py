@@ -18,8 +18,9 @@ Every client runs in a fresh process of its own pinned to CPU 1, against
 sink hashes every message and the harness checks each run's count and
 digests: a client that sends wrong bytes fails the run. Each workload runs
 ``--rounds`` rounds (5; ``--quick``: 1, with small counts), the clients
-taking turns within a round; a ratio is computed per round (txcolombe's
-rate over the peer's, in the same round) and the table shows medians. The
+taking turns within a round, each round beginning with the next client; a
+ratio is computed per round (txcolombe's rate over the peer's, in the same
+round) and the table shows medians. The
 results, every round included, go to ``bench/results/latest.json``.
 ``--relay`` also runs ``bench/relay.py`` (the relay against Postfix, root only).
 """
@@ -445,7 +446,11 @@ def run_workload(
     with sink(cert) as running:
         for round_ in range(rounds):
             print(f"  {workload.name}: round {round_ + 1} of {rounds}", file=sys.stderr, flush=True)
-            for client in clients:
+            # Each round starts with the next client: none always runs first
+            # (on a machine the runs before have left warmer, or fuller: a
+            # new connection per message leaves thousands of TIME_WAIT sockets).
+            turn = round_ % len(clients)
+            for client in clients[turn:] + clients[:turn]:
                 outcome.runs[client].append(runner(client, running))
     return outcome
 
