@@ -1707,8 +1707,9 @@ def test_quit_answered_with_an_error_still_closes() -> None:
     assert conv.reply(500, "eh?") == (b"", [Closed(clean=True)])
 
 
-def test_quit_mid_transaction_waits_for_it() -> None:
-    conv = session("PIPELINING")
+def _quit_asked_mid_body(*keywords: str, **kwargs: object) -> Conversation:
+    """A pipelining session whose one send has its body to send, QUIT asked for."""
+    conv = session("PIPELINING", *keywords, **kwargs)
     conv.machine.start_transaction(envelope())
     conv.flush()
     assert conv.do(conv.machine.quit) == (b"", [])
@@ -1716,9 +1717,96 @@ def test_quit_mid_transaction_waits_for_it() -> None:
         conv.machine.start_transaction(envelope())  # no new send once QUIT is asked for
     assert conv.feed(b"250 ok\r\n250 ok\r\n354 go\r\n") == (b"", [BodyWanted(1)])
     conv.machine.send_body(b"hi\r\n")
+    return conv
+
+
+def test_quit_mid_transaction_leaves_with_the_final_dot() -> None:
+    conv = _quit_asked_mid_body()
+    assert conv.do(conv.machine.end_body) == (b"hi\r\n.\r\n" + QUIT, [])
+    assert conv.state is State.DATA_END  # the dot's reply is still to come, and its timeout
+    assert conv.waiting_for is Step.DATA_END
+    sent, events = conv.reply(250, "queued")
+    assert sent == b""  # QUIT is not sent twice
+    assert isinstance(only(events, TransactionDone), TransactionDone)
+    assert conv.state is State.QUITTING
+    assert conv.reply(221, "bye") == (b"", [Closed(clean=True)])
+    assert conv.sent.count(QUIT) == 1
+
+
+def test_quit_with_the_dot_both_replies_in_one_read() -> None:
+    conv = _quit_asked_mid_body()
+    conv.do(conv.machine.end_body)
+    sent, events = conv.feed(b"250 queued\r\n221 bye\r\n")
+    assert sent == b""
+    assert [type(event) for event in events] == [TransactionDone, Closed]
+    closed(events, clean=True)
+
+
+def test_quit_with_the_dot_the_message_refused() -> None:
+    conv = _quit_asked_mid_body()
+    conv.do(conv.machine.end_body)
+    sent, events = conv.reply(554, "5.7.1 no thanks")
+    assert sent == b""  # neither RSET nor a second QUIT
+    refused = only(events, TransactionRefused)
+    assert isinstance(refused, TransactionRefused)
+    assert refused.error.reply is not None and refused.error.reply.code == 554
+    assert conv.reply(221, "bye") == (b"", [Closed(clean=True)])
+
+
+def test_quit_with_the_dot_no_reply_in_time() -> None:
+    conv = _quit_asked_mid_body()
+    conv.do(conv.machine.end_body)
+    sent, events = conv.do(conv.machine.timed_out)
+    assert sent == b""  # QUIT has left already
+    error = session_failure(events, errors.ResponseTimeout)
+    assert error.maybe_delivered
+    assert conv.waiting_for is Step.QUIT
+    assert conv.feed(b"250 late\r\n221 bye\r\n") == (b"", [Closed(clean=True)])
+
+
+def test_quit_mid_transaction_waits_without_pipelining() -> None:
+    conv = session()
+    conv.machine.start_transaction(envelope())
+    conv.flush()
+    conv.machine.quit()
+    conv.reply(250, "ok")
+    conv.reply(250, "ok")
+    assert conv.reply(354, "go") == (b"", [BodyWanted(1)])
+    conv.machine.send_body(b"hi\r\n")
     assert conv.do(conv.machine.end_body) == (b"hi\r\n.\r\n", [])
     sent, events = conv.reply(250, "queued")
     assert sent == QUIT
+    assert isinstance(only(events, TransactionDone), TransactionDone)
+    assert conv.reply(221, "bye") == (b"", [Closed(clean=True)])
+
+
+def test_quit_waits_for_the_last_bdat_chunk_reply() -> None:
+    conv = session("PIPELINING", "CHUNKING")
+    conv.machine.start_transaction(envelope())
+    conv.flush()
+    conv.machine.quit()
+    assert conv.feed(b"250 ok\r\n250 ok\r\n") == (b"", [BodyWanted(1)])
+    conv.machine.send_body(b"hi\r\n")
+    assert conv.do(conv.machine.end_body) == (b"BDAT 4 LAST\r\nhi\r\n", [])
+    sent, events = conv.reply(250, "queued")
+    assert sent == QUIT
+    assert isinstance(only(events, TransactionDone), TransactionDone)
+
+
+def test_quit_leaves_with_the_last_transaction_of_a_split_send() -> None:
+    conv = session("PIPELINING", max_recipients=1)
+    conv.machine.start_transaction(envelope("a@example.org", "b@example.org"))
+    conv.flush()
+    conv.machine.quit()
+    assert conv.feed(b"250 ok\r\n250 ok\r\n354 go\r\n") == (b"", [BodyWanted(1, again=True)])
+    conv.machine.send_body(b"hi\r\n")
+    sent, _ = conv.do(conv.machine.end_body)
+    assert sent == b"hi\r\n.\r\nMAIL FROM:<from@example.org>\r\nRCPT TO:<b@example.org>\r\n" + DATA
+    assert conv.feed(b"250 one\r\n250 ok\r\n250 ok\r\n354 go\r\n")[0] == b""
+    conv.machine.send_body(b"hi\r\n")
+    assert conv.do(conv.machine.end_body) == (b"hi\r\n.\r\n" + QUIT, [])
+    sent, events = conv.reply(250, "two")
+    assert sent == b""
     assert isinstance(only(events, TransactionDone), TransactionDone)
     assert conv.reply(221, "bye") == (b"", [Closed(clean=True)])
 

@@ -1,4 +1,5 @@
-"""Writes sent in the same reactor turn on a real TCP connection, buffered otherwise."""
+"""Writes sent, and clean closes made, in the same reactor turn on a real TCP
+connection; buffered, or left to ``loseConnection``, otherwise."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from twisted.internet import reactor as _reactor
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
-from txcolombe.client.writer import immediate_writer
+from txcolombe.client.writer import close_now, immediate_writer
 
 reactor: Any = _reactor
 
@@ -24,11 +27,17 @@ class Collector(Protocol):
     def __init__(self) -> None:
         self.received = bytearray()
         self.made: Deferred[Collector] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
         self.wanted = 0
         self.enough: Deferred[None] | None = None
 
     def connectionMade(self) -> None:
         self.made.callback(self)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        self.reason = reason
+        self.lost.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
@@ -46,14 +55,14 @@ class Collector(Protocol):
         return done
 
 
-async def pair() -> tuple[Protocol, Collector, Any]:
+async def pair(client_protocol: type[Protocol] = Protocol) -> tuple[Protocol, Collector, Any]:
     """A client protocol connected over loopback TCP to a Collector, and the listener."""
     server = Collector()
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
         Factory.forProtocol(lambda: server)
     )
     client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
-        Factory.forProtocol(Protocol)
+        Factory.forProtocol(client_protocol)
     )
     await server.made
     return client, server, port
@@ -136,3 +145,47 @@ def test_any_other_transport_keeps_its_own_write() -> None:
     write(b"EHLO x\r\n")
     assert transport.value() == b"EHLO x\r\n"
     assert write == transport.write
+
+
+class Closing(Collector):
+    """A client end that notes how its connection ended."""
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_connection_closes_cleanly_at_once() -> None:
+    client, server, port = await pair(Closing)
+    assert isinstance(client, Closing)
+    transport: Any = client.transport
+    write = immediate_writer(transport)
+    write(b"QUIT\r\n")
+    assert close_now(transport)
+    # Closed before close_now() returned: the protocol was told, cleanly,
+    # and the reactor no longer watches the socket.
+    assert client.lost.called
+    assert client.reason is not None and client.reason.check(ConnectionDone)
+    assert transport not in reactor.getReaders() and transport not in reactor.getWriters()
+    assert not close_now(transport)  # once only
+    # The far end gets everything, then an orderly end of stream (not a reset).
+    await server.lost
+    assert server.reason is not None and server.reason.check(ConnectionDone)
+    assert bytes(server.received) == b"QUIT\r\n"
+    await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_with_bytes_buffered_is_left_to_lose_connection() -> None:
+    client, server, port = await pair()
+    transport: Any = client.transport
+    transport.write(b"still buffered\r\n")  # Twisted's own write: sent on the next turn
+    assert not close_now(transport)
+    assert transport.connected
+    transport.loseConnection()
+    await server.lost
+    assert bytes(server.received) == b"still buffered\r\n"
+    await port.stopListening()
+
+
+def test_any_other_transport_is_not_closed_at_once() -> None:
+    transport = StringTransport()
+    assert not close_now(transport)
+    assert not transport.disconnecting

@@ -186,16 +186,14 @@ def _send_then_quit(
 ) -> Deferred[Receipt]:
     """Send the one message, then QUIT whatever its outcome.
 
-    The reply that decided the outcome is reported at once: QUIT and close
-    go on in the background, bounded by the quit timeout.
+    QUIT is asked for at once: it follows the message's last command (with
+    PIPELINING, it leaves with the final dot). The reply that decided the
+    outcome is reported as soon as it comes: QUIT and close go on in the
+    background, bounded by the quit timeout.
     """
     sent = session.send_message(sender, recipients, body, message)
-    return sent.addBoth(_quit_after, session)
-
-
-def _quit_after(outcome: object, session: Session) -> object:
     session.quit().addErrback(_quit_failed, session)
-    return outcome
+    return sent
 
 
 def _settle(outcome: object, result: Deferred[Receipt]) -> None:

@@ -18,7 +18,7 @@ import inspect
 import io
 import os
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
-from typing import IO, Any, Union
+from typing import IO, Any, Union, cast
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IConsumer
@@ -358,19 +358,31 @@ def message_bytes(message: email.message.Message) -> bytes:
         return message.as_bytes(policy=email.policy.SMTPUTF8)
 
 
+#: Bodies held in memory whole (a tuple: ``A | B`` would build a union each call).
+_IN_MEMORY = (bytes, bytearray, memoryview, email.message.Message)
+
+
 def body_producer(body: Body, *, cooperator: Cooperator | None = None) -> IBodyProducer:
     """Adapt any supported body to an ``IBodyProducer``.
 
     :raises UsageError: ``body`` is of no supported kind (e.g. ``str``).
     """
-    check_body(body)
-    if IBodyProducer.providedBy(body):
-        return body
-    if isinstance(body, bytes | bytearray | memoryview | email.message.Message):
+    if type(body) is bytes:  # the usual body, no producer: asked first
+        data = body
+    else:
+        check_body(body)
+        if IBodyProducer.providedBy(body):
+            return body
+        if not isinstance(body, _IN_MEMORY):
+            return _streamed(body, cooperator)
         data = message_bytes(body) if isinstance(body, email.message.Message) else bytes(body)
-        if len(data) <= CHUNK:
-            return SmallBodyProducer(data)
-        return ReadProducer(_reader(data), len(data), cooperator)
+    if len(data) <= CHUNK:
+        return SmallBodyProducer(data)
+    return ReadProducer(_reader(data), len(data), cooperator)
+
+
+def _streamed(body: object, cooperator: Cooperator | None) -> IBodyProducer:
+    """The producer of a body not held in memory: a file, an iterable, a pull stream."""
     if hasattr(body, "read"):
         file: IO[bytes] = body  # type: ignore[assignment]
         return ReadProducer(file.read, _file_length(file), cooperator)
@@ -378,7 +390,7 @@ def body_producer(body: Body, *, cooperator: Cooperator | None = None) -> IBodyP
         return PullProducer(_anext(body))
     if isinstance(body, Iterable):
         return IterableProducer(iter(body), UNKNOWN_LENGTH, cooperator)
-    return PullProducer(_pull(body))
+    return PullProducer(_pull(cast(PullStream, body)))  # check_body let only these through
 
 
 def check_body(body: object) -> None:
@@ -396,7 +408,7 @@ def check_body(body: object) -> None:
         raise InvalidArgument("the body file is open in text mode; open it in binary mode")
     supported = (
         IBodyProducer.providedBy(body)
-        or isinstance(body, bytes | bytearray | memoryview | email.message.Message)
+        or isinstance(body, _IN_MEMORY)
         or hasattr(body, "read")
         or isinstance(body, AsyncIterable | Iterable)
         or callable(body)

@@ -29,7 +29,9 @@ the same code. The session goes greeting → EHLO → [STARTTLS → EHLO] →
 [AUTH] → ready; each transaction goes MAIL → RCPT… → DATA → body → end of
 data → ready, or RSET → ready after a failure: :data:`TRANSITIONS` lists
 every move, and the machine makes no other. A fatal error sends QUIT when
-the conversation still allows it.
+the conversation still allows it. A QUIT asked for during the last
+transaction leaves with its final dot when the server offers PIPELINING
+(RFC 2920 §3.1: QUIT may end a group), one write and one read fewer.
 """
 
 from __future__ import annotations
@@ -233,6 +235,7 @@ class ClientMachine:
         self.replies_received = 0
         self._bdat_size = 0
         self._quit_requested = False
+        self._quit_sent = False  # with the last final dot, before the session was idle
 
     # -- driver interface ----------------------------------------------------
 
@@ -353,8 +356,30 @@ class ClientMachine:
         if self._txns or self._queue:
             self._quit_requested = True
             return
+        self._send_quit()
+
+    def _send_quit(self) -> None:
+        """Move to QUITTING and send QUIT, unless it left with the final dot."""
         self._go(Input.QUIT)
-        self._send("QUIT", Step.QUIT)
+        if not self._quit_sent:
+            self._send("QUIT", Step.QUIT)
+
+    def _quit_with_dot(self, txn: _Transaction) -> None:
+        """Send the QUIT asked for with this final dot, if nothing else is to follow it.
+
+        Only with PIPELINING, only after the last transaction, and not for
+        BDAT (whose refusals are answered with RSET, which QUIT must follow).
+        The reply to the dot is handled as ever; QUITTING begins after it.
+        """
+        if (
+            self._quit_requested
+            and self.pipelining
+            and not txn.bdat
+            and not self._queue
+            and len(self._txns) == 1
+        ):
+            self._quit_sent = True
+            self._send("QUIT", Step.QUIT)
 
     # -- sends -----------------------------------------------------------------
 
@@ -569,6 +594,7 @@ class ClientMachine:
             self._pending.append((Step.DATA_END, None))
         self._go(Input.END_OF_DATA)
         self._start_queued()
+        self._quit_with_dot(txn)
 
     # -- internals ------------------------------------------------------------------
 
@@ -948,8 +974,7 @@ class ClientMachine:
             error.step = self._step()
         self._fail_session(error)
         if quit and (self.state, Input.QUIT) in TRANSITIONS:
-            self._go(Input.QUIT)
-            self._send("QUIT", Step.QUIT)
+            self._send_quit()
         else:
             self._close(clean=False)
 

@@ -222,6 +222,11 @@ class Session:
         await self.quit()
 
 
+#: The types check_message takes (tuples: ``A | B`` would build a union each call).
+_SENDER_TYPES = (str, Mailbox)
+_RECIPIENT_TYPES = (str, Mailbox, Recipient)
+
+
 def check_message(
     sender: object,
     recipients: object,
@@ -242,11 +247,11 @@ def check_message(
     :raises UsageError: the first mistake found (:class:`InvalidArgument`
         for a wrong type, :class:`InvalidAddress` for a bad address).
     """
-    if sender is not None and not isinstance(sender, str | Mailbox):
+    if sender is not None and not isinstance(sender, _SENDER_TYPES):
         raise InvalidArgument(
             f"the sender must be a str, a Mailbox or None, not {type(sender).__name__}"
         )
-    if isinstance(recipients, str | Mailbox | Recipient):
+    if isinstance(recipients, _RECIPIENT_TYPES):
         recipients = [recipients]
     if not isinstance(recipients, Iterable):
         raise InvalidArgument(
@@ -254,7 +259,7 @@ def check_message(
         )
     items = tuple(recipients)
     for item in items:
-        if not isinstance(item, str | Mailbox | Recipient):
+        if not isinstance(item, _RECIPIENT_TYPES):
             raise InvalidArgument(
                 f"a recipient must be a str, a Mailbox or a Recipient, not {type(item).__name__}"
             )
