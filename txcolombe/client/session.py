@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import astuple
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -149,19 +150,19 @@ class Session:
             extension the server lacks; nothing is sent for the message.
         """
         try:
-            message = either(
-                MessageOptions(
-                    all_or_nothing,
-                    dsn,
-                    requiretls,
-                    chunking,
-                    binary,
-                    body_type,
-                    smtputf8,
-                    utf8_headers,
-                ),
-                options,
+            keywords = (
+                all_or_nothing,
+                dsn,
+                requiretls,
+                chunking,
+                binary,
+                body_type,
+                smtputf8,
+                utf8_headers,
             )
+            # Most sends ask nothing special: one frozen object serves them all.
+            given = _DEFAULT_OPTIONS if keywords == _DEFAULTS else MessageOptions(*keywords)
+            message = either(given, options)
             checked = check_message(sender, recipients, body, dsn=message.dsn)
         except SMTPError as error:
             return fail(error)
@@ -221,6 +222,9 @@ class Session:
     ) -> None:
         await self.quit()
 
+
+_DEFAULT_OPTIONS = MessageOptions()
+_DEFAULTS = astuple(_DEFAULT_OPTIONS)
 
 #: The types check_message takes (tuples: ``A | B`` would build a union each call).
 _SENDER_TYPES = (str, Mailbox)

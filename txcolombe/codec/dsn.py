@@ -67,6 +67,10 @@ class RecipientOptions:
         return params
 
 
+#: The options of a recipient that has none: frozen, so one serves them all.
+_NO_OPTIONS = RecipientOptions()
+
+
 @dataclass(frozen=True)
 class DSN:
     """DSN options for one message.
@@ -133,5 +137,6 @@ def recipient_options(
         if notify is not None:
             notify_parameter(notify)
         mailboxes.append(mailbox)
-        options.append(RecipientOptions(notify, orcpt))
+        plain = notify is None and orcpt is None
+        options.append(_NO_OPTIONS if plain else RecipientOptions(notify, orcpt))
     return tuple(mailboxes), tuple(options)
