@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -31,12 +30,13 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from txcolombe.client.body import ReadProducer, SmallBodyProducer
+from txcolombe.client.conversation import log_conversation
 from txcolombe.client.envelope import Envelope
 from txcolombe.client.events import (
     BodyRefused,
@@ -54,7 +54,7 @@ from txcolombe.client.machine import ClientMachine, TLSMode, Trace
 from txcolombe.client.options import DEFAULT_TIMEOUTS, Timeouts
 from txcolombe.client.receipt import Receipt, TLSInfo
 from txcolombe.client.states import State
-from txcolombe.client.writer import close_now, immediate_writer
+from txcolombe.client.writer import close_now, immediate_writer, plain_tcp
 from txcolombe.codec.address import address_literal
 from txcolombe.codec.errors import (
     ConnectionLost,
@@ -67,21 +67,9 @@ from txcolombe.codec.errors import (
 
 log = Logger(namespace="txcolombe")
 
-
-def _debug(format: str, **fields: object) -> None:
-    """``log.debug(format, **fields)``, without ``Logger.emit``'s check of the
-    level (a walk over every ``LogLevel``, each call, dearer than the rest
-    of the event): the conversation's events are the most frequent, and
-    their level is known to be good. The event is the one ``emit`` makes."""
-    fields.update(
-        log_logger=log,
-        log_level=LogLevel.debug,
-        log_namespace=log.namespace,
-        log_source=log.source,
-        log_format=format,
-        log_time=time.time(),
-    )
-    log.observer(fields)
+#: Seconds a plain TCP connection waits, after the reply to QUIT, for the
+#: server to close it before closing it itself.
+CLOSE_GRACE = 2.0
 
 
 @implementer(IConsumer)
@@ -157,6 +145,7 @@ class SMTPClientProtocol(Protocol):
         self._timeouts = timeouts
         self._tls = tls
         self._timer: IDelayedCall | None = None
+        self._closing: IDelayedCall | None = None  # CLOSE_GRACE, after 221
         self._timer_step: Step | None = None
         self._timer_replies = 0
         self._sends: dict[Handle, _Send] = {}  # by the machine's handle
@@ -210,6 +199,9 @@ class SMTPClientProtocol(Protocol):
     def connectionLost(self, reason: Failure = _CLEAN_CLOSE) -> None:
         self._gone = True
         self._cancel_timer()
+        if self._closing is not None and self._closing.active():
+            self._closing.cancel()
+        self._closing = None
         step = None  # the machine knows where the conversation was
         if isinstance(reason.value, _TLS_ERRORS) and self.tls_info is None:
             step = Step.TLS  # the handshake itself failed
@@ -309,12 +301,11 @@ class SMTPClientProtocol(Protocol):
         Before a send's result is given, each time the session goes idle or
         ends, and every :data:`_TRACE_LINES` lines; not per line or per
         read: a log event costs more than the rest of a small message's
-        work. A message on its own connection is two events: from the
-        greeting to the final reply, then QUIT.
+        work. A message on its own connection is one or two events (its
+        QUIT leaves with the final dot: both replies may come in one read).
         """
         if self._trace:
-            conversation = _Conversation(self._trace)
-            _debug("{peer} {conversation}", peer=self.peer, conversation=conversation)
+            log_conversation(self.peer, self._trace)
             self._trace = []
 
     def _on_event(self, event: Event) -> None:
@@ -342,10 +333,28 @@ class SMTPClientProtocol(Protocol):
             self._stop_body()  # quit() mid-body drops the connection
             if self.transport is not None and not self._gone:
                 if event.clean:
-                    if not close_now(self.transport):
-                        self.transport.loseConnection()
+                    self._close_after_server()
                 else:
                     self._transport.abortConnection()
+
+    def _close_after_server(self) -> None:
+        """After the reply to QUIT, let the server close first, as it does
+        (RFC 5321 §4.1.1.10: it replies 221, then closes), so that the TIME_WAIT
+        a TCP connection leaves is the server's and not ours: a client that
+        opens connection after connection to one server would otherwise hold
+        a local port for each for a minute. If it has not closed within
+        :data:`CLOSE_GRACE`, we close. TLS has a closing exchange of its own:
+        a TLS connection is closed at once, with ``loseConnection``."""
+        if plain_tcp(self.transport):
+            self._closing = self.reactor.callLater(CLOSE_GRACE, self._close)
+        else:
+            self._transport.loseConnection()
+
+    def _close(self) -> None:
+        """The server kept the connection open after 221: close it."""
+        self._closing = None
+        if not self._gone and not close_now(self._transport):
+            self._transport.loseConnection()
 
     def _receipt(self, event: TransactionDone) -> Receipt:
         return Receipt(
@@ -496,18 +505,6 @@ class SMTPClientProtocol(Protocol):
         self._timer_step = None
         self.machine.timed_out()
         self._process()
-
-
-class _Conversation:
-    """Trace lines, put together only if a log observer renders the event."""
-
-    __slots__ = ("_lines",)
-
-    def __init__(self, lines: list[tuple[str, str]]) -> None:
-        self._lines = lines
-
-    def __str__(self) -> str:
-        return " | ".join(f"{direction} {line}" for direction, line in self._lines)
 
 
 def _local_literal(transport: object) -> str:

@@ -32,6 +32,12 @@ def _idle(connection: tcp.Connection) -> bool:
     )
 
 
+def plain_tcp(transport: object) -> bool:
+    """A TCP connection of Twisted's own without TLS (``close_now`` and the
+    immediate writes apply to it)."""
+    return isinstance(transport, tcp.Connection) and not transport.TLS
+
+
 def close_now(transport: ITransport) -> bool:
     """Close ``transport`` cleanly at once, as ``loseConnection`` would on the
     reactor's next turn: True if it did.
