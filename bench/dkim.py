@@ -28,6 +28,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import tree  # bench/, this script's directory
+
+tree.use_this_tree()
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 HEADERS = (

@@ -24,6 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import tree  # bench/, this script's directory
+
+tree.use_this_tree()
+
 HERE = Path(__file__).resolve().parent
 LINE = b"The quick brown fox jumps over the lazy dog; 0123456789 ABCDEFGHIJKLMNOPQRS\r\n"
 DOT_LINE = b".leading dot on this line, which DATA must stuff -------------------------\r\n"

@@ -50,6 +50,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, cast
 
+import tree  # bench/, this script's directory
+
+tree.use_this_tree()
+
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 HOST = "127.0.0.1"

@@ -26,15 +26,15 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import tree  # bench/, this script's directory
+
+tree.use_this_tree()
 
 from tools.peers.aiosmtpd_peer import free_port  # noqa: E402
 from tools.peers.relay_process import RelayProcess, wait_for  # noqa: E402
@@ -198,6 +198,7 @@ def main() -> None:
         "--no-signed", action="store_true", help="skip the DKIM-signed runs (RSA-2048, Ed25519)"
     )
     args = parser.parse_args()
+    print(tree.headline(), flush=True)
     relay_rates: list[float] = []
     postfix_rates: list[float] = []
     signed_rates: dict[str, list[float]] = {}

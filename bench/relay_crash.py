@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import tree  # bench/, this script's directory
+
+tree.use_this_tree()
 
 from tests.test_relay_crash import Load, arrived, relay_args  # noqa: E402
 from tools.peers.aiosmtpd_peer import AiosmtpdPeer, free_port  # noqa: E402

@@ -49,6 +49,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import tree  # noqa: E402  (first: the txcolombe of this tree)
+
+tree.use_this_tree()
+
 import large_body  # noqa: E402
 import messages  # noqa: E402
 
@@ -522,7 +526,8 @@ def cpu_per_unit(outcome: Outcome, client: str) -> str:
 
 
 def print_table(outcomes: list[Outcome], rounds: int) -> None:
-    print(f"\nmedians of {rounds} round(s); ratios: txcolombe / peer, per round, then their median")
+    print(f"\n{tree.headline()}")
+    print(f"medians of {rounds} round(s); ratios: txcolombe / peer, per round, then their median")
     print("(by CPU: the peer's client CPU per unit over txcolombe's, the same way)")
     head = ("workload", "txcolombe", "peers in the same run", "client CPU per unit", "target")
     print("| " + " | ".join(head) + " | measured | |")
@@ -582,6 +587,7 @@ def machine() -> dict[str, Any]:
             p: messages.version_of(p) for p in ("txcolombe", "aiosmtplib", "twisted", "pyopenssl")
         },
         "postfix": messages.postfix_version(),
+        "txcolombe": tree.describe(),
     }
 
 
