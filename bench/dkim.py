@@ -33,7 +33,6 @@ import tree  # bench/, this script's directory
 tree.use_this_tree()
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 HEADERS = (
     b"From: Alice <alice@example.test>\r\nTo: bob@example.org\r\nSubject: a large body\r\n"
     b"Date: Tue, 1 Dec 2026 10:00:00 +0000\r\nMessage-ID: <big@example.test>\r\n\r\n"
@@ -81,7 +80,6 @@ def _signers() -> list[Any]:
 
 def child(case: str, mib: int) -> None:
     """One case, in this process; prints a JSON line."""
-    sys.path.insert(0, str(ROOT))
     from twisted.internet import task
     from twisted.internet.defer import Deferred
     from twisted.internet.interfaces import IConsumer

@@ -29,12 +29,15 @@ def use_this_tree() -> None:
 
 
 def compiled_modules() -> list[str]:
-    """The modules of this tree imported from a compiled extension (mypyc)."""
-    package = ROOT / "txcolombe"
+    """The modules of this tree imported from a compiled extension: those of
+    ``tools/accel.py``'s build (``built()``), less mypyc's shared runtime."""
+    from tools import accel  # importable once use_this_tree has run
+
+    runtime = accel.GROUP.rpartition(".")[2] + "__mypyc"
     return sorted(
-        ".".join((*so.relative_to(ROOT).parent.parts, so.name.split(".", 1)[0]))
-        for so in package.glob("**/*.so")
-        if not so.name.startswith("_accel__mypyc.")  # the shared runtime, not a module
+        ".".join((*so.relative_to(accel.ROOT).parent.parts, name))
+        for so in accel.built()
+        if (name := so.name.split(".", 1)[0]) != runtime
     )
 
 

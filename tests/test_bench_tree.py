@@ -52,12 +52,15 @@ def test_the_results_name_the_compiled_modules(
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import tree
 
+    from tools import accel
+
     assert tree.describe()["tree"] == str(ROOT)
     fake = tmp_path / "txcolombe" / "codec"
     fake.mkdir(parents=True)
     (fake / "reply.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
     (tmp_path / "txcolombe" / "_accel__mypyc.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
     monkeypatch.setattr(tree, "ROOT", tmp_path)
+    monkeypatch.setattr(accel, "ROOT", tmp_path)
     assert tree.compiled_modules() == ["txcolombe.codec.reply"]
     assert tree.describe()["core"] == "compiled (mypyc)"
     assert tree.headline() == f"txcolombe: {tmp_path}, compiled core (1 module, mypyc)"
@@ -72,7 +75,7 @@ def test_every_benchmark_script_imports_its_own_tree() -> None:
     for script in sorted((ROOT / "bench").glob("*.py")):
         text = script.read_text()
         if script.name == "tree.py" or not any(
-            f"{word}" in text
+            word in text
             for word in ("import txcolombe", "from txcolombe", "from tools", "from tests")
         ):
             continue
