@@ -82,6 +82,7 @@ CLIENTS = (
     "twisted-mail-nodelay",
     "smtp-source",
     "socket",
+    "twisted-floor",
 )
 #: The module each client needs, where it may be missing.
 CLIENT_MODULES = {
@@ -92,7 +93,10 @@ CLIENT_MODULES = {
     "aiosmtplib": "aiosmtplib",
     "twisted-mail": "twisted",
     "twisted-mail-nodelay": "twisted",
+    "twisted-floor": "twisted",
 }
+#: The scenarios of the clients that do not run them all.
+SCENARIOS_OF = {"socket": ("reuse",), "twisted-floor": ("reuse", "new")}
 #: Clients too slow for the full N: they run for this many seconds instead.
 SLOW_BUDGET = {"twisted-mail": 5.0}
 QUICK_SLOW_BUDGET = 2.0
@@ -529,8 +533,113 @@ def run_socket(scenario: str, port: int, count: int, budget: float) -> Outcome:
     return clock.outcome(done)
 
 
+def run_twisted_floor(scenario: str, port: int, count: int, budget: float) -> Outcome:
+    """The floor of a Twisted client: a bare protocol writing the same bytes
+    in the same writes as txcolombe (EHLO; MAIL, RCPT and DATA together; the
+    message and its dot, with QUIT on a connection of its own) and counting
+    final replies, with no parsing, state machine, timers or log. What it
+    costs a message is the reactor's, TCP's and the kernel's; what txcolombe
+    costs above it is its own."""
+    if scenario not in SCENARIOS_OF["twisted-floor"]:
+        raise NotImplementedError("the Twisted floor runs reuse and new only")
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+    from twisted.python.failure import Failure
+
+    envelope = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode()
+    body = MESSAGE.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    ehlo = f"EHLO {DOMAIN}\r\n".encode()
+    tcp: Any = reactor
+
+    class Floor(Protocol):
+        """Sends ``count`` messages (``new``: one, then QUIT) over one connection."""
+
+        def __init__(self, clock: Clock, count: int, quit_with_body: bool) -> None:
+            self.clock, self.count, self.quit_with_body = clock, count, quit_with_body
+            self.pending = b""
+            self.wanted = 1  # the greeting
+            self.step = "greeting"
+            self.sent = 0
+            self.error: str | None = None
+            self.finished: Deferred[int] = Deferred()
+
+        def connectionMade(self) -> None:
+            cast(Any, self.transport).setTcpNoDelay(True)
+
+        def dataReceived(self, data: bytes) -> None:
+            self.pending += data
+            lines = self.pending.split(b"\r\n")
+            self.pending = lines.pop()
+            for line in lines:
+                if line[3:4] == b"-":
+                    continue
+                if line[:1] not in (b"2", b"3"):
+                    self.error = f"refused: {line!r}"
+                    cast(Any, self.transport).abortConnection()
+                    return
+                self.wanted -= 1
+                if not self.wanted:
+                    self.next()
+
+        def next(self) -> None:
+            transport: Any = self.transport
+            if self.step == "body":
+                self.sent += 1
+            if self.step == "envelope":
+                self.step, self.wanted = "body", 1
+                transport.write(body + b"QUIT\r\n" if self.quit_with_body else body)
+            elif self.step == "greeting":
+                self.step, self.wanted = "ehlo", 1
+                transport.write(ehlo)
+            elif self.step == "quit" or (self.step == "body" and self.quit_with_body):
+                self.step = "closing"  # the 221: the server closes first
+            elif self.clock.more(self.sent, self.count):
+                self.step, self.wanted = "envelope", 3
+                transport.write(envelope)
+            else:
+                self.step, self.wanted = "quit", 1
+                transport.write(b"QUIT\r\n")
+
+        def connectionLost(self, reason: Failure = connectionDone) -> None:
+            if self.error is None and self.step != "closing":
+                self.error = f"connection lost at {self.step}: {reason.value}"
+            if self.error is not None:
+                self.finished.errback(RuntimeError(self.error))
+            else:
+                self.finished.callback(self.sent)
+
+    class Factory(ClientFactory):
+        def __init__(self, protocol: Floor) -> None:
+            self.floor = protocol
+
+        def buildProtocol(self, addr: object) -> Floor:
+            return self.floor
+
+        def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+            self.floor.finished.errback(reason)
+
+    def one_connection(clock: Clock, count: int, quit_with_body: bool) -> Deferred[int]:
+        floor = Floor(clock, count, quit_with_body)
+        tcp.connectTCP(HOST, port, Factory(floor))
+        return floor.finished
+
+    async def main() -> Outcome:
+        clock = Clock(budget)
+        done = 0
+        if scenario == "reuse":
+            done = await one_connection(clock, count, quit_with_body=False)
+        else:
+            while clock.more(done, count):
+                done += await one_connection(clock, 1, quit_with_body=True)
+        return clock.outcome(done)
+
+    return react(main)
+
+
 RUNNERS: dict[str, Runner] = {
     "socket": run_socket,
+    "twisted-floor": run_twisted_floor,
     "txcolombe": run_txcolombe,
     "txcolombe-queued": run_txcolombe_queued,
     "txcolombe-dkim-rsa": run_txcolombe_rsa,
@@ -806,7 +915,7 @@ def main() -> int:
         for scenario in options.scenarios:
             count = options.n or (QUICK_N if options.quick else DEFAULT_N)[scenario]
             runs: dict[str, list[Result]] = {
-                client: [] for client in clients if client != "socket" or scenario == "reuse"
+                client: [] for client in clients if scenario in SCENARIOS_OF.get(client, SCENARIOS)
             }
             for round_ in range(repeat):
                 print(f"  {scenario}: round {round_ + 1} of {repeat}", file=sys.stderr, flush=True)

@@ -5,9 +5,11 @@
 Workloads (``--only`` takes a comma-separated list of their names):
 
 * ``reuse``: 1 KiB messages over one connection, each send awaited
-  (txcolombe, aiosmtplib, smtp-source, a plain Python pipelining socket);
+  (txcolombe, aiosmtplib, smtp-source, a plain Python pipelining socket, and a bare
+  Twisted protocol writing txcolombe's bytes in txcolombe's writes: Twisted's floor);
 * ``concurrent``: the same over 8 connections (txcolombe, aiosmtplib, smtp-source -s 8);
-* ``new``: a new connection per message (txcolombe, aiosmtplib, smtplib);
+* ``new``: a new connection per message (txcolombe, aiosmtplib, smtplib, the bare
+  Twisted protocol);
 * ``body``: a 100 MiB body from a file, plain (txcolombe; floors: ``socket.sendall``
   and a bare Twisted TCP transport writing the same pre-stuffed bytes);
 * ``body-tls``: the same over STARTTLS (floors: ``ssl`` sendall and a bare Twisted
@@ -88,7 +90,7 @@ WORKLOADS = (
     Workload(
         "reuse",
         "1 KiB, one connection, each send awaited",
-        ("txcolombe", "aiosmtplib", "smtp-source", "socket"),
+        ("txcolombe", "aiosmtplib", "smtp-source", "socket", "twisted-floor"),
         (Target("aiosmtplib", 2.0), Target("smtp-source", 1.2)),
         "msg",
         2000,
@@ -116,7 +118,7 @@ WORKLOADS = (
     Workload(
         "new",
         "1 KiB, a new connection per message",
-        ("txcolombe", "aiosmtplib", "smtplib"),
+        ("txcolombe", "aiosmtplib", "smtplib", "twisted-floor"),
         (Target("aiosmtplib", 1.5),),
         "msg",
         500,
@@ -149,7 +151,8 @@ PEER_NAMES = {
     "body": {"socket": "socket.sendall", "twisted-floor": "Twisted TCP transport"},
     "body-tls": {"socket": "ssl sendall", "twisted-floor": "Twisted TLS transport"},
     "concurrent": {"smtp-source": f"smtp-source -s {messages.CONNECTIONS}"},
-    "reuse": {"socket": "plain Python socket"},
+    "reuse": {"socket": "plain Python socket", "twisted-floor": "bare Twisted protocol"},
+    "new": {"twisted-floor": "bare Twisted protocol"},
     "signed": {
         "txcolombe": "unsigned",
         "txcolombe-dkim-rsa": "signed RSA-2048",
