@@ -128,6 +128,22 @@ MESSAGE = make_message()
 #: The same message with bare LF line ends, for the APIs that want them
 #: (twisted.mail.smtp turns LF into CRLF; smtp-source -F appends CRLF).
 MESSAGE_LF = MESSAGE.replace(b"\r\n", b"\n")
+#: What the floor clients write, as txcolombe does: EHLO; MAIL, RCPT and DATA
+#: in one write; the dot-stuffed message and its dot in another.
+EHLO = f"EHLO {DOMAIN}\r\n".encode()
+ENVELOPE = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode()
+STUFFED = MESSAGE.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+def final_replies(pending: bytes) -> tuple[int, bytes]:
+    """How many final reply lines ``pending`` completes, and what follows
+    them; RuntimeError for a refusal among them (the floors check no more)."""
+    lines = pending.split(b"\r\n")
+    finals = [line for line in lines[:-1] if line[3:4] != b"-"]
+    for line in finals:
+        if line[:1] not in (b"2", b"3"):
+            raise RuntimeError(f"refused: {line!r}")
+    return len(finals), lines[-1]
 
 
 def free_port() -> int:
@@ -500,32 +516,26 @@ def run_socket(scenario: str, port: int, count: int, budget: float) -> Outcome:
     message, as every PIPELINING client without queued sends); one connection only."""
     if scenario != "reuse":
         raise NotImplementedError("the plain socket client runs over one connection only")
-    envelope = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode()
-    body = MESSAGE.replace(b"\r\n.", b"\r\n..") + b".\r\n"
 
     def replies(sock: socket.socket, wanted: int, pending: bytes) -> bytes:
         """Read until ``wanted`` final reply lines; return what follows them."""
         while True:
-            lines = pending.split(b"\r\n")
-            finals = [line for line in lines[:-1] if line[3:4] != b"-"]
-            if len(finals) >= wanted:
-                for line in finals:
-                    if line[:1] not in (b"2", b"3"):
-                        raise RuntimeError(f"refused: {line!r}")
-                return lines[-1]
+            finals, rest = final_replies(pending)
+            if finals >= wanted:
+                return rest
             pending += sock.recv(65536)
 
     clock = Clock(budget)
     with socket.create_connection((HOST, port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rest = replies(sock, 1, b"")
-        sock.sendall(f"EHLO {DOMAIN}\r\n".encode())
+        sock.sendall(EHLO)
         rest = replies(sock, 1, rest)
         done = 0
         while clock.more(done, count):
-            sock.sendall(envelope)
+            sock.sendall(ENVELOPE)
             rest = replies(sock, 3, rest)
-            sock.sendall(body)
+            sock.sendall(STUFFED)
             rest = replies(sock, 1, rest)
             done += 1
         sock.sendall(b"QUIT\r\n")
@@ -547,9 +557,7 @@ def run_twisted_floor(scenario: str, port: int, count: int, budget: float) -> Ou
     from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
     from twisted.python.failure import Failure
 
-    envelope = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode()
-    body = MESSAGE.replace(b"\r\n.", b"\r\n..") + b".\r\n"
-    ehlo = f"EHLO {DOMAIN}\r\n".encode()
+    stuffed_and_quit = STUFFED + b"QUIT\r\n"
     tcp: Any = reactor
 
     class Floor(Protocol):
@@ -568,16 +576,13 @@ def run_twisted_floor(scenario: str, port: int, count: int, budget: float) -> Ou
             cast(Any, self.transport).setTcpNoDelay(True)
 
         def dataReceived(self, data: bytes) -> None:
-            self.pending += data
-            lines = self.pending.split(b"\r\n")
-            self.pending = lines.pop()
-            for line in lines:
-                if line[3:4] == b"-":
-                    continue
-                if line[:1] not in (b"2", b"3"):
-                    self.error = f"refused: {line!r}"
-                    cast(Any, self.transport).abortConnection()
-                    return
+            try:
+                finals, self.pending = final_replies(self.pending + data)
+            except RuntimeError as refused:
+                self.error = str(refused)
+                cast(Any, self.transport).abortConnection()
+                return
+            for _ in range(finals):
                 self.wanted -= 1
                 if not self.wanted:
                     self.next()
@@ -588,15 +593,15 @@ def run_twisted_floor(scenario: str, port: int, count: int, budget: float) -> Ou
                 self.sent += 1
             if self.step == "envelope":
                 self.step, self.wanted = "body", 1
-                transport.write(body + b"QUIT\r\n" if self.quit_with_body else body)
+                transport.write(stuffed_and_quit if self.quit_with_body else STUFFED)
             elif self.step == "greeting":
                 self.step, self.wanted = "ehlo", 1
-                transport.write(ehlo)
+                transport.write(EHLO)
             elif self.step == "quit" or (self.step == "body" and self.quit_with_body):
                 self.step = "closing"  # the 221: the server closes first
             elif self.clock.more(self.sent, self.count):
                 self.step, self.wanted = "envelope", 3
-                transport.write(envelope)
+                transport.write(ENVELOPE)
             else:
                 self.step, self.wanted = "quit", 1
                 transport.write(b"QUIT\r\n")
