@@ -1,4 +1,4 @@
-"""Profile txcolombe's client in one of bench/run.py's workloads.
+"""Profile txcolombe's client in one of bench/run.py's workloads, or the relay.
 
     python bench/profiling.py WORKLOAD [--count N] [--top 25] [--py-spy]
 
@@ -8,20 +8,31 @@ prints the functions with the most time of their own, then those with the
 most cumulative time. With ``--py-spy`` (if ``py-spy`` is installed:
 ``pip install py-spy``) it also records a flame graph of a second run to
 ``bench/results/WORKLOAD.folded`` (collapsed stacks) and prints its summary.
+
+``relay`` profiles the relay process of ``bench/relay.py`` instead (its
+unsigned run: ``smtp-source`` feeding ``twistd smtprelay``, which forwards to
+``smtp-sink``): under twistd's own ``--profiler=cprofile``, then, with
+``--py-spy``, sampled by a py-spy attached to it (root, or ptrace allowed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import io
 import os
 import pstats
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import relay as relay_bench  # bench/relay.py, beside this script
 import run as bench  # bench/run.py, on sys.path as this script's directory
 
 
@@ -46,14 +57,20 @@ def summary(stats_file: Path, top: int) -> str:
     return out.getvalue()
 
 
-def py_spy(name: str, args: list[str], top: int) -> None:
-    """Sample the client (pinned; py-spy itself is not) into collapsed stacks,
-    ``bench/results/NAME.folded`` (``flamegraph.pl`` or speedscope draw them),
-    and print the functions seen most on top of the stack and anywhere in it
-    (in the reactor's loop: imports and set-up left out)."""
+def py_spy_binary() -> str | None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         print("no py-spy: pip install py-spy")
+        return None
+    return spy
+
+
+def py_spy(name: str, args: list[str], top: int) -> None:
+    """Sample the client (pinned; py-spy itself is not) into collapsed stacks,
+    ``bench/results/NAME.folded`` (``flamegraph.pl`` or speedscope draw them),
+    and print their summary."""
+    spy = py_spy_binary()
+    if spy is None:
         return
     folded = bench.RESULTS.parent / f"{name}.folded"
     folded.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +79,12 @@ def py_spy(name: str, args: list[str], top: int) -> None:
     if done.returncode != 0 or not folded.exists():
         print("py-spy failed")
         return
+    print_folded(folded, top)
+
+
+def print_folded(folded: Path, top: int) -> None:
+    """The functions seen most on top of the stack and anywhere in it (in the
+    reactor's loop: imports and set-up left out)."""
     own: dict[str, int] = {}
     anywhere: dict[str, int] = {}
     total = 0
@@ -79,16 +102,70 @@ def py_spy(name: str, args: list[str], top: int) -> None:
     for title, table in (("on top of the stack", own), ("anywhere in the stack", anywhere)):
         print(f"  {title}:")
         for frame, count in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
-            print(f"    {100 * count / total:5.1f}%  {frame}")
+            print(f"    {100 * count / max(total, 1):5.1f}%  {frame}")
+
+
+@contextlib.contextmanager
+def attached(spy: str, folded: Path, pid: int) -> Iterator[None]:
+    """py-spy sampling process ``pid`` while the block runs."""
+    record = [spy, "record", "--format", "raw", "--rate", "250", "--output", str(folded)]
+    sampler = subprocess.Popen([*record, "--pid", str(pid)])
+    time.sleep(1.0)  # attached before the first message
+    try:
+        yield
+    finally:
+        sampler.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+        sampler.wait(60)
+
+
+def profile_relay(count: int, top: int, spy: bool) -> int:
+    """The relay process of bench/relay.py's unsigned run, under cProfile,
+    then (``spy``) sampled by py-spy."""
+    missing = [tool for tool in (relay_bench.SMTP_SOURCE, relay_bench.SMTP_SINK)
+               if not Path(tool).exists()]  # fmt: skip
+    if missing:
+        print(f"the relay's profile needs {' and '.join(missing)} (Postfix's tools)")
+        return 1
+    sessions, size = 4, 1024
+    with tempfile.TemporaryDirectory(prefix="txc-profile-") as tmp_name:
+        stats_file = Path(os.environ.get("PROFILE_OUT", Path(tmp_name) / "relay.out"))
+        profiler = [f"--profile={stats_file}", "--profiler=cprofile", "--savestats"]
+        accept, total, cpu = relay_bench.bench_relay(count, sessions, size, twistd=profiler)
+        print(
+            f"relay ({count} msg, {sessions} sessions) under cProfile: "
+            f"{count / accept:.0f} msg/s accepted, all delivered after {total:.2f} s, "
+            f"{cpu * 1000:.2f} ms CPU/msg"
+        )
+        print(summary(stats_file, top))
+    if spy:
+        binary = py_spy_binary()
+        if binary is None:
+            return 0
+        folded = bench.RESULTS.parent / "relay.folded"
+        folded.parent.mkdir(parents=True, exist_ok=True)
+        accept, total, cpu = relay_bench.bench_relay(
+            count, sessions, size, watch=functools.partial(attached, binary, folded)
+        )
+        rate = count / accept
+        print(f"relay under py-spy: {rate:.0f} msg/s accepted, {cpu * 1000:.2f} ms CPU/msg")
+        if folded.exists():
+            print_folded(folded, top)
+        else:
+            print("py-spy failed (attaching needs root or ptrace permission)")
+    return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("workload", choices=[w.name for w in bench.WORKLOADS])
-    parser.add_argument("--count", type=int, help="messages, or MiB (default: run.py's)")
+    parser.add_argument("workload", choices=[*(w.name for w in bench.WORKLOADS), "relay"])
+    parser.add_argument(
+        "--count", type=int, help="messages, or MiB (default: run.py's; the relay: 2000)"
+    )
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--py-spy", action="store_true", help="also record a flame graph")
     options = parser.parse_args()
+    if options.workload == "relay":
+        return profile_relay(options.count or 2000, options.top, options.py_spy)
     workload = next(w for w in bench.WORKLOADS if w.name == options.workload)
     count = options.count or workload.count
     with tempfile.TemporaryDirectory(prefix="txc-profile-") as tmp_name:

@@ -21,6 +21,7 @@ compared with the unsigned one and with Postfix's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +90,19 @@ def cpu_seconds(pid: int) -> float:
 
 
 def bench_relay(
-    messages: int, sessions: int, size: int, extra: Sequence[str] = ()
+    messages: int,
+    sessions: int,
+    size: int,
+    extra: Sequence[str] = (),
+    *,
+    twistd: Sequence[str] = (),
+    watch: Callable[[int], AbstractContextManager[object]] | None = None,
 ) -> tuple[float, float, float]:
     """Seconds to accept, and until all are at smtp-sink, and the relay
     process's CPU seconds per message (its committer child not counted);
-    ``extra``: more relay arguments."""
+    ``extra``: more relay arguments, ``twistd``: twistd's own (a profiler);
+    ``watch(pid)``: a context the relay process runs the messages in (a
+    sampling profiler attached to it)."""
     work = Path(tempfile.mkdtemp(prefix="txc-bench-relay-"))
     sink_port = free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
@@ -101,22 +111,26 @@ def bench_relay(
         work,
         free_port(),
         [f"--smarthost=127.0.0.1:{sink_port}", "--smarthost-tls=none", *extra],
+        twistd,
     )
     try:
         wait_for(lambda: _port_open(sink_port), 10, "smtp-sink")
         relay.start()
         assert relay.proc is not None
-        cpu = cpu_seconds(relay.proc.pid)
-        started = time.perf_counter()
-        accept = smtp_source(relay.port, messages, sessions, size)
+        pid = relay.proc.pid
 
         def delivered() -> bool:
             out = relay.control("--json", "stats").stdout
             return bool(out) and json.loads(out)["delivered"] >= messages
 
-        wait_for(delivered, 120, "delivery to smtp-sink", poll=0.01)
-        total = time.perf_counter() - started
-        return accept, total, (cpu_seconds(relay.proc.pid) - cpu) / messages
+        with watch(pid) if watch is not None else contextlib.nullcontext():
+            cpu = cpu_seconds(pid)
+            started = time.perf_counter()
+            accept = smtp_source(relay.port, messages, sessions, size)
+            wait_for(delivered, 120, "delivery to smtp-sink", poll=0.01)
+            total = time.perf_counter() - started
+            per_message = (cpu_seconds(pid) - cpu) / messages
+        return accept, total, per_message
     finally:
         relay.stop()
         sink.terminate()

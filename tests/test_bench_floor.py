@@ -39,3 +39,23 @@ def test_the_floor_runs_only_the_scenarios_it_has(bench: Any) -> None:
     assert set(messages.SCENARIOS_OF["twisted-floor"]) == {"reuse", "new"}
     with pytest.raises(NotImplementedError):
         messages.run_twisted_floor("concurrent", 1, 1, 1.0)
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("scenario", ["body", "body-tls"])
+def test_the_body_floor_sends_the_body_txcolombe_sends(
+    bench: Any, scenario: str, tmp_path: Path
+) -> None:
+    """The bare transport's pre-stuffed bytes, written in txcolombe's chunk
+    size, are the DATA txcolombe sends for the same body: the sink's digest."""
+    workload = next(w for w in bench.WORKLOADS if w.name == scenario)
+    ca, cert, key = bench.large_body.make_cert(tmp_path)
+    body = tmp_path / "body.eml"
+    with body.open("wb") as out:
+        for chunk in bench.large_body.body_chunks(3):
+            out.write(chunk)
+    with bench.sink((cert, key) if workload.tls else None) as sink:
+        for client in ("twisted-floor", "txcolombe"):
+            run = bench.run_body_client(workload, client, sink, 3, ca, body, 60.0)
+            assert run.error is None, f"{client}: {run.error}"
+            assert run.units == 3

@@ -35,19 +35,28 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 class RelayProcess:
-    """One relay: ``port`` on 127.0.0.1, spool in ``workdir/spool``."""
+    """One relay: ``port`` on 127.0.0.1, spool in ``workdir/spool``; ``args``
+    for ``smtprelay``, ``twistd_args`` for twistd itself (``--profile``, say)."""
 
-    def __init__(self, workdir: Path, port: int, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int,
+        args: Sequence[str] = (),
+        twistd_args: Sequence[str] = (),
+    ) -> None:
         self.workdir = workdir
         self.port = port
         self.spool = workdir / "spool"
         self.log = workdir / "relay.log"
         self.args = list(args)
+        self.twistd_args = list(twistd_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
         return [
-            str(TWISTD), "-n", "--pidfile=", f"--logfile={self.log}", "smtprelay",
+            str(TWISTD), "-n", "--pidfile=", f"--logfile={self.log}", *self.twistd_args,
+            "smtprelay",
             f"--listen=tcp:port={self.port}:interface=127.0.0.1", f"--spool={self.spool}",
             "--hostname=relay.test", *self.args,
         ]  # fmt: skip
