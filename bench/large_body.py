@@ -59,6 +59,25 @@ def free_port() -> int:
 # -- clients, each run in its own process -------------------------------------
 
 
+class Window:
+    """The span a client is timed over: wall-clock and CPU seconds both, from
+    :meth:`start` to :meth:`stop`, so that a client's CPU per MiB counts what
+    its MiB/s counts (not its imports or its set-up before the clock)."""
+
+    def __init__(self) -> None:
+        self.elapsed = 0.0
+        self.cpu = 0.0
+        self._wall = 0.0
+        self._cpu = 0.0
+
+    def start(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> None:
+        self.elapsed = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
+
+
 def _smtp_dialogue(sock: socket.socket, commands: list[bytes]) -> None:
     for command in commands:
         sock.sendall(command)
@@ -67,13 +86,14 @@ def _smtp_dialogue(sock: socket.socket, commands: list[bytes]) -> None:
             data += sock.recv(65536)
 
 
-def run_socket(port: int, mib: int, ca: str | None) -> float:
+def run_socket(port: int, mib: int, ca: str | None) -> Window:
     import ssl
 
+    window = Window()
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.recv(1024)
-    start = time.perf_counter()
+    window.start()
     _smtp_dialogue(sock, [b"EHLO bench\r\n"])
     if ca:
         _smtp_dialogue(sock, [b"STARTTLS\r\n"])
@@ -87,25 +107,27 @@ def run_socket(port: int, mib: int, ca: str | None) -> float:
     for _ in range(mib):
         sock.sendall(stuffed)
     _smtp_dialogue(sock, [b".\r\n"])
-    elapsed = time.perf_counter() - start
+    window.stop()
     sock.close()
-    return elapsed
+    return window
 
 
-def run_smtplib(port: int, mib: int, ca: str | None) -> float:
+def run_smtplib(port: int, mib: int, ca: str | None) -> Window:
     import smtplib
     import ssl
 
+    window = Window()
     message = b"".join(body_chunks(mib))  # smtplib takes the whole message
-    start = time.perf_counter()
+    window.start()
     with smtplib.SMTP("127.0.0.1", port) as client:
         if ca:
             client.starttls(context=ssl.create_default_context(cafile=ca))
         client.sendmail("b@example.com", ["s@example.org"], message)
-    return time.perf_counter() - start
+    window.stop()
+    return window
 
 
-def run_aiosmtplib(port: int, mib: int, ca: str | None) -> float:
+def run_aiosmtplib(port: int, mib: int, ca: str | None) -> Window:
     import asyncio
     import ssl
 
@@ -126,12 +148,14 @@ def run_aiosmtplib(port: int, mib: int, ca: str | None) -> float:
             timeout=600,
         )
 
-    start = time.perf_counter()
+    window = Window()
+    window.start()
     asyncio.run(send())
-    return time.perf_counter() - start
+    window.stop()
+    return window
 
 
-def run_twisted_mail(port: int, mib: int, ca: str | None) -> float:
+def run_twisted_mail(port: int, mib: int, ca: str | None) -> Window:
     """twisted.mail.smtp.sendmail streaming from a file of the body (plaintext:
     its sendmail() has no way to trust the benchmark's private CA)."""
     from twisted.internet import defer, task
@@ -143,10 +167,10 @@ def run_twisted_mail(port: int, mib: int, ca: str | None) -> float:
         for chunk in body_chunks(mib):
             body.write(chunk)
         body.seek(0)
-        elapsed: list[float] = []
+        window = Window()
 
         async def send(reactor: object) -> None:
-            start = time.perf_counter()
+            window.start()
             await smtp.sendmail(  # type: ignore[no-untyped-call]
                 "127.0.0.1",
                 "b@example.com",
@@ -155,14 +179,14 @@ def run_twisted_mail(port: int, mib: int, ca: str | None) -> float:
                 port=port,
                 senderDomainName="bench.example.com",
             )
-            elapsed.append(time.perf_counter() - start)
+            window.stop()
 
         with contextlib.suppress(SystemExit):
             task.react(lambda reactor: defer.ensureDeferred(send(reactor)))
-        return elapsed[0] if elapsed else 0.0
+        return window
 
 
-def run_twisted_floor(port: int, mib: int, ca: str | None) -> float:
+def run_twisted_floor(port: int, mib: int, ca: str | None) -> Window:
     """The floor of a Twisted client: a bare protocol writes the same
     pre-stuffed bytes as ``run_socket`` to its transport (TCP, or TLS after
     STARTTLS with ``optionsForClientTLS``), in txcolombe's chunk size, paced
@@ -188,9 +212,8 @@ def run_twisted_floor(port: int, mib: int, ca: str | None) -> float:
         def __init__(self) -> None:
             self.pending = b""
             self.waiting: tuple[int, defer.Deferred[None]] | None = None
-            self.left = mib
+            self.left = mib * len(pieces)  # writes to make
             self.paused = False
-            self.start = 0.0
 
         def replies(self, count: int) -> defer.Deferred[None]:
             d: defer.Deferred[None] = defer.Deferred()
@@ -215,9 +238,9 @@ def run_twisted_floor(port: int, mib: int, ca: str | None) -> float:
         def resumeProducing(self) -> None:
             self.paused = False
             while not self.paused and self.left:
+                # One piece per write, the next in order, while not paused.
+                self.transport.write(pieces[-self.left % len(pieces)])  # type: ignore[union-attr]
                 self.left -= 1
-                for piece in pieces:
-                    self.transport.write(piece)  # type: ignore[union-attr]
             if not self.left and self.transport is not None and not self.paused:
                 self.transport.unregisterProducer()  # type: ignore[attr-defined]
                 self.left = -1
@@ -235,7 +258,7 @@ def run_twisted_floor(port: int, mib: int, ca: str | None) -> float:
         transport: Any = floor.transport
         transport.setTcpNoDelay(True)
         await floor.replies(1)
-        floor.start = time.perf_counter()
+        window.start()
         transport.write(b"EHLO bench\r\n")
         await floor.replies(1)
         if ca:
@@ -251,15 +274,15 @@ def run_twisted_floor(port: int, mib: int, ca: str | None) -> float:
         transport.registerProducer(floor, True)
         floor.resumeProducing()
         await done
-        elapsed.append(time.perf_counter() - floor.start)
+        window.stop()
         transport.write(b"QUIT\r\n")
         await floor.replies(1)
         transport.loseConnection()
 
-    elapsed: list[float] = []
+    window = Window()
     with contextlib.suppress(SystemExit):
         task.react(lambda reactor: defer.ensureDeferred(send(reactor)))
-    return elapsed[0] if elapsed else 0.0
+    return window
 
 
 CLIENTS = {
@@ -280,14 +303,9 @@ def client_main(name: str, port: int, mib: int, ca: str | None) -> None:
         import twisted.internet.ssl  # noqa: F401
 
     idle = rss_mib()
-    elapsed = 0.0
-    cpu = time.process_time()
-    try:
-        elapsed = CLIENTS[name](port, mib, ca)
-    finally:
-        cpu = time.process_time() - cpu
-        report = {"elapsed": elapsed, "cpu": cpu, "idle": idle, "peak": rss_mib()}
-        print(json.dumps(report), flush=True)
+    window = CLIENTS[name](port, mib, ca)
+    report = {"elapsed": window.elapsed, "cpu": window.cpu, "idle": idle, "peak": rss_mib()}
+    print(json.dumps(report), flush=True)
 
 
 def txcolombe_wrapper(port: int, mib: int, ca: str | None, path: str | None = None) -> None:
