@@ -319,10 +319,11 @@ def txcolombe_wrapper(port: int, mib: int, ca: str | None, path: str | None = No
     import txcolombe
 
     idle = rss_mib()  # an idle client: everything imported, nothing sent
-    result = {"elapsed": 0.0, "cpu": 0.0}
+    window = Window()
 
     def report() -> None:
-        print(json.dumps({**result, "idle": idle, "peak": rss_mib()}), flush=True)
+        report = {"elapsed": window.elapsed, "cpu": window.cpu, "idle": idle, "peak": rss_mib()}
+        print(json.dumps(report), flush=True)
 
     atexit.register(report)
 
@@ -330,8 +331,7 @@ def txcolombe_wrapper(port: int, mib: int, ca: str | None, path: str | None = No
         trust: Any = Certificate.loadPEM(Path(ca).read_bytes()) if ca else None
         with contextlib.ExitStack() as stack:
             body: Any = stack.enter_context(open(path, "rb")) if path else body_chunks(mib)
-            start = time.perf_counter()
-            cpu = time.process_time()
+            window.start()
             await txcolombe.sendmail(
                 "localhost" if ca else "127.0.0.1",
                 "bench@example.com",
@@ -342,8 +342,7 @@ def txcolombe_wrapper(port: int, mib: int, ca: str | None, path: str | None = No
                 starttls=ca is not None,
                 domain="bench.example.com",
             )
-            result["elapsed"] = time.perf_counter() - start
-            result["cpu"] = time.process_time() - cpu
+            window.stop()
 
     task.react(lambda reactor: defer.ensureDeferred(send(reactor)))
 
